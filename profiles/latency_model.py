@@ -1,0 +1,219 @@
+"""Latency model fitted per stage on a latency table, with its held-out error.
+
+Per stage:  latency ~ c0 + c1*prefill_tokens + c2*decode_tokens
+                      + c3*prefill_attention_work + c4*decode_context
+                      + c5*max(0, knee_tokens - prefill_tokens - decode_tokens)
+                      + c6*max(0, knee_decode - decode_tokens)
+Why these features: linear layers (and KV writes, activations) cost per token, and a
+prefill token costs what a decode token costs there except on the last stage, where only
+decodes (and one row per prefill request) go through the LM head, hence two token
+coefficients; prefill attention FLOPs scale with chunk x context (prefill_attention_work);
+decode attention is a KV read that scales with the summed context (decode_context).
+The hinges are the max(compute, memory) terms: below `knee_tokens` tokens the linear
+layers are bound by reading their weights, so time stops falling with fewer tokens;
+max(aT, W) = aT + a*max(0, W/a - T) exactly, so a hinge is linear in its coefficient once
+its knee is fixed, and knees are found by 1-D searches. `knee_decode` is the same floor
+for the LM head on the last stage (its rows are the decodes). All coefficients are
+non-negative (no feature makes a batch faster), fitted by NNLS on relative error, because
+the simulator cares about a 1 ms decode step as much as a 1 s prefill.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from profiles.schema import Profile, ProfileError, load_profile
+
+FEATURES = ("prefill_tokens", "decode_tokens", "prefill_attention_work", "decode_context")
+_KNEES = np.concatenate([[0.0], np.geomspace(4, 16384, 49)])
+
+
+@dataclass(slots=True, frozen=True)
+class FitError:
+    """Absolute percentage errors as fractions (0.01 = 1%) on rows the fit never saw."""
+    stage_mape: tuple[float, ...]
+    stage_max_ape: tuple[float, ...]
+    mape: float
+    max_ape: float
+    rows_evaluated: int
+    held_out: bool                  # False when holdout=0: in-sample error, say so
+    transfer_mape_in_sample: float  # 2-parameter fit on a short table: in-sample only
+
+    def __str__(self) -> str:
+        kind = "held-out" if self.held_out else "in-sample"
+        stages = " ".join(f"s{i}={m:.2%}" for i, m in enumerate(self.stage_mape))
+        return (f"{kind} MAPE {self.mape:.2%} (worst {self.max_ape:.2%}, "
+                f"{self.rows_evaluated} rows; {stages}); transfer {self.transfer_mape_in_sample:.2%}")
+
+
+def nnls(a: np.ndarray, b: np.ndarray, max_iter: int = 100) -> np.ndarray:
+    """Lawson-Hanson active set: min ||a x - b|| s.t. x >= 0 (small, dense problems)."""
+    m, n = a.shape
+    x, active = np.zeros(n), np.zeros(n, dtype=bool)
+    tol = 10 * np.finfo(float).eps * np.abs(a).sum(axis=0).max() * max(m, n)
+    for _ in range(max_iter):
+        w = a.T @ (b - a @ x)
+        if active.all() or w[~active].max() <= tol:
+            break
+        active[np.argmax(np.where(active, -np.inf, w))] = True
+        while True:
+            z = np.zeros(n)
+            z[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+            if z[active].min() > 0:
+                x = z
+                break
+            # Step toward z until the first coordinate hits zero, then drop it.
+            neg = active & (z <= 0)
+            alpha = np.min(x[neg] / np.maximum(x[neg] - z[neg], 1e-300))
+            x = x + alpha * (z - x)
+            active &= x > tol
+            x[~active] = 0.0
+            if not active.any():
+                break
+    return x
+
+
+def _design(df, knee_tokens: float, knee_decode: float) -> np.ndarray:
+    dec = df["decode_tokens"].to_numpy(float)
+    tokens = df["prefill_tokens"].to_numpy(float) + dec
+    cols = [np.ones(len(df))] + [df[f].to_numpy(float) for f in FEATURES]
+    return np.column_stack(cols + [np.maximum(0.0, knee_tokens - tokens),
+                                   np.maximum(0.0, knee_decode - dec)])
+
+
+def _fit_relative(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """NNLS on relative residuals with unit-scaled columns; returns (coef, sum sq rel err)."""
+    a = x / y[:, None]
+    scale = np.linalg.norm(a, axis=0)
+    scale[scale == 0] = 1.0
+    coef = nnls(a / scale, np.ones(len(y))) / scale
+    return coef, float(np.sum((x @ coef / y - 1.0) ** 2))
+
+
+def _search_knee(df, y: np.ndarray, knees: list[float], which: int) -> tuple[float, float]:
+    """Best value for knees[which] (grid, then refined between the grid neighbours);
+    returns (knee, sse). Ties go to the smallest knee, so data without a memory-bound
+    floor gets knee 0, i.e. a plain linear model."""
+    def sse(k: float) -> float:
+        trial = list(knees)
+        trial[which] = k
+        return _fit_relative(_design(df, *trial), y)[1]
+    results = [(float(k), sse(k)) for k in _KNEES]
+    i = min(range(len(results)), key=lambda j: results[j][1])
+    if i > 0:
+        hi = _KNEES[min(i + 1, len(_KNEES) - 1)]
+        results += [(float(k), sse(k)) for k in np.linspace(_KNEES[i - 1], hi, 25)[1:-1]]
+    best = min(r[1] for r in results)
+    return min(r for r in results if r[1] <= best * (1 + 1e-6) + 1e-20)
+
+
+def fit_stage(df) -> tuple[float, ...]:
+    """(c0..c6, knee_tokens, knee_decode) for one stage's rows. The second hinge, on
+    decode tokens, is the LM head's weight-read floor on the last stage (logit rows are
+    decodes, not all tokens); coordinate search: tokens knee, decode knee, tokens again."""
+    y = df["latency_median"].to_numpy(float)
+    knees = [0.0, 0.0]
+    for which in (0, 1, 0):
+        knees[which] = _search_knee(df, y, knees, which)[0]
+    coef = _fit_relative(_design(df, *knees), y)[0]
+    knees = [k if c > 0 else 0.0 for k, c in zip(knees, coef[5:])]
+    return tuple(float(c) for c in coef) + tuple(knees)
+
+
+def _predict(coefs: tuple[float, ...], df) -> np.ndarray:
+    return _design(df, *coefs[7:]) @ np.array(coefs[:7])
+
+
+@dataclass(slots=True)
+class LatencyModel:
+    coefs: tuple[tuple[float, ...], ...]   # per stage: c0..c6, knee_tokens, knee_decode
+    transfer_base_s: float
+    transfer_s_per_byte: float
+    sched_overhead: float                  # seconds per micro-batch (CPU scheduling)
+    activation_bytes_per_token: int        # hidden x dtype bytes x 2 (hidden + residual)
+    name: str = ""
+    error: FitError | None = None
+
+    def __post_init__(self) -> None:
+        if not self.coefs or any(len(c) != 9 for c in self.coefs):
+            raise ValueError("coefs needs one (c0..c6, knee_tokens, knee_decode) per stage")
+        if min(min(c) for c in self.coefs) < 0 or self.transfer_base_s < 0 \
+                or self.transfer_s_per_byte < 0 or self.sched_overhead < 0:
+            raise ValueError("latency model coefficients must be non-negative")
+        self.coefs = tuple(tuple(float(v) for v in c) for c in self.coefs)
+
+    @property
+    def pp(self) -> int:
+        return len(self.coefs)
+
+    def stage_time(self, stage: int, prefill_tokens: float, decode_tokens: float,
+                   prefill_attention_work: float, decode_context: float) -> float:
+        # Plain float math: the simulator calls this ~10^6 times per sweep.
+        c0, c1, c2, c3, c4, c5, c6, knee_tokens, knee_decode = self.coefs[stage]
+        t = (c0 + c1 * prefill_tokens + c2 * decode_tokens
+             + c3 * prefill_attention_work + c4 * decode_context)
+        gap = knee_tokens - prefill_tokens - decode_tokens
+        if gap > 0.0:
+            t += c5 * gap
+        gap = knee_decode - decode_tokens
+        if gap > 0.0:
+            t += c6 * gap
+        return t
+
+    def activation_bytes(self, num_tokens: int) -> int:
+        return num_tokens * self.activation_bytes_per_token
+
+    def transfer_time(self, num_bytes: float) -> float:
+        if num_bytes <= 0:
+            return 0.0
+        return self.transfer_base_s + num_bytes * self.transfer_s_per_byte
+
+
+def _fit_transfer(df) -> tuple[float, float, float]:
+    if len(df) == 0:   # pp=1 tables may have no transfer rows: nothing is ever sent
+        return 0.0, 0.0, 0.0
+    x = df["bytes"].to_numpy(float)
+    y = df["latency_median"].to_numpy(float)
+    if len(np.unique(x)) < 2:
+        base, per_byte = float(np.median(y)), 0.0
+    else:
+        base, per_byte = (float(c) for c in _fit_relative(np.column_stack([np.ones_like(x), x]), y)[0])
+    mape = float(np.mean(np.abs((base + per_byte * x) / y - 1.0)))
+    return base, per_byte, mape
+
+
+def fit(profile: Profile | str, holdout: float = 0.2, seed: int = 0) -> tuple[LatencyModel, FitError]:
+    """Fit per stage on a random (seeded) `1 - holdout` of each stage's rows and measure
+    APE on the rest. The returned model is the one that was evaluated (not refitted on
+    all rows), so the reported error is exactly its error on unseen shapes."""
+    if not isinstance(profile, Profile):
+        profile = load_profile(profile)
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    rng = np.random.default_rng(seed)
+    coefs, mapes, worsts, n_eval = [], [], [], 0
+    all_ape = []
+    for stage in range(profile.pp):
+        rows = profile.stages[profile.stages["stage"] == stage].reset_index(drop=True)
+        n_test = max(1, round(holdout * len(rows))) if holdout > 0 else 0
+        if len(rows) - n_test < 9:
+            raise ProfileError(f"{profile.name}: stage {stage} has {len(rows)} rows, too few "
+                               f"to fit 9 parameters with holdout={holdout}")
+        perm = rng.permutation(len(rows))
+        test = rows.iloc[perm[:n_test]] if n_test else rows
+        c = fit_stage(rows.iloc[perm[n_test:]])
+        ape = np.abs(_predict(c, test) / test["latency_median"].to_numpy(float) - 1.0)
+        coefs.append(c)
+        mapes.append(float(ape.mean()))
+        worsts.append(float(ape.max()))
+        all_ape.append(ape)
+        n_eval += len(test)
+    base, per_byte, t_mape = _fit_transfer(profile.transfer)
+    ape = np.concatenate(all_ape)
+    error = FitError(tuple(mapes), tuple(worsts), float(ape.mean()), float(ape.max()),
+                     n_eval, holdout > 0, t_mape)
+    cfg = profile.model_config
+    model = LatencyModel(tuple(coefs), base, per_byte, float(profile.meta["sched_overhead_s"]),
+                         cfg["hidden_size"] * profile.dtype_bytes * 2, profile.name, error)
+    return model, error

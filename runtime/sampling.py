@@ -1,0 +1,92 @@
+"""Token sampling on the last stage: greedy, temperature, top-k, top-p.
+
+Each request draws from its own torch.Generator, seeded from the request's seed (or the
+sampler seed and request id), so a request's tokens do not depend on which other
+requests share its micro-batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingParams:
+    temperature: float = 0.0   # 0 => greedy
+    top_k: int = 0             # 0 => off
+    top_p: float = 1.0         # 1 => off
+    seed: int | None = None    # None => derived from the sampler seed and request id
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+GREEDY = SamplingParams()
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._gens: dict[int, torch.Generator] = {}
+
+    def _generator(self, request_id: int, params: SamplingParams,
+                   device: torch.device) -> torch.Generator:
+        g = self._gens.get(request_id)
+        if g is None:
+            seed = params.seed if params.seed is not None else self.seed * 1_000_003 + request_id
+            g = self._gens[request_id] = torch.Generator(device=device).manual_seed(seed)
+        return g
+
+    def release(self, request_id: int) -> None:
+        """Forget a finished request's generator."""
+        self._gens.pop(request_id, None)
+
+    def sample(self, logits: torch.Tensor, request_ids: Sequence[int],
+               params: Sequence[SamplingParams] | SamplingParams = GREEDY) -> list[int]:
+        """logits [S, vocab] (the last stage's output); one token per row."""
+        n = logits.shape[0]
+        if isinstance(params, SamplingParams):
+            params = [params] * n
+        if len(request_ids) != n or len(params) != n:
+            raise ValueError(f"{n} logit rows but {len(request_ids)} request ids and "
+                             f"{len(params)} sampling params")
+        out = logits.argmax(dim=-1).tolist()
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        if not rows:
+            return out
+        idx = torch.tensor(rows, device=logits.device)
+        sub = logits.index_select(0, idx).float()
+        temp = torch.tensor([params[i].temperature for i in rows], device=logits.device)
+        top_k = torch.tensor([params[i].top_k or logits.shape[1] for i in rows], device=logits.device)
+        top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device)
+        probs, order = filtered_probs(sub / temp[:, None], top_k, top_p)
+        for j, i in enumerate(rows):
+            g = self._generator(request_ids[i], params[i], logits.device)
+            pick = torch.multinomial(probs[j], 1, generator=g)
+            out[i] = int(order[j, pick])
+        return out
+
+
+def filtered_probs(logits: torch.Tensor, top_k: torch.Tensor,
+                   top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities over tokens sorted by logit (descending) after top-k and top-p, and
+    the sort order mapping back to token ids. The top token always survives."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[1], device=logits.device)[None, :]
+    sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # drop a token when the ones ranked above it already cover top_p
+    before = probs.cumsum(dim=-1) - probs
+    probs = probs.masked_fill(before >= top_p[:, None], 0.0)
+    return probs, order

@@ -1,0 +1,50 @@
+"""Paged KV allocator: one page-id space shared by every pipeline stage.
+
+Each stage stores only its own layers' K/V for a page, so one page table serves the
+whole pipeline. Pages are handed out lowest-id first so runs are reproducible.
+"""
+from __future__ import annotations
+
+import heapq
+
+
+class PageAllocator:
+    __slots__ = ("num_pages", "page_size", "_free")
+
+    def __init__(self, num_pages: int, page_size: int = 16) -> None:
+        if num_pages < 1:
+            raise ValueError(f"num_pages must be >= 1, got {num_pages}")
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self._free = list(range(num_pages))  # a sorted list is already a heap
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_pages - len(self._free)
+
+    @property
+    def utilization(self) -> float:
+        return self.num_used / self.num_pages
+
+    def pages_for(self, num_tokens: int) -> int:
+        """Pages needed to hold `num_tokens` tokens."""
+        return -(-num_tokens // self.page_size)
+
+    def extra_pages(self, pages_held: int, num_tokens: int) -> int:
+        """Pages to add to `pages_held` so that `num_tokens` tokens fit."""
+        return max(0, self.pages_for(num_tokens) - pages_held)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"asked for {n} pages, only {len(self._free)} free")
+        return [heapq.heappop(self._free) for _ in range(n)]
+
+    def free(self, pages: list[int]) -> None:
+        for p in pages:
+            heapq.heappush(self._free, p)

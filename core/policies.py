@@ -1,0 +1,182 @@
+"""Scheduling policies: each decides the *size* of the next micro-batch.
+
+A policy reads a `SchedulerView` and returns a `BatchPlan`; the `Scheduler` carries it out
+(page allocation, preemption, chunking, queue moves), so those mechanics exist once and
+every policy gets them identically. Semantics follow ../shared/reference/token-throttling.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class SchedulerView(Protocol):
+    """What a policy may read (the Scheduler implements it; policies must not mutate)."""
+    pp: int
+    page_size: int
+    total_pages: int
+    @property
+    def free_pages(self) -> int: ...
+    @property
+    def waiting_tokens(self) -> int: ...     # uncomputed tokens of waiting requests (WT)
+    @property
+    def num_waiting(self) -> int: ...
+    @property
+    def num_ready(self) -> int: ...          # ready to decode one more token
+    @property
+    def num_in_flight(self) -> int: ...      # micro-batches in the pipeline
+    @property
+    def num_running(self) -> int: ...        # ready + requests inside in-flight batches (Rn)
+    @property
+    def num_holding_pages(self) -> int: ...  # started, unfinished requests (vLLM "running")
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    max_decodes: int                  # decode tokens to take from `ready`, front first
+    prefill_budget: int               # prefill tokens to take from `waiting`, FIFO, chunked
+    token_budget: int | None = None   # one shared budget: prefill gets what decodes leave
+    max_new_requests: int | None = None  # requests that may start prefill (vLLM max_num_seqs)
+    max_chunk: int | None = None      # per-request chunk cap (vLLM long_prefill_token_threshold)
+    reserve_page_per_decode: bool = False  # gLLM: preempt while free pages < decodes
+    requeue_chunks: bool = False      # next chunk schedulable before the previous returns
+
+
+class Policy(Protocol):
+    def bind(self, view: SchedulerView) -> None: ...
+    def plan(self, view: SchedulerView) -> BatchPlan: ...
+
+
+def _check(cond: bool, policy: str, field: str, allowed: str, value: Any) -> None:
+    if not cond:
+        raise ValueError(f"{policy}.{field} must be {allowed}, got {value!r}")
+
+
+@dataclass(slots=True)
+class TokenThrottling:
+    """gLLM Token Throttling, paper-era semantics, with a rotating (not random) jitter."""
+    maxp: int = 2048          # most prefill tokens in one micro-batch
+    minp: int = 32            # least prefill tokens while any are waiting
+    iterp: int = 8            # micro-batches over which the waiting backlog is spread
+    kvthresh: float = 0.05    # fraction of KV pages kept free for decode growth
+    maxd: int | None = None   # optional cap on decode tokens per micro-batch (later gLLM: 512)
+    requeue_chunks: bool = False  # later gLLM: chunks of one prompt fill consecutive batches
+    _reserve: float = dataclasses.field(default=0.0, init=False, repr=False)
+    _jitter: int = dataclasses.field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        n = "token_throttling"
+        _check(isinstance(self.maxp, int) and self.maxp >= 1, n, "maxp", "an int >= 1", self.maxp)
+        _check(isinstance(self.minp, int) and 0 <= self.minp <= self.maxp, n, "minp", f"an int in [0, maxp={self.maxp}]", self.minp)
+        _check(isinstance(self.iterp, int) and self.iterp >= 1, n, "iterp", "an int >= 1", self.iterp)
+        _check(isinstance(self.kvthresh, (int, float)) and 0 <= self.kvthresh < 1, n, "kvthresh", "a number in [0, 1)", self.kvthresh)
+        _check(self.maxd is None or (isinstance(self.maxd, int) and self.maxd >= 1), n, "maxd", "null or an int >= 1", self.maxd)
+        _check(isinstance(self.requeue_chunks, bool), n, "requeue_chunks", "true or false", self.requeue_chunks)
+
+    def bind(self, view: SchedulerView) -> None:
+        self._reserve = self.kvthresh * view.free_pages  # R0, fixed at start-up
+        self._jitter = 0
+
+    def plan(self, view: SchedulerView) -> BatchPlan:
+        free, total, pp = view.free_pages, view.total_pages, view.pp
+        p_mem = int(view.page_size * max(free - self._reserve, 0))
+        if pp > 1 and p_mem > 0:
+            ramp = max(0.0, (free / total - self.kvthresh) / (1 - self.kvthresh))
+            prefill = min(p_mem, round(ramp * self.maxp))                      # UT rule
+            prefill = min(prefill, max(view.waiting_tokens // self.iterp, self.minp))  # WT rule
+        else:
+            prefill = min(self.maxp, p_mem)
+        running = view.num_running
+        if running < pp:
+            decodes = running
+        else:
+            decodes = (running + self._jitter) // pp
+            self._jitter = (self._jitter + 1) % pp
+        if self.maxd is not None:
+            decodes = min(decodes, self.maxd)
+        return BatchPlan(max_decodes=decodes, prefill_budget=prefill,
+                         reserve_page_per_decode=True, requeue_chunks=self.requeue_chunks)
+
+
+@dataclass(slots=True)
+class Sarathi:
+    """Sarathi-Serve as gLLM runs it: one fixed token budget, decodes first."""
+    budget: int = 2048
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.budget, int) and self.budget >= 1, "sarathi", "budget", "an int >= 1", self.budget)
+
+    def bind(self, view: SchedulerView) -> None:
+        pass
+
+    def plan(self, view: SchedulerView) -> BatchPlan:
+        return BatchPlan(max_decodes=self.budget, prefill_budget=self.budget, token_budget=self.budget)
+
+
+@dataclass(slots=True)
+class VLLM:
+    """vLLM V1 style: running requests first, then waiting FCFS, under one token budget."""
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    long_prefill_token_threshold: int = 0  # 0 = no per-request chunk cap (vLLM's default)
+
+    def __post_init__(self) -> None:
+        n = "vllm"
+        _check(isinstance(self.max_num_batched_tokens, int) and self.max_num_batched_tokens >= 1, n,
+               "max_num_batched_tokens", "an int >= 1", self.max_num_batched_tokens)
+        _check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, n, "max_num_seqs", "an int >= 1", self.max_num_seqs)
+        _check(isinstance(self.long_prefill_token_threshold, int) and self.long_prefill_token_threshold >= 0, n,
+               "long_prefill_token_threshold", "an int >= 0 (0 = off)", self.long_prefill_token_threshold)
+
+    def bind(self, view: SchedulerView) -> None:
+        pass
+
+    def plan(self, view: SchedulerView) -> BatchPlan:
+        budget = self.max_num_batched_tokens
+        return BatchPlan(max_decodes=budget, prefill_budget=budget, token_budget=budget,
+                         max_new_requests=max(0, self.max_num_seqs - view.num_holding_pages),
+                         max_chunk=self.long_prefill_token_threshold or None)
+
+
+POLICIES: dict[str, type] = {"token_throttling": TokenThrottling, "sarathi": Sarathi, "vllm": VLLM}
+
+
+def policy_class(name: str) -> type:
+    """A built-in policy by name, or a user class by dotted path (`pkg.module.Class` or `pkg.module:Class`)."""
+    if name in POLICIES:
+        return POLICIES[name]
+    if "." not in name and ":" not in name:
+        close = difflib.get_close_matches(name, POLICIES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"policy must be one of {sorted(POLICIES)} or a dotted path to a class, got {name!r}{hint}")
+    module_name, _, attr = name.replace(":", ".").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"policy {name!r}: cannot import {attr!r} from {module_name!r}: {e}") from e
+    if not (callable(getattr(cls, "plan", None)) and callable(getattr(cls, "bind", None))):
+        raise ValueError(f"policy {name!r} must define bind(view) and plan(view) -> BatchPlan")
+    return cls
+
+
+def policy_params(cls: type) -> dict[str, Any]:
+    """Public parameters of a policy class with their defaults."""
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.init}
+
+
+def make_policy(name: str, params: dict[str, Any] | None = None) -> Policy:
+    cls = policy_class(name)
+    params = dict(params or {})
+    if dataclasses.is_dataclass(cls):
+        allowed = policy_params(cls)
+        for key in params:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown parameter {key!r} for policy {name!r}; allowed: {sorted(allowed)}{hint}")
+    return cls(**params)

@@ -1,0 +1,302 @@
+"""The one scheduler both worlds run: queues, KV pages, in-flight window, policy.
+
+Contract (design.md): `add(request)`, `next_batch(now)` -> MicroBatch | None (None when
+`pp` batches are in flight or nothing can run), `complete(batch, now, sampled)` when a
+micro-batch leaves the last stage. Preemption, page allocation and request state changes
+happen only here. Every operation costs O(batch size), never O(queue length): the
+counts policies read are running sums.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+from core.batch import BatchItem, MicroBatch
+from core.kv_cache import PageAllocator
+from core.policies import BatchPlan, Policy
+from core.request import Request, Status
+from core.trace import TraceRecorder
+
+
+@dataclass(slots=True, frozen=True)
+class SchedulerConfig:
+    pp: int
+    num_pages: int
+    page_size: int = 16
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.pp, int) and self.pp >= 1):
+            raise ValueError(f"pp must be an int >= 1, got {self.pp!r}")
+        if not (isinstance(self.num_pages, int) and self.num_pages >= 1):
+            raise ValueError(f"num_pages must be an int >= 1, got {self.num_pages!r}")
+        if not (isinstance(self.page_size, int) and self.page_size >= 1):
+            raise ValueError(f"page_size must be an int >= 1, got {self.page_size!r}")
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, policy: Policy, recorder: TraceRecorder | None = None) -> None:
+        self.config = config
+        self.pp = config.pp
+        self.page_size = config.page_size
+        self.total_pages = config.num_pages
+        self.kv = PageAllocator(config.num_pages, config.page_size)
+        self.policy = policy
+        self.recorder = recorder
+        self.requests: list[Request] = []          # every request ever added, in order
+        self.waiting: deque[Request] = deque()     # prompt (or recompute) left to schedule
+        self.ready: deque[Request] = deque()       # can decode one more token
+        self.in_flight: dict[int, MicroBatch] = {}  # batch id -> batch, oldest first
+        self._waiting_tokens = 0
+        self._requests_in_flight = 0
+        self._holding_pages = 0
+        self._unfinished = 0
+        self._next_batch_id = 0
+        self.forced_batches = 0
+        policy.bind(self)
+
+    # ---- the read-only view policies see ----
+    @property
+    def free_pages(self) -> int:
+        return self.kv.num_free
+
+    @property
+    def waiting_tokens(self) -> int:
+        return self._waiting_tokens
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_ready(self) -> int:
+        return len(self.ready)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self.in_flight)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.ready) + self._requests_in_flight
+
+    @property
+    def num_holding_pages(self) -> int:
+        return self._holding_pages
+
+    @property
+    def num_unfinished(self) -> int:
+        return self._unfinished
+
+    @property
+    def has_work(self) -> bool:
+        return self._unfinished > 0
+
+    # ---- contract ----
+    def add(self, request: Request, now: float | None = None) -> bool:
+        """Queue a request; one that can never fit in the KV cache is rejected (and kept in the trace)."""
+        self.requests.append(request)
+        if self.kv.pages_for(request.max_kv_tokens) > self.total_pages:
+            request.status = Status.REJECTED
+            request.finish_reason = "too_long"
+            request.finish_time = request.arrival if now is None else now
+            return False
+        request.status = Status.WAITING
+        self.waiting.append(request)
+        self._waiting_tokens += request.num_unscheduled
+        self._unfinished += 1
+        return True
+
+    def next_batch(self, now: float) -> MicroBatch | None:
+        if len(self.in_flight) >= self.pp or not (self.waiting or self.ready):
+            return None
+        plan = self.policy.plan(self)
+        batch = MicroBatch(id=self._next_batch_id, scheduled_at=now)
+        self._fill(batch, plan, now)
+        # Liveness: nothing was chosen and nothing in flight will ever change that. Preempt
+        # the newest page holder so older requests can go on; with one holder left, take a
+        # batch of whatever fits, counted in `forced_batches` so it is never silent.
+        while not batch.items and not self.in_flight:
+            if self._preempt_newest_holder():
+                self._fill(batch, self.policy.plan(self), now)
+            else:
+                self.forced_batches += 1
+                self._fill(batch, BatchPlan(len(self.ready), max(1, self.kv.num_free * self.page_size)), now)
+                break
+        if not batch.items:
+            return None
+        self._next_batch_id += 1
+        self.in_flight[batch.id] = batch
+        for item in batch.items:
+            r = item.request
+            if r.in_flight == 0:
+                self._requests_in_flight += 1
+            r.in_flight += 1
+        self._sample(now)
+        return batch
+
+    def complete(self, batch: MicroBatch, now: float, sampled: Sequence[int] | None = None) -> list[Request]:
+        """A micro-batch left the last stage. `sampled`: one token id per sampling item, in
+        item order (None in simulation). Returns the requests that finished."""
+        if self.in_flight.pop(batch.id, None) is None:
+            raise ValueError(f"micro-batch {batch.id} is not in flight")
+        tokens = iter(sampled) if sampled is not None else None
+        finished, back_to_waiting = [], []
+        for item in batch.items:
+            r = item.request
+            r.in_flight -= 1
+            if r.in_flight == 0:
+                self._requests_in_flight -= 1
+            token = (next(tokens) if tokens is not None else 0) if item.samples else None
+            if r.is_finished:  # aborted while in flight
+                self._release_if_idle(r)
+                continue
+            r.num_computed = max(r.num_computed, item.context_len)
+            if token is not None:
+                r.output_ids.append(token)
+                r.token_times.append(now)
+                if len(r.output_ids) >= r.max_output or token in r.stop_token_ids:
+                    self._finish(r, now, "length" if len(r.output_ids) >= r.max_output else "stop")
+                    finished.append(r)
+                else:
+                    self.ready.append(r)
+            elif r.status is Status.RUNNING and r.num_unscheduled > 0 and r.in_flight == 0:
+                r.status = Status.WAITING
+                back_to_waiting.append(r)  # paper-era chunking: next chunk only after this one returns
+        for r in reversed(back_to_waiting):
+            self.waiting.appendleft(r)
+            self._waiting_tokens += r.num_unscheduled
+        if tokens is not None and next(tokens, None) is not None:
+            raise ValueError(f"micro-batch {batch.id}: more sampled tokens than sampling items ({batch.num_samples})")
+        self._sample(now)
+        return finished
+
+    def abort(self, request: Request, now: float) -> None:
+        """Stop a request (client gone); pages are freed once no in-flight batch uses them."""
+        if request.is_finished:
+            return
+        if request.status is Status.WAITING:
+            self.waiting.remove(request)  # O(queue): aborts are rare
+            self._waiting_tokens -= request.num_unscheduled
+        elif request in self.ready:
+            self.ready.remove(request)
+        self._finish(request, now, "aborted")
+
+    # ---- mechanics ----
+    def _fill(self, batch: MicroBatch, plan: BatchPlan, now: float) -> None:
+        decodes = self._take_decodes(batch, plan, now)
+        budget = plan.prefill_budget
+        if plan.token_budget is not None:
+            budget = min(budget, plan.token_budget - decodes)
+        self._take_prefills(batch, plan, budget, now)
+
+    def _take_decodes(self, batch: MicroBatch, plan: BatchPlan, now: float) -> int:
+        want = min(plan.max_decodes, len(self.ready))
+        if plan.reserve_page_per_decode:
+            while self.ready and self.kv.num_free < want:
+                self._preempt(self.ready.pop())
+                want = min(want, len(self.ready))
+        taken = 0
+        while taken < want and self.ready:
+            r = self.ready[0]
+            need = self.kv.extra_pages(len(r.pages), r.num_scheduled + 1)
+            while need > self.kv.num_free and len(self.ready) > 1:
+                self._preempt(self.ready.pop())  # newest-ready first, so the oldest keep going
+            if need > self.kv.num_free:
+                break
+            self.ready.popleft()
+            self._schedule(batch, r, 1, is_prefill=False, new_pages=need, now=now)
+            taken += 1
+            want = min(want, taken + len(self.ready))
+        return taken
+
+    def _take_prefills(self, batch: MicroBatch, plan: BatchPlan, budget: int, now: float) -> None:
+        new_allowed = plan.max_new_requests
+        kept: list[Request] = []  # partly scheduled requests that stay at the front (requeue_chunks)
+        while budget > 0 and self.waiting:
+            r = self.waiting[0]
+            is_new = not r.pages
+            if is_new and new_allowed is not None and new_allowed <= 0:
+                break
+            n = min(r.num_unscheduled, budget)
+            if plan.max_chunk is not None:
+                n = min(n, plan.max_chunk)
+            room = (len(r.pages) + self.kv.num_free) * self.page_size - r.num_scheduled
+            n = min(n, room)
+            if n <= 0:
+                break  # FIFO: the head waits for pages, nobody overtakes it
+            need = self.kv.extra_pages(len(r.pages), r.num_scheduled + n)
+            self.waiting.popleft()
+            r.status = Status.RUNNING
+            self._waiting_tokens -= n
+            self._schedule(batch, r, n, is_prefill=True, new_pages=need, now=now)
+            budget -= n
+            if is_new and new_allowed is not None:
+                new_allowed -= 1
+            if r.num_unscheduled > 0 and plan.requeue_chunks:
+                r.status = Status.WAITING
+                kept.append(r)
+        for r in reversed(kept):
+            self.waiting.appendleft(r)
+
+    def _schedule(self, batch: MicroBatch, r: Request, n: int, is_prefill: bool, new_pages: int, now: float) -> None:
+        if new_pages:
+            if not r.pages:
+                self._holding_pages += 1
+            r.pages.extend(self.kv.allocate(new_pages))
+        start = r.num_scheduled
+        r.num_scheduled += n
+        r.tokens_computed_total += n
+        if r.first_scheduled is None:
+            r.first_scheduled = now
+        batch.add(BatchItem(r, start, n, is_prefill, samples=r.num_scheduled == r.num_tokens))
+
+    def _preempt(self, r: Request) -> None:
+        """Recompute-style preemption: drop the KV, go back to the front of `waiting`."""
+        self._free_pages(r)
+        r.num_computed = r.num_scheduled = 0
+        r.status = Status.WAITING
+        r.preemptions += 1
+        # Front of `waiting`, but behind partly prefilled requests that hold pages (vLLM
+        # serves running before waiting); else the victim would take its pages straight back.
+        pos = 0
+        while pos < len(self.waiting) and self.waiting[pos].pages:
+            pos += 1
+        self.waiting.insert(pos, r)
+        self._waiting_tokens += r.num_unscheduled
+
+    def _preempt_newest_holder(self) -> bool:
+        """Rare path, O(queue): preempt the newest page holder not in flight, if it is not the only one."""
+        holders = [r for r in self.ready if r.pages] + [r for r in self.waiting if r.pages and not r.in_flight]
+        if len(holders) < 2:
+            return False
+        victim = max(holders, key=lambda r: (r.arrival, r.id))
+        if victim.status is Status.WAITING:
+            self.waiting.remove(victim)
+            self._waiting_tokens -= victim.num_unscheduled
+        else:
+            self.ready.remove(victim)
+        self._preempt(victim)
+        return True
+
+    def _finish(self, r: Request, now: float, reason: str) -> None:
+        r.status = Status.FINISHED
+        r.finish_time = now
+        r.finish_reason = reason
+        self._unfinished -= 1
+        self._release_if_idle(r)
+
+    def _release_if_idle(self, r: Request) -> None:
+        if r.in_flight == 0 and r.pages:
+            self._free_pages(r)
+
+    def _free_pages(self, r: Request) -> None:
+        if r.pages:
+            self.kv.free(r.pages)
+            r.pages = []
+            self._holding_pages -= 1
+
+    def _sample(self, now: float) -> None:
+        if self.recorder is not None:
+            self.recorder.sample(now, self.kv.num_used, self.total_pages, len(self.waiting),
+                                 len(self.ready), len(self.in_flight), self.num_running)

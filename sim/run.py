@@ -1,0 +1,90 @@
+"""simulate(config) -> SimResult: build the workload, the scheduler and the SimPy model, run."""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import simpy
+
+from core.metrics import summarize
+from core.policies import make_policy
+from core.request import Request
+from core.scheduler import Scheduler, SchedulerConfig
+from core.trace import Trace, TraceRecorder
+from core.workloads import Workload
+from profiles import LatencyModel, fit, load_profile
+from sim.config import SimConfig
+from sim.pipeline import PipelineSim, StageLatency
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    trace: Trace
+    summary: dict[str, Any]
+    wall_s: float
+
+
+@functools.lru_cache(maxsize=32)
+def fitted_model(profile: str) -> tuple[LatencyModel, int, dict]:
+    """Fit once per profile per process (sweeps call this thousands of times)."""
+    prof = load_profile(profile)
+    model, _error = fit(prof)
+    return model, prof.pp, prof.meta
+
+
+def simulate(config: SimConfig, *, latency: StageLatency | None = None, pp: int | None = None,
+             requests: list[Request] | None = None) -> SimResult:
+    """Run one configuration. `latency`/`pp` replace the profile (tests, custom models);
+    `requests` replaces the workload spec (they are consumed: pass fresh ones each run)."""
+    wall0 = time.perf_counter()
+    meta: dict[str, Any] = {}
+    if latency is None:
+        latency, pp, prof_meta = fitted_model(config.profile)
+        meta.update(profile=config.profile, profile_source=prof_meta.get("source"),
+                    device=prof_meta.get("device"), model=prof_meta.get("model", {}).get("name"))
+        if latency.error is not None:
+            meta["latency_fit_mape"] = latency.error.mape
+    elif pp is None:
+        raise ValueError("simulate(latency=...) needs pp=")
+    if config.pp is not None and config.pp != pp:
+        raise ValueError(f"pp is {config.pp} but profile {config.profile!r} has pp={pp}")
+    num_pages = config.num_pages
+    if num_pages is None:
+        if latency is not None and "profile" not in meta:
+            raise ValueError("num_pages is required when no profile gives the KV capacity")
+        num_pages = load_profile(config.profile).kv_pages(config.page_size, config.memory_fraction)
+        if num_pages < 1:
+            raise ValueError(f"profile {config.profile!r} leaves no KV pages at memory_fraction="
+                             f"{config.memory_fraction}")
+    if requests is None:
+        requests = Workload.from_dict(config.workload_spec()).requests()
+
+    recorder = TraceRecorder()
+    policy = make_policy(config.policy, config.policy_params)
+    scheduler = Scheduler(SchedulerConfig(pp, num_pages, config.page_size), policy, recorder)
+    env = simpy.Environment()
+    model = PipelineSim(env, scheduler, latency, recorder, config.stage_model)
+    model.start(requests)
+    env.run(until=config.time_limit)
+
+    meta.update(pp=pp, policy=config.policy, policy_params=dict(config.policy_params), seed=config.seed,
+                num_pages=num_pages, page_size=config.page_size, sim_time=env.now,
+                time_limit=config.time_limit, forced_batches=scheduler.forced_batches,
+                source="sim")
+    trace = recorder.build(scheduler.requests if config.time_limit is None else requests, meta)
+    if config.time_limit is not None:
+        _cut_at(trace, config.time_limit)
+    summary = summarize(trace, slo=config.slo)
+    summary["wall_s"] = time.perf_counter() - wall0
+    return SimResult(config, trace, summary, summary["wall_s"])
+
+
+def _cut_at(trace: Trace, limit: float) -> None:
+    """Stage work dispatched before the limit but running past it is clipped to the limit."""
+    b = trace.batches
+    b = b[b["start"] < limit].copy()
+    b["end"] = b["end"].clip(upper=limit)
+    trace.batches = b.reset_index(drop=True)

@@ -7,6 +7,7 @@ request is recomputed from token 0 (prompt and generated tokens alike), as vLLM 
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -33,11 +34,11 @@ class Request:
     status: Status = Status.WAITING
     in_flight: int = 0                  # in-flight micro-batches carrying this request
     first_scheduled: float | None = None
-    token_times: list[float] = field(default_factory=list)
+    token_times: array = field(default_factory=lambda: array("d"))  # compact: millions in a sweep
     finish_time: float | None = None
     finish_reason: str | None = None    # "length" | "stop" | "too_long" | "aborted"
     preemptions: int = 0
-    tokens_computed_total: int = 0      # every token ever scheduled, recomputes included
+    tokens_recomputed: int = 0          # tokens scheduled before preemptions threw them away
 
     def __post_init__(self) -> None:
         if self.prompt_len < 1:
@@ -56,6 +57,11 @@ class Request:
     @property
     def num_unscheduled(self) -> int:
         return self.num_tokens - self.num_scheduled
+
+    @property
+    def tokens_computed_total(self) -> int:
+        """Every token ever scheduled, recomputes included."""
+        return self.tokens_recomputed + self.num_scheduled
 
     @property
     def max_kv_tokens(self) -> int:

@@ -116,18 +116,21 @@ class Scheduler:
         # Liveness: nothing was chosen and nothing in flight will ever change that. Preempt
         # the newest page holder so older requests can go on; with one holder left, take a
         # batch of whatever fits, counted in `forced_batches` so it is never silent.
-        while not batch.items and not self.in_flight:
+        while not len(batch) and not self.in_flight:
             if self._preempt_newest_holder():
                 self._fill(batch, self.policy.plan(self), now)
             else:
                 self.forced_batches += 1
                 self._fill(batch, BatchPlan(len(self.ready), max(1, self.kv.num_free * self.page_size)), now)
                 break
-        if not batch.items:
+        if not len(batch):
             return None
         self._next_batch_id += 1
         self.in_flight[batch.id] = batch
-        for item in batch.items:
+        for r in batch.decodes:  # ready requests are never in flight
+            r.in_flight = 1
+        self._requests_in_flight += len(batch.decodes)
+        for item in batch.chunks:
             r = item.request
             if r.in_flight == 0:
                 self._requests_in_flight += 1
@@ -137,39 +140,71 @@ class Scheduler:
 
     def complete(self, batch: MicroBatch, now: float, sampled: Sequence[int] | None = None) -> list[Request]:
         """A micro-batch left the last stage. `sampled`: one token id per sampling item, in
-        item order (None in simulation). Returns the requests that finished."""
-        if self.in_flight.pop(batch.id, None) is None:
+        `batch.items` order (decodes, then chunks); None in simulation (token id 0)."""
+        # Validate before touching any state, so a bad call cannot half-apply the batch:
+        # the very batch object must be in flight (a same-id batch from another scheduler
+        # was accepted), and the sampled count is checked before the batch is dropped.
+        if self.in_flight.get(batch.id) is not batch:
             raise ValueError(f"micro-batch {batch.id} is not in flight")
+        if sampled is not None and len(sampled) != batch.num_samples:
+            raise ValueError(f"micro-batch {batch.id}: {len(sampled)} sampled tokens for "
+                             f"{batch.num_samples} sampling items")
+        del self.in_flight[batch.id]
         tokens = iter(sampled) if sampled is not None else None
-        finished, back_to_waiting = [], []
-        for item in batch.items:
+        finished: list[Request] = []
+        ready, running = self.ready, Status.RUNNING
+        self._requests_in_flight -= len(batch.decodes)
+        for r in batch.decodes:  # hot path: one decode token each, inlined
+            r.in_flight = 0
+            token = next(tokens) if tokens is not None else 0
+            if r.status is not running:  # aborted while in flight
+                self._release_if_idle(r)
+                continue
+            r.num_computed = r.num_scheduled
+            r.output_ids.append(token)
+            r.token_times.append(now)
+            if len(r.output_ids) >= r.max_output:
+                self._finish(r, now, "length")
+                finished.append(r)
+            elif r.stop_token_ids and token in r.stop_token_ids:
+                self._finish(r, now, "stop")
+                finished.append(r)
+            else:
+                ready.append(r)
+        back_to_waiting = []
+        for item in batch.chunks:
             r = item.request
             r.in_flight -= 1
             if r.in_flight == 0:
                 self._requests_in_flight -= 1
             token = (next(tokens) if tokens is not None else 0) if item.samples else None
-            if r.is_finished:  # aborted while in flight
+            if r.is_finished:
                 self._release_if_idle(r)
                 continue
-            r.num_computed = max(r.num_computed, item.context_len)
+            if item.context_len > r.num_computed:
+                r.num_computed = item.context_len
             if token is not None:
-                r.output_ids.append(token)
-                r.token_times.append(now)
-                if len(r.output_ids) >= r.max_output or token in r.stop_token_ids:
-                    self._finish(r, now, "length" if len(r.output_ids) >= r.max_output else "stop")
-                    finished.append(r)
-                else:
-                    self.ready.append(r)
+                self._append_token(r, token, now, finished)
             elif r.status is Status.RUNNING and r.num_unscheduled > 0 and r.in_flight == 0:
                 r.status = Status.WAITING
                 back_to_waiting.append(r)  # paper-era chunking: next chunk only after this one returns
         for r in reversed(back_to_waiting):
             self.waiting.appendleft(r)
             self._waiting_tokens += r.num_unscheduled
-        if tokens is not None and next(tokens, None) is not None:
-            raise ValueError(f"micro-batch {batch.id}: more sampled tokens than sampling items ({batch.num_samples})")
         self._sample(now)
         return finished
+
+    def _append_token(self, r: Request, token: int, now: float, finished: list[Request]) -> None:
+        r.output_ids.append(token)
+        r.token_times.append(now)
+        if len(r.output_ids) >= r.max_output:
+            self._finish(r, now, "length")
+            finished.append(r)
+        elif token in r.stop_token_ids:
+            self._finish(r, now, "stop")
+            finished.append(r)
+        else:
+            self.ready.append(r)
 
     def abort(self, request: Request, now: float) -> None:
         """Stop a request (client gone); pages are freed once no in-flight batch uses them."""
@@ -191,24 +226,33 @@ class Scheduler:
         self._take_prefills(batch, plan, budget, now)
 
     def _take_decodes(self, batch: MicroBatch, plan: BatchPlan, now: float) -> int:
-        want = min(plan.max_decodes, len(self.ready))
+        ready, kv, page_size = self.ready, self.kv, self.page_size
+        want = min(plan.max_decodes, len(ready))
         if plan.reserve_page_per_decode:
-            while self.ready and self.kv.num_free < want:
-                self._preempt(self.ready.pop())
-                want = min(want, len(self.ready))
-        taken = 0
-        while taken < want and self.ready:
-            r = self.ready[0]
-            need = self.kv.extra_pages(len(r.pages), r.num_scheduled + 1)
-            while need > self.kv.num_free and len(self.ready) > 1:
-                self._preempt(self.ready.pop())  # newest-ready first, so the oldest keep going
-            if need > self.kv.num_free:
-                break
-            self.ready.popleft()
-            self._schedule(batch, r, 1, is_prefill=False, new_pages=need, now=now)
-            taken += 1
-            want = min(want, taken + len(self.ready))
-        return taken
+            while ready and kv.num_free < want:
+                self._preempt(ready.pop())
+                want = min(want, len(ready))
+        decodes = batch.decodes
+        take, popleft = decodes.append, ready.popleft
+        context = 0
+        while len(decodes) < want and ready:  # hot path: millions of decode tokens per trace
+            r = ready[0]
+            n = r.num_scheduled
+            if n == len(r.pages) * page_size:  # the next token opens a page
+                while not kv.num_free and len(ready) > 1:
+                    self._preempt(ready.pop())  # newest-ready first, so the oldest keep going
+                    want = min(want, len(decodes) + len(ready))
+                if not kv.num_free:
+                    break
+                r.pages.extend(kv.allocate(1))
+            popleft()
+            r.num_scheduled = n = n + 1
+            context += n
+            take(r)
+        batch.decode_tokens += len(decodes)
+        batch.decode_context += context
+        batch.num_samples += len(decodes)
+        return len(decodes)
 
     def _take_prefills(self, batch: MicroBatch, plan: BatchPlan, budget: int, now: float) -> None:
         new_allowed = plan.max_new_requests
@@ -236,6 +280,11 @@ class Scheduler:
             if r.num_unscheduled > 0 and plan.requeue_chunks:
                 r.status = Status.WAITING
                 kept.append(r)
+            elif r.num_unscheduled > 0:
+                # Paper-era chunking: r leaves `waiting` until this chunk returns, and
+                # complete() adds its remaining tokens back; drop them from WT now, or WT
+                # counts them twice from then on (tests/test_scheduler.py caught the drift).
+                self._waiting_tokens -= r.num_unscheduled
         for r in reversed(kept):
             self.waiting.appendleft(r)
 
@@ -246,7 +295,6 @@ class Scheduler:
             r.pages.extend(self.kv.allocate(new_pages))
         start = r.num_scheduled
         r.num_scheduled += n
-        r.tokens_computed_total += n
         if r.first_scheduled is None:
             r.first_scheduled = now
         batch.add(BatchItem(r, start, n, is_prefill, samples=r.num_scheduled == r.num_tokens))
@@ -254,6 +302,7 @@ class Scheduler:
     def _preempt(self, r: Request) -> None:
         """Recompute-style preemption: drop the KV, go back to the front of `waiting`."""
         self._free_pages(r)
+        r.tokens_recomputed += r.num_scheduled
         r.num_computed = r.num_scheduled = 0
         r.status = Status.WAITING
         r.preemptions += 1

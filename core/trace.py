@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -28,36 +29,76 @@ TOKEN_COLUMNS = ["request_id", "index", "time"]
 SAMPLE_COLUMNS = ["time", "kv_used", "kv_total", "kv_util", "waiting", "ready", "in_flight", "running"]
 
 
-@dataclass(slots=True)
 class TraceRecorder:
-    """Append-only recorder; cheap tuples on the hot path, DataFrames at the end."""
-    stage_rows: list[tuple] = field(default_factory=list)
-    sample_rows: list[tuple] = field(default_factory=list)
+    """Append-only recorder. Rows go into typed column arrays (8 bytes a cell): a long
+    simulation records millions of cells, and tuples would cost ~10x the memory."""
+    __slots__ = ("_stage_cols", "_sample_cols")
+
+    def __init__(self) -> None:
+        self._stage_cols = tuple(array("d" if c in ("start", "end") else "q") for c in BATCH_COLUMNS)
+        self._sample_cols = tuple(array("q" if c in ("kv_used", "kv_total", "waiting", "ready", "in_flight", "running")
+                                        else "d") for c in SAMPLE_COLUMNS)
 
     def stage(self, batch_id: int, stage: int, start: float, end: float,
               prefill_tokens: int, decode_tokens: int, num_requests: int) -> None:
-        self.stage_rows.append((batch_id, stage, start, end, prefill_tokens, decode_tokens, num_requests))
+        c = self._stage_cols
+        c[0].append(batch_id); c[1].append(stage); c[2].append(start); c[3].append(end)
+        c[4].append(prefill_tokens); c[5].append(decode_tokens); c[6].append(num_requests)
 
     def sample(self, time: float, kv_used: int, kv_total: int, waiting: int, ready: int,
                in_flight: int, running: int) -> None:
-        self.sample_rows.append((time, kv_used, kv_total, kv_used / kv_total, waiting, ready, in_flight, running))
+        c = self._sample_cols
+        c[0].append(time); c[1].append(kv_used); c[2].append(kv_total); c[3].append(kv_used / kv_total)
+        c[4].append(waiting); c[5].append(ready); c[6].append(in_flight); c[7].append(running)
+
+    @property
+    def num_stage_rows(self) -> int:
+        return len(self._stage_cols[0])
+
+    def stage_rows(self) -> list[tuple]:
+        """Rows as tuples (e.g. to ship a worker's rows to stage 0)."""
+        return list(zip(*self._stage_cols))
+
+    def add_stage_rows(self, rows: Iterable[tuple]) -> None:
+        for row in rows:
+            self.stage(*row)
 
     def build(self, requests: Iterable["Request"], meta: dict[str, Any] | None = None) -> "Trace":
+        import numpy as np
         import pandas as pd
 
-        req_rows, tok_rows = [], []
+        requests = list(requests)
+        req_rows = [(r.id, r.arrival, r.first_scheduled, r.token_times[0] if r.token_times else None,
+                     r.finish_time, r.prompt_len, len(r.output_ids), r.max_output, r.preemptions,
+                     r.status.value, r.finish_reason) for r in requests]
+        # Preallocated columns filled in place: a long trace has millions of tokens.
+        total = sum(len(r.token_times) for r in requests)
+        ids = np.empty(total, np.int64)
+        index = np.empty(total, np.int64)
+        times = np.empty(total, np.float64)
+        pos = 0
         for r in requests:
-            req_rows.append((r.id, r.arrival, r.first_scheduled, r.token_times[0] if r.token_times else None,
-                             r.finish_time, r.prompt_len, len(r.output_ids), r.max_output, r.preemptions,
-                             r.status.value, r.finish_reason))
-            tok_rows.extend((r.id, i, t) for i, t in enumerate(r.token_times))
+            n = len(r.token_times)
+            if n:
+                ids[pos:pos + n] = r.id
+                index[pos:pos + n] = np.arange(n)
+                times[pos:pos + n] = r.token_times
+                pos += n
+        tokens = pd.DataFrame({"request_id": ids, "index": index, "time": times}, copy=False)
         return Trace(
-            batches=pd.DataFrame(self.stage_rows, columns=BATCH_COLUMNS),
+            batches=_frame(BATCH_COLUMNS, self._stage_cols),
             requests=pd.DataFrame(req_rows, columns=REQUEST_COLUMNS),
-            tokens=pd.DataFrame(tok_rows, columns=TOKEN_COLUMNS),
-            samples=pd.DataFrame(self.sample_rows, columns=SAMPLE_COLUMNS),
+            tokens=tokens,
+            samples=_frame(SAMPLE_COLUMNS, self._sample_cols),
             meta=dict(meta or {}),
         )
+
+
+def _frame(columns: list[str], arrays: tuple[array, ...]) -> "pd.DataFrame":
+    import numpy as np
+    import pandas as pd
+    return pd.DataFrame({c: np.array(a, dtype=np.float64 if a.typecode == "d" else np.int64)
+                         for c, a in zip(columns, arrays)}, copy=False)
 
 
 @dataclass

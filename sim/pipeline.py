@@ -8,10 +8,10 @@ Actors (one generator each, as in SimPy's examples):
   pipeline   `pp` FIFO stages joined by FIFO links; the last stage returns sampled tokens
              to stage 0, and then the batch completes in the scheduler.
 
-Same-instant order (tested): events at one instant fire in the order they were scheduled;
-the scheduler decides only after every arrival and completion already due at that instant
-has been applied (it yields a zero delay before deciding), so a completion and an arrival
-at time t are both visible to the decision at t.
+Same-instant order (tested): events at one instant fire in the order they were scheduled.
+Arrivals and completions wake the scheduler through an event, which SimPy queues behind
+every event already due at that instant; so the decision at time t sees every arrival and
+completion at t, whatever their order.
 
 Stage timing: each stage and link is a single FIFO server, and a micro-batch's service
 times are known when it is dispatched, so its whole path is fixed at dispatch by the
@@ -103,7 +103,6 @@ class PipelineSim:
         while True:
             yield self._wake
             self._wake = env.event()
-            yield env.timeout(0)  # let every event already due at this instant land first
             while (batch := sched.next_batch(env.now)) is not None:
                 if overhead > 0:
                     yield env.timeout(overhead)

@@ -1,0 +1,189 @@
+"""The SimPy pipeline model: closed forms, hand-computed bubbles, determinism, saturation."""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from core.request import Request
+from profiles import ProfileError
+from sim import ConstantLatency, SimConfig, default_workload, simulate
+
+PROFILE = "qwen2.5-32b_a100-80gb_pp4"
+
+
+@dataclass
+class TokenLatency:
+    """Stage time proportional to the tokens in the micro-batch: imbalance on purpose."""
+    per_token: float
+    sched_overhead: float = 0.0
+
+    def stage_time(self, stage, prefill, decode, paw, dctx):
+        return self.per_token * (prefill + decode)
+
+    def activation_bytes(self, n):
+        return n
+
+    def transfer_time(self, nbytes):
+        return 0.0
+
+
+def reqs(specs):
+    """specs: (arrival, prompt_len, output_len) per request."""
+    return [Request(i, p, o, a) for i, (a, p, o) in enumerate(specs)]
+
+
+def sarathi(budget=2048, **kw):
+    return SimConfig(policy="sarathi", policy_params={"budget": budget}, num_pages=10_000, **kw)
+
+
+def test_lone_request_latency_is_the_pipeline_round_trip():
+    lat = ConstantLatency(stage=0.010, transfer=0.002, sched_overhead=0.001, token_return=0.003)
+    res = simulate(sarathi(), latency=lat, pp=4, requests=reqs([(0.5, 100, 5)]))
+    round_trip = 0.001 + 4 * 0.010 + 3 * 0.002 + 0.003  # overhead + stages + links + token back
+    row = res.trace.requests.iloc[0]
+    assert row["first_token"] - row["arrival"] == pytest.approx(round_trip)
+    assert res.summary["ttft_mean"] == pytest.approx(round_trip)
+    assert res.summary["tpot_mean"] == pytest.approx(round_trip)  # every token goes round once
+    assert res.summary["e2e_mean"] == pytest.approx(5 * round_trip)
+
+
+@pytest.mark.parametrize("policy", ["token_throttling", "sarathi", "vllm"])
+def test_identical_decode_batches_fill_the_pipeline(policy):
+    # One request per pipeline slot, arriving one stage time apart: every micro-batch holds
+    # one single-token computation, so every batch costs t and the pipeline never stalls.
+    t, pp, n_out = 0.01, 4, 20
+    res = simulate(SimConfig(policy=policy, num_pages=1000), latency=ConstantLatency(stage=t), pp=pp,
+                   requests=reqs([(i * t, 1, n_out) for i in range(pp)]))
+    b = res.trace.batches
+    assert len(b) == pp * pp * n_out and (b["num_requests"] == 1).all()
+    for _, stage in b.groupby("stage"):
+        s = stage.sort_values("start")
+        assert (s["start"].to_numpy()[1:] - s["end"].to_numpy()[:-1]) == pytest.approx(0.0, abs=1e-12)
+    batches = pp * n_out
+    # Only fill and drain idle the stages: (pp - 1) t on each, over (batches + pp - 1) t.
+    assert res.summary["bubble_ratio"] == pytest.approx((pp - 1) / (batches + pp - 1))
+    assert res.summary["output_tps"] == pytest.approx(batches / ((batches + pp - 1) * t))
+    assert res.summary["ttft_p50"] == pytest.approx(pp * t)
+    assert res.summary["tpot_p99"] == pytest.approx(pp * t)
+
+
+def test_imbalanced_micro_batches_give_the_hand_computed_bubble():
+    # pp=2, stage time = tokens x t. Sarathi(budget 3): batch 0 = A's 3-token prompt,
+    # batch 1 = B's 1-token prompt. Stage 0 busy [0,3t] + [3t,4t]; stage 1 busy [3t,6t] +
+    # [6t,7t]. Window [0, 7t]: each stage idles 3t, so bubble = 6t / (2 x 7t) = 3/7.
+    t = 0.1
+    res = simulate(sarathi(budget=3), latency=TokenLatency(t), pp=2,
+                   requests=reqs([(0.0, 3, 1), (0.0, 1, 1)]))
+    assert res.summary["bubble_ratio"] == pytest.approx(3 / 7)
+    assert res.summary["bubble_ratio_stage0"] == pytest.approx(3 / 7)
+    assert res.summary["bubble_ratio_stage1"] == pytest.approx(3 / 7)
+    assert res.summary["duration"] == pytest.approx(7 * t)
+
+
+def test_same_instant_arrival_and_completion_are_both_seen():
+    # A's prefill returns at t=1.0, exactly when B arrives: the decision at t=1.0 must see
+    # both, so batch 1 carries A's decode and B's prefill together.
+    res = simulate(sarathi(), latency=ConstantLatency(stage=1.0), pp=1,
+                   requests=reqs([(0.0, 4, 2), (1.0, 4, 1)]))
+    b = res.trace.batches.set_index("batch_id")
+    assert b.loc[1, "start"] == 1.0
+    assert (b.loc[1, "prefill_tokens"], b.loc[1, "decode_tokens"]) == (4, 1)
+
+
+def test_simpy_resources_and_recursion_give_the_same_trace():
+    lat = ConstantLatency(stage=0.01, transfer=0.003, sched_overhead=0.0005, token_return=0.001)
+    specs = [(0.002 * i, 30 + 7 * i, 3 + i % 5) for i in range(40)]
+    a = simulate(SimConfig(policy="token_throttling", num_pages=200, stage_model="recursion"),
+                 latency=lat, pp=3, requests=reqs(specs))
+    b = simulate(SimConfig(policy="token_throttling", num_pages=200, stage_model="resources"),
+                 latency=lat, pp=3, requests=reqs(specs))
+    cols = ["batch_id", "stage", "start", "end"]
+    ta = a.trace.batches.sort_values(["batch_id", "stage"])[cols].to_numpy()
+    tb = b.trace.batches.sort_values(["batch_id", "stage"])[cols].to_numpy()
+    assert ta.shape == tb.shape and ta == pytest.approx(tb)
+    assert a.trace.tokens["time"].to_numpy() == pytest.approx(b.trace.tokens["time"].to_numpy())
+
+
+def small_workload(rate, n=150, **over):
+    w = default_workload()
+    w.update(num_requests=n, arrival={"kind": "gamma", "rate": rate, "burstiness": 1.0}, **over)
+    return w
+
+
+def strip(summary):
+    return {k: v for k, v in summary.items() if k != "wall_s"}
+
+
+def test_same_seed_same_result_and_another_seed_other_arrivals():
+    cfg = dict(profile=PROFILE, policy="token_throttling", workload=small_workload(4.0))
+    a, b = simulate(SimConfig(**cfg, seed=3)), simulate(SimConfig(**cfg, seed=3))
+    assert strip(a.summary) == strip(b.summary)
+    assert a.trace.batches.equals(b.trace.batches)
+    c = simulate(SimConfig(**cfg, seed=4))
+    assert not a.trace.requests["arrival"].equals(c.trace.requests["arrival"])
+
+
+def test_latency_rises_with_rate_and_throughput_saturates_at_capacity():
+    # Sarathi(64) on a constant 10 ms stage: a full micro-batch leaves every 10 ms, so the
+    # capacity is 64 tokens / 10 ms; requests of 63 prompt + 1 decode tokens -> 100 req/s.
+    lat, n = ConstantLatency(stage=0.01), 400
+
+    def run(rate):
+        w = {"num_requests": n, "arrival": {"kind": "constant", "rate": rate},
+             "prompt_len": {"kind": "fixed", "value": 63}, "output_len": {"kind": "fixed", "value": 2}}
+        return simulate(sarathi(budget=64, workload=w), latency=lat, pp=2).summary
+
+    rates = [20, 50, 80, 120, 200, math.inf]
+    results = [run(r) for r in rates]
+    e2e = [s["e2e_mean"] for s in results]
+    assert all(x <= y + 1e-9 for x, y in zip(e2e, e2e[1:])), e2e
+    assert results[0]["throughput_rps"] == pytest.approx(20, rel=0.02)   # below capacity: keeps up
+    for s in results[3:]:                                                  # above: capped
+        assert s["throughput_rps"] == pytest.approx(100, rel=0.03)
+
+
+def test_token_throttling_has_fewer_bubbles_than_sarathi_at_saturation():
+    w = small_workload(math.inf, n=300)
+    tt = simulate(SimConfig(profile=PROFILE, policy="token_throttling", workload=w)).summary
+    sa = simulate(SimConfig(profile=PROFILE, policy="sarathi", policy_params={"budget": 2048}, workload=w)).summary
+    assert tt["bubble_ratio"] < sa["bubble_ratio"]
+    assert tt["finished"] == sa["finished"] == 300
+
+
+def test_time_limit_reports_unfinished_requests():
+    res = simulate(SimConfig(profile=PROFILE, workload=small_workload(8.0, n=200), time_limit=5.0))
+    s = res.summary
+    assert s["unfinished"] > 0 and s["finished"] + s["unfinished"] + s["rejected"] == 200
+    assert res.trace.batches["end"].max() <= 5.0
+
+
+def test_profile_kv_capacity_and_rejection_of_too_long_requests():
+    res = simulate(sarathi(), latency=ConstantLatency(stage=0.01), pp=2,
+                   requests=reqs([(0.0, 100, 10), (0.0, 200_000, 10)]))
+    assert res.summary["rejected"] == 1 and res.summary["finished"] == 1
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"polcy": "sarathi"}, "policy"),
+    ({"policy": "sarathy"}, "sarathi"),
+    ({"policy": "sarathi", "policy_params": {"budgett": 4}}, "budget"),
+    ({"policy_params": {"maxp": -1}}, "maxp"),
+    ({"page_size": 0}, "page_size"),
+    ({"memory_fraction": 1.5}, "memory_fraction"),
+    ({"stage_model": "fast"}, "stage_model"),
+    ({"seed": 1, "workload": {"seed": 2}}, "seed"),
+    ({"slo": {"ttfb": 1.0}}, "ttft"),
+])
+def test_bad_config_names_the_field(bad, field):
+    with pytest.raises(ValueError, match=field):
+        SimConfig.from_dict(bad)
+
+
+def test_pp_mismatch_and_missing_profile_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="pp"):
+        simulate(SimConfig(profile=PROFILE, pp=2, workload=small_workload(1.0, n=5)))
+    with pytest.raises(ProfileError, match="no_such_profile"):
+        simulate(SimConfig(profile=str(tmp_path / "no_such_profile"), workload=small_workload(1.0, n=5)))

@@ -1,0 +1,277 @@
+"""`pipetwin` command line: sim, sweep, plot, profiles (bench, serve, validate, profile: later).
+
+A subcommand is an entry of COMMANDS: name -> (help, add_arguments(parser), run(args) -> int).
+User errors (bad flags, values, configs, missing files) exit 2 with one line naming the
+flag or field; no tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """Reported as `pipetwin CMD: error: MESSAGE`, exit 2."""
+
+
+# ---------------------------------------------------------------- sim
+
+def _param(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"cannot parse the value of {text!r}") from None
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    from core.trace import TABLE_FORMATS
+    fmts = tuple(f.strip() for f in text.split(",") if f.strip())
+    bad = [f for f in fmts if f not in TABLE_FORMATS]
+    if bad or not fmts:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated subset of {','.join(TABLE_FORMATS)}, got {text!r}")
+    return fmts
+
+
+def add_sim(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML file of SimConfig fields (flags override it)")
+    p.add_argument("--profile", help="shipped table name (see `pipetwin profiles`) or a table folder")
+    p.add_argument("--pp", type=int, help="check the profile has this many stages")
+    p.add_argument("--policy", help="token_throttling | sarathi | vllm | dotted.path.Class")
+    p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="policy parameter (repeatable); values parsed as YAML")
+    p.add_argument("--trace", help="replay a trace CSV (arrived_at, num_prefill_tokens, num_decode_tokens)")
+    p.add_argument("--rate", help="request rate in req/s, or inf (with --trace: synthetic arrivals "
+                                  "at this rate replace the trace's, lengths stay real)")
+    p.add_argument("--burstiness", type=float, help="gamma shape of the arrival gaps (1 = Poisson)")
+    p.add_argument("--num-requests", type=int, help="number of requests (with --trace: the first N rows)")
+    p.add_argument("--seed", type=int)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--num-pages", type=int, help="KV pages (default: from the profile's GPU memory)")
+    g.add_argument("--memory-fraction", type=float, help="GPU memory share for weights + KV, (0, 1]")
+    p.add_argument("--page-size", type=int, help="tokens per KV page")
+    p.add_argument("--time-limit", type=float, help="stop after this many simulated seconds")
+    p.add_argument("--out", help="results folder (default results/sim/<policy>_<profile>)")
+    p.add_argument("--formats", type=_formats, default=("csv",), help="trace tables: csv,parquet (default csv)")
+
+
+def sim_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The SimConfig dict: YAML file, then flags."""
+    from sim.config import default_workload
+
+    d: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise UsageError(f"config: no such file {args.config!r}")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UsageError(f"config {args.config}: not valid YAML: {e}") from None
+        if not isinstance(d, dict):
+            raise UsageError(f"config {args.config}: must be a mapping of SimConfig fields")
+    for flag, key in (("profile", "profile"), ("pp", "pp"), ("policy", "policy"), ("seed", "seed"),
+                      ("num_pages", "num_pages"), ("memory_fraction", "memory_fraction"),
+                      ("page_size", "page_size"), ("time_limit", "time_limit")):
+        if getattr(args, flag) is not None:
+            d[key] = getattr(args, flag)
+    if args.param:
+        params = dict(d.get("policy_params") or {})
+        params.update(dict(args.param))
+        d["policy_params"] = params
+    w = dict(d.get("workload") or default_workload())
+    if args.trace is not None:
+        if not Path(args.trace).is_file():
+            raise UsageError(f"--trace: no such file {args.trace!r} (relative to {Path.cwd()})")
+        w = {"trace": str(Path(args.trace).resolve())}
+    if args.rate is not None:
+        rate: Any = args.rate
+        try:
+            rate = float(rate)
+        except ValueError:
+            raise UsageError(f"--rate must be a number > 0 or inf, got {args.rate!r}") from None
+        if math.isinf(rate):
+            rate = "inf"
+        if "trace" in w:
+            w.pop("time_scale", None)
+            w.pop("rate_scale", None)
+        w["arrival"] = {**(w.get("arrival") or {"kind": "gamma"}), "rate": rate}
+    if args.burstiness is not None:
+        w["arrival"] = {**(w.get("arrival") or {"kind": "gamma", "rate": "inf"}), "burstiness": args.burstiness}
+    if args.num_requests is not None:
+        w["limit" if "trace" in w else "num_requests"] = args.num_requests
+    d["workload"] = w
+    return d
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from core.metrics import format_summary
+    from core.trace import _json_default
+    from core.workloads import Workload
+    from sim import SimConfig, fitted_model, simulate
+
+    d = sim_config(args)
+    try:
+        cfg = SimConfig.from_dict(d)
+        Workload.from_dict(cfg.workload_spec())
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    result = simulate(cfg)
+    model, pp, meta = fitted_model(cfg.profile)
+    print(f"profile {cfg.profile}: {meta.get('model', {}).get('name')} on {meta.get('device')}, pp={pp}, "
+          f"{meta.get('source')}; latency fit {model.error}")
+    print(f"policy {cfg.policy} {json.dumps(cfg.policy_params)}; {result.trace.meta.get('num_pages')} KV pages; "
+          f"simulated in {result.wall_s:.2f} s")
+    print(format_summary(result.summary))
+    out = Path(args.out) if args.out else Path("results") / "sim" / f"{cfg.policy}_{Path(cfg.profile).name}"
+    result.trace.save(out, formats=args.formats)
+    result.trace.to_perfetto(out / "perfetto.json")
+    (out / "summary.json").write_text(json.dumps(_finite(result.summary), indent=2, default=_json_default) + "\n")
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    print(f"results in {out}/ (perfetto.json opens in ui.perfetto.dev)")
+    return 0
+
+
+def _finite(d: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+# ---------------------------------------------------------------- sweep / plot
+
+def add_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="experiment YAML (see experiments/gllm_vs_sarathi.yaml)")
+    p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
+    p.add_argument("--out", help="results folder (default results/<config stem>)")
+    p.add_argument("--no-cache", action="store_true", help="recompute every run (the cache is rewritten)")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the run count and the first runs")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import time
+
+    from experiments.config import capacity_groups, expand, load_experiment
+    from experiments.runner import run_sweep
+
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    exp = load_experiment(args.file)
+    out = Path(args.out) if args.out else Path("results") / exp.name
+    runs = expand(exp)
+    print(f"{exp.name}: {len(runs)} runs ({len({r.label for r in runs})} policy variants x "
+          f"{len(runs) // max(1, len({r.label for r in runs}))} settings)"
+          + (f"; capacity search for {len(capacity_groups(exp, runs))} series (<= {exp.capacity.probes()} "
+             f"probes each{', + max throughput' if exp.capacity.max_throughput else ''})" if exp.capacity else ""))
+    if args.dry_run:
+        from experiments.runner import iter_preview
+        for line in iter_preview(runs):
+            print(line)
+        print("first run, resolved:")
+        print("  " + yaml.safe_dump(runs[0].config, sort_keys=False).replace("\n", "\n  ").rstrip())
+        return 0
+    t0 = time.perf_counter()
+    res = run_sweep(exp, out, workers=args.workers, use_cache=not args.no_cache)
+    print(f"{res.computed} runs computed, {res.cached} from cache, {time.perf_counter() - t0:.1f} s")
+    print(f"results: {out / 'results.csv'}")
+    print(f"report:  {res.report}")
+    return 0
+
+
+def add_plot(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", help="a sweep's results folder (holds sweep.yaml and results.csv)")
+    p.add_argument("--out", help="folder for the plots (default RESULTS/plots)")
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from experiments.config import load_experiment
+    from experiments.report import make_report
+
+    folder = Path(args.results)
+    if not (folder / "sweep.yaml").is_file():
+        raise UsageError(f"{folder}: not a sweep results folder (no sweep.yaml)")
+    exp = load_experiment(folder / "sweep.yaml", check_files=False)
+    exp.source = str(folder / "sweep.yaml")
+    report = make_report(folder, exp, args.out)
+    print(f"plots in {args.out or folder / 'plots'}; report: {report}")
+    return 0
+
+
+# ---------------------------------------------------------------- profiles
+
+def add_profiles(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fit", action="store_true", help="also fit each table and show its held-out error")
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    from profiles import fit, list_tables, load_profile
+
+    rows = [("table", "pp", "model", "device", "source", "KV pages")
+            + (("fit MAPE", "worst") if args.fit else ())]
+    for name in list_tables():
+        prof = load_profile(name)
+        m = prof.meta
+        row = (name, str(prof.pp), str(m.get("model", {}).get("name", "?")), str(m.get("device", "?")),
+               str(m.get("source", "?")), str(prof.kv_pages()))
+        if args.fit:
+            _, err = fit(prof)
+            row += (f"{err.mape:.2%}", f"{err.max_ape:.2%}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(f"{len(rows) - 1} tables; KV pages at page size 16, memory fraction 0.9")
+    return 0
+
+
+# ---------------------------------------------------------------- main
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+COMMANDS: dict[str, Command] = {
+    "sim": ("simulate one configuration and write a results folder", add_sim, cmd_sim),
+    "sweep": ("run an experiment grid (cached, parallel), capacity search, plots, report", add_sweep, cmd_sweep),
+    "plot": ("regenerate a sweep's plots and report", add_plot, cmd_plot),
+    "profiles": ("list the shipped latency tables", add_profiles, cmd_profiles),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipetwin", description="Scheduling policies for "
+                                     "pipeline-parallel LLM serving: simulate, sweep, plot.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_, add, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        add(p)
+        p.set_defaults(_run=run, _parser=p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from experiments.config import ConfigError
+    from experiments.runner import RunError
+
+    args = build_parser().parse_args(argv)   # argparse exits 2 on bad flags, naming them
+    try:
+        return args._run(args)
+    except (UsageError, ConfigError, FileNotFoundError) as e:
+        args._parser.exit(EXIT_USAGE, f"pipetwin {args.command}: error: {e}\n")
+    except ValueError as e:  # e.g. ProfileError, a bad value caught late
+        args._parser.exit(EXIT_USAGE, f"pipetwin {args.command}: error: {e}\n")
+    except RunError as e:
+        print(f"pipetwin {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted (finished runs are cached; run again to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

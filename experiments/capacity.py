@@ -20,7 +20,7 @@ def find_capacity(meets: Callable[[float], bool], lo: float, hi: float, tol: flo
         return hi
     if not meets(lo):
         return 0.0
-    while hi - lo > tol:
+    while hi - lo > tol * (1 + 1e-9):   # (1 + eps): 1.6 / 2**5 must count as 0.05
         mid = (lo + hi) / 2
         if meets(mid):
             lo = mid

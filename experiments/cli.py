@@ -244,11 +244,11 @@ COMMANDS: dict[str, Command] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipetwin", description="Scheduling policies for "
+    parser = argparse.ArgumentParser(prog="pipetwin", allow_abbrev=False, description="Scheduling policies for "
                                      "pipeline-parallel LLM serving: simulate, sweep, plot.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_, add, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
         add(p)
         p.set_defaults(_run=run, _parser=p)
     return parser

@@ -104,13 +104,15 @@ def check_dotted(key: Any, where: str) -> str:
                           "not here")
     node: Any = SCHEMA
     done: list[str] = []
-    for part in key.split("."):
+    parts = key.split(".")
+    for i, part in enumerate(parts):
         if not isinstance(node, dict):
             raise ConfigError(f"{where}: {'.'.join(done)!r} is a single value; {key!r} goes below it")
         if part not in node:
-            valid = [".".join([*done, k]) for k in node]
-            raise ConfigError(f"{where}: unknown key {key!r}{_suggest('.'.join([*done, part]), valid)} "
-                              f"(allowed at this level: {', '.join(node)})")
+            close = difflib.get_close_matches(part, list(node), n=1)
+            hint = f"; did you mean {'.'.join([*done, close[0], *parts[i + 1:]])!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint} "
+                              f"(allowed {'after ' + repr('.'.join(done)) if done else 'at the top level'}: {', '.join(node)})")
         node = node[part]
         done.append(part)
     return key

@@ -146,6 +146,12 @@ def comparison(df: pd.DataFrame, cap: pd.DataFrame | None, x: str | None) -> str
                 f"{lt} {verb} the bubble ratio relative to {ls}: mean {a.mean():.3f} vs {b.mean():.3f} "
                 f"({_pct(a.mean(), b.mean())}) over the {len(common)} loads both ran, lower at {lower} of them "
                 f"(difference per load from {diff.min():+.3f} to {diff.max():+.3f}).")
+            for metric, name in (("ttft_p50", "P50 TTFT"), ("tpot_p99", "P99 TPOT")):
+                ta = tt.groupby(x)[metric].mean()[common]
+                tb = sa.groupby(x)[metric].mean()[common]
+                lo_ = int((ta < tb).sum())
+                ratio = float(np.nanmedian(ta.to_numpy() / tb.to_numpy()))
+                parts.append(f"Its {name} is lower at {lo_} of {len(common)} loads (median ratio {ratio:.2f}x).")
     if cap is not None and len(cap):
         ct, cs = cap[cap["label"] == lt], cap[cap["label"] == ls]
         if len(ct) and len(cs):
@@ -159,9 +165,10 @@ def comparison(df: pd.DataFrame, cap: pd.DataFrame | None, x: str | None) -> str
                 pre = ">= " if b == "at least hi" else "< " if b == "below lo" else ""
                 v = r["lo"] if b == "below lo" else r["capacity"]
                 return f"{pre}{v:g}"
+            unit = " req/s" if ct["key"] == "workload.arrival.rate" else f" ({ct['key']})"
             verb = "raises" if ct["capacity"] > cs["capacity"] else ("matches" if ct["capacity"] == cs["capacity"]
                                                                      else "lowers")
-            parts.append(f"Under the SLO ({slo}) it {verb} capacity: {cap_s(ct)} vs {cap_s(cs)} "
+            parts.append(f"Under the SLO ({slo}) it {verb} capacity: {cap_s(ct)} vs {cap_s(cs)}{unit} "
                          f"({_pct(ct['capacity'], cs['capacity'])}, search tolerance {ct['tol']:g}).")
             if "max_throughput_rps" in cap:
                 parts.append(f"Max throughput (all requests at t=0): {ct['max_throughput_rps']:.2f} vs "

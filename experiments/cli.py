@@ -107,7 +107,9 @@ def sim_config(args: argparse.Namespace) -> dict[str, Any]:
             w.pop("rate_scale", None)
         w["arrival"] = {**(w.get("arrival") or {"kind": "gamma"}), "rate": rate}
     if args.burstiness is not None:
-        w["arrival"] = {**(w.get("arrival") or {"kind": "gamma", "rate": "inf"}), "burstiness": args.burstiness}
+        if "arrival" not in w:
+            raise UsageError("--burstiness shapes synthetic arrivals; with a trace give --rate too")
+        w["arrival"] = {**w["arrival"], "burstiness": args.burstiness}
     if args.num_requests is not None:
         w["limit" if "trace" in w else "num_requests"] = args.num_requests
     d["workload"] = w

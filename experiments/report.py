@@ -238,7 +238,14 @@ def make_report(out: str | Path, exp: Experiment, plot_dir: str | Path | None = 
               f"- runs: {len(df)} ({', '.join(dict.fromkeys(df['label']))} x "
               f"{', '.join(exp.swept) or 'no swept keys'})",
               f"- config: `{exp.source or 'sweep.yaml'}`; tables: `results.csv`"
-              + (", `capacity.csv`, `capacity_runs.csv`" if cap is not None else ""), ""]
+              + (", `capacity.csv`, `capacity_runs.csv`" if cap is not None else "")]
+    meta_path = out / "sweep_meta.json"
+    if meta_path.is_file():
+        import json
+        m = json.loads(meta_path.read_text())
+        lines.append(f"- code version `{m['code_version']}`; {m['computed']} simulations run, {m['cached']} "
+                     f"from cache, {m['wall_s']:.1f} s on {m['workers']} worker(s)")
+    lines.append("")
     lines += ["## Comparison", "", comparison(df, cap, exp.report.x), ""]
     lines += ["## Summary per policy and load", "", summary_table(df, exp.report.x), ""]
     if cap is not None and exp.capacity is not None:

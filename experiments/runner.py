@@ -311,9 +311,14 @@ def run_capacity(exp: Experiment, runs: list[Run], runner: Runner,
     """Per series: bisection on the capacity key, and the max-throughput run."""
     cap = exp.capacity
     assert cap is not None
+    from tqdm import tqdm
+
     groups = capacity_groups(exp, runs)
     probes: list[dict[str, Any]] = []
     lock = threading.Lock()
+    messages: dict[str, str] = {}
+    bar = tqdm(total=len(groups) * (cap.probes() + cap.max_throughput), desc="capacity", unit="run",
+               disable=not runner.progress, file=sys.stderr, dynamic_ncols=True)
 
     def search(name: str, run: Run) -> dict[str, Any]:
         evaluated: list[tuple[float, bool]] = []
@@ -321,6 +326,7 @@ def run_capacity(exp: Experiment, runs: list[Run], runner: Runner,
         def meets(rate: float) -> bool:
             task = Task(probe_config(run, cap.key, rate), name=f"capacity probe {name}, {cap.key}={rate:g}")
             row = runner.run_one(task)
+            bar.update()
             bad = slo_failures(row, cap.slo)
             evaluated.append((rate, not bad))
             with lock:
@@ -339,20 +345,26 @@ def run_capacity(exp: Experiment, runs: list[Run], runner: Runner,
         if cap.max_throughput:
             task = Task(max_throughput_config(run), name=f"max throughput {name}")
             row = runner.run_one(task)
+            bar.update()
             rec.update({"max_throughput_rps": row["throughput_rps"], "max_output_tps": row["output_tps"],
                         "max_total_tps": row["total_tps"], "max_bubble_ratio": row["bubble_ratio"],
                         "max_ttft_p99": row["ttft_p99"], "max_tpot_p99": row["tpot_p99"]})
         unit = "req/s" if cap.key == "workload.arrival.rate" else f"({cap.key})"
         extra = f"; max throughput {rec['max_throughput_rps']:.2f} req/s" if cap.max_throughput else ""
-        log(f"capacity {name}: {fmt_value(capacity)} {unit}{' (' + rec['bound'] + ')' if rec['bound'] else ''}"
-            f" after {len(evaluated)} probes{extra}")
+        messages[name] = (f"capacity {name}: {fmt_value(capacity)} {unit}"
+                          f"{' (' + rec['bound'] + ')' if rec['bound'] else ''} after {len(evaluated)} probes{extra}")
         return rec
 
-    if runner.workers == 1 or len(groups) == 1:
-        recs = [search(n, r) for n, r in groups]
-    else:
-        with ThreadPoolExecutor(max_workers=min(len(groups), runner.workers * 2)) as tp:
-            recs = list(tp.map(lambda g: search(*g), groups))
+    try:
+        if runner.workers == 1 or len(groups) == 1:
+            recs = [search(n, r) for n, r in groups]
+        else:
+            with ThreadPoolExecutor(max_workers=min(len(groups), runner.workers * 2)) as tp:
+                recs = list(tp.map(lambda g: search(*g), groups))
+    finally:
+        bar.close()
+    for name, _ in groups:
+        log(messages[name])
     if probes:
         order = {n: i for i, (n, _) in enumerate(groups)}
         pdf = pd.DataFrame(probes)
@@ -384,6 +396,9 @@ def run_sweep(exp: Experiment, out: str | Path, *, workers: int | None = None, u
     finally:
         runner.close()
     res = SweepResult(out, df, cap_df, runner.computed, runner.cached, time.perf_counter() - t0, runs=runs)
+    (out / "sweep_meta.json").write_text(json.dumps(
+        {"code_version": code_version(), "runs": len(runs), "computed": runner.computed,
+         "cached": runner.cached, "workers": runner.workers, "wall_s": round(res.wall_s, 2)}, indent=2) + "\n")
     if report:
         from experiments.report import make_report
         res.report = make_report(out, exp)

@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -225,7 +225,7 @@ class Runner:
                 futures = {self._submit(tasks[i]): i for i in todo}
                 pending = set(futures)
                 while pending:
-                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for f in done:
                         i = futures[f]
                         try:
@@ -239,9 +239,14 @@ class Runner:
             bar.close()
         return rows  # type: ignore[return-value]
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """Stop the workers; `kill` (on an interrupt or error) ends running simulations too
+        instead of waiting for them (finished runs are already cached)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            if kill:
+                for p in list(getattr(self._pool, "_processes", {}).values()):
+                    p.terminate()
+            self._pool.shutdown(wait=not kill, cancel_futures=True)
             self._pool = None
 
 
@@ -393,8 +398,10 @@ def run_sweep(exp: Experiment, out: str | Path, *, workers: int | None = None, u
         df = results_table(runs, rows)
         write_table(df, out / "results")
         cap_df = run_capacity(exp, runs, runner, log) if exp.capacity else None
-    finally:
-        runner.close()
+    except BaseException:
+        runner.close(kill=True)
+        raise
+    runner.close()
     res = SweepResult(out, df, cap_df, runner.computed, runner.cached, time.perf_counter() - t0, runs=runs)
     (out / "sweep_meta.json").write_text(json.dumps(
         {"code_version": code_version(), "runs": len(runs), "computed": runner.computed,

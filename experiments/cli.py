@@ -270,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         print(f"pipetwin {args.command}: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # e.g. `pipetwin profiles | head`
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("interrupted (finished runs are cached; run again to resume)", file=sys.stderr)
         return 130

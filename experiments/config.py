@@ -20,7 +20,7 @@ Schema (YAML; every key is checked, an unknown one is an error naming the closes
       lo: 0.5
       hi: 8.0
       tol: 0.1
-      slo: {ttft_p99: 5.0, tpot_p99: 0.4}   # summarize() metric -> upper limit
+      slo: {ttft_p99: 5.0, tpot_p99: 0.4}   # summarize() metric -> upper limit (none: no search)
       max_throughput: true        # also one run per series with every request at t=0
     report:
       plots: [bubble, latency, timeline, kv_queue, cdf, heatmap]
@@ -213,8 +213,8 @@ class CapacitySpec:
     max_throughput: bool = True
 
     def probes(self) -> int:
-        """Most simulations one bisection needs (both ends + halvings)."""
-        return 2 + max(0, math.ceil(math.log2((self.hi - self.lo) / self.tol)))
+        """Most simulations one bisection needs (both ends + halvings); 0 without an SLO."""
+        return 2 + max(0, math.ceil(math.log2((self.hi - self.lo) / self.tol))) if self.slo else 0
 
 
 @dataclass
@@ -394,14 +394,14 @@ def _parse_capacity(raw: Any, base: dict, swept: list[str]) -> CapacitySpec | No
         raise ConfigError(f"capacity.hi must be > capacity.lo ({lo:g}), got {hi!r}")
     tol = _number(c, "tol", "capacity", 0.1, low=0)
     slo = check_keys(c.get("slo"), CAPACITY_METRICS, "capacity.slo")
-    if not slo:
-        raise ConfigError("capacity.slo must name at least one metric limit, e.g. "
-                          "{ttft_p99: 5.0, tpot_p99: 0.4} (seconds)")
     for m in slo:
         _number(slo, m, "capacity.slo", None, low=0)
     mt = c.get("max_throughput", True)
     if not isinstance(mt, bool):
         raise ConfigError(f"capacity.max_throughput must be true or false, got {mt!r}")
+    if not slo and not mt:
+        raise ConfigError("capacity.slo must name at least one metric limit, e.g. "
+                          "{ttft_p99: 5.0, tpot_p99: 0.4} (seconds), unless max_throughput is true")
     return CapacitySpec(key, float(lo), float(hi), float(tol), {k: float(v) for k, v in slo.items()}, mt)
 
 

@@ -124,13 +124,27 @@ def make_plots(out: Path, exp: Experiment, df: pd.DataFrame, cap: pd.DataFrame |
     return made, notes
 
 
+def _default_variant(d: pd.DataFrame, policy: str) -> str:
+    """The label whose given parameters all equal the policy's defaults, else the first."""
+    from core.policies import policy_class, policy_params
+
+    labels = list(dict.fromkeys(d["label"]))
+    defaults = policy_params(policy_class(policy))
+    cols = [c for c in d.columns if c.startswith("policy_params.")]
+    for lab in labels:
+        row = d[d["label"] == lab].iloc[0]
+        if all(row[c] == defaults.get(c.split(".", 1)[1]) for c in cols if pd.notna(row[c])):
+            return lab
+    return labels[0]
+
+
 def comparison(df: pd.DataFrame, cap: pd.DataFrame | None, x: str | None) -> str:
     """One paragraph: does Token Throttling lower the bubble ratio and raise capacity over Sarathi?"""
     tt = df[df["policy"] == "token_throttling"]
     sa = df[df["policy"] == "sarathi"]
     if tt.empty or sa.empty:
         return "No comparison: the sweep needs both a token_throttling and a sarathi policy."
-    lt, ls = tt["label"].iloc[0], sa["label"].iloc[0]
+    lt, ls = _default_variant(tt, "token_throttling"), _default_variant(sa, "sarathi")
     tt, sa = tt[tt["label"] == lt], sa[sa["label"] == ls]
     parts = []
     if x is not None:
@@ -154,7 +168,11 @@ def comparison(df: pd.DataFrame, cap: pd.DataFrame | None, x: str | None) -> str
                 parts.append(f"Its {name} is lower at {lo_} of {len(common)} loads (median ratio {ratio:.2f}x).")
     if cap is not None and len(cap):
         ct, cs = cap[cap["label"] == lt], cap[cap["label"] == ls]
-        if len(ct) and len(cs):
+        if len(ct) and len(cs) and "max_throughput_rps" in cap and cap["capacity"].isna().all():
+            ct, cs = ct.iloc[0], cs.iloc[0]
+            parts.append(f"Max throughput (all requests at t=0): {ct['max_throughput_rps']:.2f} vs "
+                         f"{cs['max_throughput_rps']:.2f} req/s ({_pct(ct['max_throughput_rps'], cs['max_throughput_rps'])}).")
+        elif len(ct) and len(cs):
             ct, cs = ct.iloc[0], cs.iloc[0]
             slo = ", ".join(f"{k.split('.', 1)[1]} <= {v:g} s" for k, v in ct.items()
                             if str(k).startswith("slo.") and pd.notna(v))
@@ -211,7 +229,8 @@ def capacity_table(cap: pd.DataFrame, exp: Experiment) -> str:
     for _, r in cap.iterrows():
         bound = r.get("bound")
         bound = "" if not isinstance(bound, str) else f" ({bound})"
-        row = [str(r["series"]), f"{r['capacity']:g}{bound}", _f(r["capacity_rps"]), str(int(r["probes"]))]
+        row = [str(r["series"]), "-" if pd.isna(r["capacity"]) else f"{r['capacity']:g}{bound}",
+               _f(r["capacity_rps"]), str(int(r["probes"]))]
         if mt:
             row += [_f(r["max_throughput_rps"]), _f(r["max_output_tps"], 0), _f(r["max_bubble_ratio"], 3)]
         lines.append("| " + " | ".join(row) + " |")
@@ -251,10 +270,10 @@ def make_report(out: str | Path, exp: Experiment, plot_dir: str | Path | None = 
     if cap is not None and exp.capacity is not None:
         c = exp.capacity
         slo = ", ".join(f"{k} <= {v:g} s" for k, v in c.slo.items())
-        lines += ["## Capacity", "",
-                  f"Capacity: the highest `{c.key}` whose run meets every SLO ({slo}; no request "
-                  f"rejected or unfinished), by bisection over [{c.lo:g}, {c.hi:g}] to within {c.tol:g} "
-                  "(as Sarathi-Serve and Vidur define it). Max throughput: every request arrives at t=0.",
+        how = (f"Capacity: the highest `{c.key}` whose run meets every SLO ({slo}; no request "
+               f"rejected or unfinished), by bisection over [{c.lo:g}, {c.hi:g}] to within {c.tol:g} "
+               "(as Sarathi-Serve and Vidur define it). " if c.slo else "No SLO given: no capacity search. ")
+        lines += ["## Capacity", "", how + "Max throughput: every request arrives at t=0.",
                   "", capacity_table(cap, exp), ""]
     lines += ["## Plots", ""]
     for caption, path in made:

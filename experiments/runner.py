@@ -339,7 +339,7 @@ def run_capacity(exp: Experiment, runs: list[Run], runner: Runner,
                                "meets": not bad, "failures": "; ".join(bad), **row, "hash": task.hash})
             return not bad
 
-        capacity = find_capacity(meets, cap.lo, cap.hi, cap.tol)
+        capacity = find_capacity(meets, cap.lo, cap.hi, cap.tol) if cap.slo else math.nan
         at = [p for p in probes if p["series"] == name and p[cap.key] == capacity]
         rec = {"series": name, "label": run.label, "policy": run.policy, "key": cap.key,
                "capacity": capacity,
@@ -357,7 +357,8 @@ def run_capacity(exp: Experiment, runs: list[Run], runner: Runner,
         unit = "req/s" if cap.key == "workload.arrival.rate" else f"({cap.key})"
         extra = f"; max throughput {rec['max_throughput_rps']:.2f} req/s" if cap.max_throughput else ""
         messages[name] = (f"capacity {name}: {fmt_value(capacity)} {unit}"
-                          f"{' (' + rec['bound'] + ')' if rec['bound'] else ''} after {len(evaluated)} probes{extra}")
+                          f"{' (' + rec['bound'] + ')' if rec['bound'] else ''} after {len(evaluated)} probes{extra}"
+                          if cap.slo else f"{name}: {extra[2:]}")
         return rec
 
     try:

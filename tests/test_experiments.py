@@ -79,7 +79,7 @@ def test_unknown_keys_are_named_with_a_suggestion(mutate, named, suggested):
     (lambda d: d.update(zip=[{"seed": [0, 1], "page_size": [16]}]), ["zip[0]", "same length"]),
     (lambda d: d.update(capacity={"lo": 4, "hi": 2, "slo": {"ttft_p99": 1}}), ["capacity.hi", "> capacity.lo"]),
     (lambda d: d.update(capacity={"tol": -1, "slo": {"ttft_p99": 1}}), ["capacity.tol", "> 0"]),
-    (lambda d: d.update(capacity={"lo": 1}), ["capacity.slo", "at least one"]),
+    (lambda d: d.update(capacity={"lo": 1, "max_throughput": False}), ["capacity.slo", "at least one"]),
     (lambda d: d["grid"].update({"policy": ["vllm"]}), ["policies"]),
     (lambda d: d.update(policies=[{"name": "sarathi"}, {"name": "sarathi"}]), ["label", "twice"]),
     (lambda d: d["base"]["workload"].update(trace="no/such/trace.csv"), ["workload.trace", "no such file"]),
@@ -116,6 +116,8 @@ def test_shipped_configs_validate(monkeypatch):
     exp = load_experiment("experiments/gllm_vs_sarathi.yaml")
     assert exp.count() == 24 and exp.capacity is not None
     assert {p.name for p in exp.policies} == {"token_throttling", "sarathi", "vllm"}
+    exp = load_experiment("experiments/tt_params.yaml")
+    assert exp.count() == (4 * 3 + 1) * 2 and exp.capacity.probes() == 0
     trace = REPO.parent / "shared/data/traces/azure_conv_2023.csv"
     if trace.is_file():
         exp = load_experiment("experiments/azure_conv_trace.yaml")
@@ -311,3 +313,13 @@ def test_sweep_writes_report_with_capacity_and_plots(tmp_path):
             "latency_cdf.png", "heatmap_TT_bubble_ratio.png", "heatmap_TT_max_throughput.png"} <= names
     assert (tmp_path / "plots" / "timeline.svg").is_file()
     assert len(list((tmp_path / "runs").iterdir())) == 5      # traces kept only at the timeline rate
+
+
+def test_max_throughput_without_slo(tmp_path):
+    d = small(capacity={"max_throughput": True}, grid={"workload.arrival.rate": [3]})
+    res = run_sweep(parse_experiment(d), tmp_path, workers=1, progress=False)
+    assert res.computed == 2 + 2                   # the grid + one all-at-t=0 run per policy
+    cap = pd.read_csv(tmp_path / "capacity.csv")
+    assert cap["capacity"].isna().all() and (cap["max_throughput_rps"] > 0).all()
+    text = res.report.read_text()
+    assert "No SLO given" in text and "Max throughput (all requests at t=0)" in text

@@ -1,0 +1,346 @@
+"""The user-facing API, shaped like vLLM's offline `LLM`.
+
+    from runtime.llm import LLM, SamplingParams
+    with LLM("path/to/hf_model", pp=2, policy="token_throttling") as llm:
+        outs = llm.generate([[1, 2, 3], "text works with a tokenizer"], SamplingParams(max_tokens=32))
+        summary = core.metrics.summarize(llm.trace())
+
+`model` is a Hugging Face directory (config.json + safetensors, Llama or Qwen2 family),
+or "dummy:<config.json path, model directory, or inline JSON>" / a config dict for
+seeded random weights (as is load_format="dummy" with a directory).
+Under torchrun (WORLD_SIZE = pp) only rank 0 returns from `LLM(...)`; the other ranks
+serve their stage and exit when rank 0 shuts down.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from core.kv_cache import PageAllocator
+from core.policies import make_policy
+from core.trace import Trace
+from runtime import sampling
+from runtime.config import ModelConfig
+from runtime.engine import Engine, EngineConfig, GenerateJob, GenerateResult
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingParams:
+    """Per-request generation settings (vLLM names; greedy by default)."""
+    max_tokens: int = 16
+    temperature: float = 0.0       # 0 = greedy
+    top_p: float = 1.0             # 1 = off
+    top_k: int = 0                 # 0 = off
+    seed: int | None = None        # None: derived from the LLM seed and the request's index
+    ignore_eos: bool = False       # True: always generate max_tokens
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        def bad(field: str, want: str, value: Any) -> ValueError:
+            return ValueError(f"SamplingParams.{field} must be {want}, got {value!r}")
+
+        if not (_is_int(self.max_tokens) and self.max_tokens >= 1):
+            raise bad("max_tokens", "an int >= 1", self.max_tokens)
+        if not (isinstance(self.temperature, numbers.Real) and not isinstance(self.temperature, bool)
+                and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise bad("temperature", "a finite number >= 0", self.temperature)
+        if not (isinstance(self.top_p, numbers.Real) and not isinstance(self.top_p, bool) and 0 < self.top_p <= 1):
+            raise bad("top_p", "a number in (0, 1]", self.top_p)
+        if not (_is_int(self.top_k) and self.top_k >= 0):
+            raise bad("top_k", "an int >= 0 (0 = off)", self.top_k)
+        if self.seed is not None and not _is_int(self.seed):
+            raise bad("seed", "an int or None", self.seed)
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "True or False", self.ignore_eos)
+        ids = self.stop_token_ids
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not all(_is_int(t) and t >= 0 for t in ids):
+            raise bad("stop_token_ids", "a list of token ids (ints >= 0)", ids)
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+
+    def to_sampler(self) -> sampling.SamplingParams:
+        return sampling.SamplingParams(float(self.temperature), int(self.top_k), float(self.top_p), self.seed)
+
+
+@dataclass(slots=True, frozen=True)
+class RequestMetrics:
+    """Seconds on the generate call's clock (0 = its start)."""
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finish_time: float | None
+    preemptions: int
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None                # None when the model has no tokenizer
+    finish_reason: str | None       # "length" | "stop" | "too_long"
+    metrics: RequestMetrics
+
+
+class LLM:
+    def __init__(self, model: str | Path | dict, pp: int = 1, policy: str = "token_throttling",
+                 policy_params: dict[str, Any] | None = None,
+                 layer_split: str | Sequence[int] | None = None, num_pages: int | None = None,
+                 page_size: int = 16, device: str = "cpu", dtype: str | torch.dtype | None = None,
+                 seed: int = 0, load_format: str = "auto", *, kv_cache_gib: float | None = None,
+                 gpu_memory_utilization: float = 0.9, num_threads: int | None = None) -> None:
+        """num_pages: KV pages shared by every stage (None: each stage sizes its cache from
+        kv_cache_gib, else 1 GiB on CPU or gpu_memory_utilization on GPU; the minimum wins).
+        num_threads: torch threads per stage process (default 1 on CPU when pp > 1)."""
+        self.engine: Engine | None = None
+        make_policy(policy, policy_params)  # fail here, not in a stage process
+        self.policy, self.policy_params = policy, dict(policy_params or {})
+        path, cfg, fmt, self._eos = _resolve_model(model, load_format)
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).removeprefix("torch.")
+        if dtype == "auto":
+            dtype = None
+        if isinstance(layer_split, str):
+            layer_split = [int(x) for x in layer_split.split(",")] if layer_split.strip() else None
+        opts = EngineConfig(
+            model_path=None if path is None else str(path), model_cfg=cfg, load_format=fmt, pp=pp,
+            layer_split=tuple(layer_split or ()), num_pages=num_pages, page_size=page_size,
+            kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization,
+            device=str(device), dtype=dtype, seed=seed, num_threads=num_threads)
+        self.config = opts
+        self.tokenizer = _load_tokenizer(path)
+        self._last: GenerateResult | None = None
+        self._trace: Trace | None = None
+        self.engine = Engine(opts)
+
+    # ---- properties ----
+    @property
+    def num_pages(self) -> int:
+        """KV pages the scheduler manages (the minimum over stages)."""
+        return self.engine.num_pages
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.config.model_cfg
+
+    def set_policy(self, policy: str, policy_params: dict[str, Any] | None = None) -> None:
+        """Scheduling policy for the next generate calls; the stage processes stay up."""
+        make_policy(policy, policy_params)
+        self.policy, self.policy_params = policy, dict(policy_params or {})
+
+    # ---- generate ----
+    def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 arrival_times: Sequence[float] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion. prompts: a list of strings or token-id lists
+        (or one of either). arrival_times: seconds after the call starts at which each
+        request is handed to the scheduler (default: all at once)."""
+        engine = self._engine()
+        token_prompts = self._tokenize(prompts)
+        n = len(token_prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * n if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if len(params) != n:
+            raise ValueError(f"sampling_params has {len(params)} entries for {n} prompts")
+        for i, p in enumerate(params):
+            if not isinstance(p, SamplingParams):
+                raise ValueError(f"sampling_params[{i}] must be a runtime.llm.SamplingParams, got {type(p).__name__}")
+        if arrival_times is not None:
+            arrival_times = [float(t) for t in arrival_times]
+            if len(arrival_times) != n:
+                raise ValueError(f"arrival_times has {len(arrival_times)} entries for {n} prompts")
+            for i, t in enumerate(arrival_times):
+                if not (math.isfinite(t) and t >= 0):
+                    raise ValueError(f"arrival_times[{i}] must be a finite number of seconds >= 0, got {t!r}")
+        kv = PageAllocator(max(1, self.num_pages), self.config.page_size)
+        for i, (p, sp) in enumerate(zip(token_prompts, params)):
+            need = kv.pages_for(len(p) + sp.max_tokens - 1)
+            if need > self.num_pages:
+                raise ValueError(
+                    f"prompt {i}: {len(p)} prompt tokens + max_tokens {sp.max_tokens} need {need} KV pages "
+                    f"of {self.config.page_size} tokens, but the KV cache has {self.num_pages}; "
+                    "raise num_pages (or KV memory) or lower max_tokens")
+        if n == 0:
+            return []
+        job = GenerateJob(
+            prompts=token_prompts, max_tokens=[p.max_tokens for p in params],
+            stop_token_ids=[frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self._eos)
+                            for p in params],
+            params=[p.to_sampler() for p in params], arrivals=arrival_times,
+            policy=self.policy, policy_params=self.policy_params)
+        self._last, self._trace = None, None
+        result = engine.generate(job)
+        self._last = result
+        return [self._output(r) for r in result.requests]
+
+    def trace(self) -> Trace | None:
+        """The core Trace of the last generate call (the tables the simulator writes)."""
+        if self._trace is None and self._last is not None:
+            self._trace = self._last.trace()
+        return self._trace
+
+    def _output(self, r: Any) -> RequestOutput:
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
+        return RequestOutput(
+            request_id=r.id, prompt_token_ids=list(r.prompt_ids), token_ids=list(r.output_ids), text=text,
+            finish_reason=r.finish_reason,
+            metrics=RequestMetrics(r.arrival, r.first_scheduled, r.token_times[0] if r.token_times else None,
+                                   r.finish_time, r.preemptions))
+
+    def _tokenize(self, prompts: Any) -> list[list[int]]:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, Sequence) and prompts and _is_int(prompts[0])):
+            prompts = [prompts]
+        if not isinstance(prompts, Sequence):
+            raise ValueError(f"prompts must be a list of strings or token-id lists, got {type(prompts).__name__}")
+        vocab = self.config.model_cfg.vocab_size
+        out: list[list[int]] = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, dict):
+                if "prompt_token_ids" in p:
+                    p = p["prompt_token_ids"]
+                elif "prompt" in p:
+                    p = p["prompt"]
+                else:
+                    raise ValueError(f"prompt {i}: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError(f"prompt {i} is text, but the model has no tokenizer files "
+                                     f"({', '.join(_TOKENIZER_FILES)}); pass token-id lists")
+                p = self.tokenizer.encode(p)
+            if isinstance(p, torch.Tensor):
+                p = p.tolist()
+            if not isinstance(p, Sequence) or not all(_is_int(t) for t in p):
+                raise ValueError(f"prompt {i} must be a string or a list of int token ids")
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {i}: token id {bad[0]} outside the vocabulary [0, {vocab})")
+            out.append([int(t) for t in p])
+        return out
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise RuntimeError("LLM is shut down")
+        return self.engine
+
+    # ---- lifetime ----
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass
+
+
+def _resolve_model(model: Any, load_format: str) -> tuple[Path | None, ModelConfig, str, frozenset[int]]:
+    """(directory or None, config, "safetensors" | "dummy", eos token ids)."""
+    if load_format not in ("auto", "dummy", "safetensors"):
+        raise ValueError(f"load_format must be 'auto', 'dummy' or 'safetensors', got {load_format!r}")
+    if isinstance(model, dict):
+        return None, _cfg_from_dict(model, "config dict"), _dummy_only(load_format), _eos_of(model)
+    if not isinstance(model, (str, Path)):
+        raise ValueError(f"model must be a directory, 'dummy:<config.json path>' or a config dict, "
+                         f"got {type(model).__name__}")
+    text = str(model)
+    if text.startswith("dummy:"):
+        spec = text[len("dummy:"):].strip()
+        if spec.startswith("{"):
+            try:
+                d = json.loads(spec)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"model {text[:60]!r}: inline config is not valid JSON ({e})") from None
+            where = "inline config"
+        else:
+            file = Path(spec)
+            if file.is_dir():
+                file = file / "config.json"
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: config.json not found (model 'dummy:<path>')")
+            try:
+                d = json.loads(file.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file}: not valid JSON ({e})") from None
+            where = str(file)
+        return None, _cfg_from_dict(d, where), _dummy_only(load_format), _eos_of(d)
+    path = Path(text)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: model directory not found")
+    cfg = ModelConfig.from_dir(path)
+    d = json.loads((path / "config.json").read_text())
+    eos = _eos_of(d)
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        try:
+            eos |= _eos_of(json.loads(gen.read_text()))
+        except json.JSONDecodeError:
+            pass
+    fmt = "dummy" if load_format == "dummy" else "safetensors"
+    if fmt == "safetensors" and not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"{path}: no *.safetensors files found (use load_format='dummy' "
+                                "for random weights of this config)")
+    return path, cfg, fmt, eos
+
+
+def _dummy_only(load_format: str) -> str:
+    if load_format == "safetensors":
+        raise ValueError("load_format 'safetensors' needs a model directory, not a dummy config")
+    return "dummy"
+
+
+def _cfg_from_dict(d: Any, where: str) -> ModelConfig:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: a model config must be a JSON object")
+    try:
+        return ModelConfig.from_hf(d)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _eos_of(d: dict) -> frozenset[int]:
+    eos = d.get("eos_token_id")
+    if eos is None:
+        return frozenset()
+    return frozenset(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+
+
+def _load_tokenizer(path: Path | None) -> Any:
+    if path is None or not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer  # only when the directory has one
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - say which directory
+        raise ValueError(f"{path}: tokenizer files present but AutoTokenizer cannot load them ({e})") from e

@@ -1,0 +1,291 @@
+"""A pipeline stage: its model slice, KV cache and sampler, and the loop a stage process runs.
+
+Stage 0 is driven by the engine's scheduler loop (runtime.engine.Driver); stages 1..pp-1
+run `serve`: receive a micro-batch's metadata from stage 0, build the attention metadata
+while the activations are still on their way, receive them from the previous stage,
+compute, then pass activations on (or, on the last stage, sample and send the token ids
+to stage 0). Each stage records one busy interval per micro-batch, in epoch seconds
+(perf_counter + a per-process offset to time.time()), so stage 0 can place rows from
+every process, on any node, on its own time axis.
+
+Fault injection for tests: PIPETWIN_FAULT="stage=S,batch=B[,kind=raise|exit]" makes
+stage S raise (or exit with code 13 without a word, like a killed process) when it
+reaches micro-batch B.
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from runtime.attention import BatchMeta
+from runtime.comm import Groups, SendQueue, StepMeta, destroy_groups, init_groups, recv_obj, send_obj
+from runtime.kv_cache import KVCache, kv_bytes_per_page
+from runtime.model import StageModel
+from runtime.sampling import Sampler
+from runtime.weights import load_stage
+
+FAULT_ENV = "PIPETWIN_FAULT"
+
+
+@dataclass(slots=True, frozen=True)
+class Fault:
+    stage: int
+    batch: int
+    kind: str = "raise"   # "raise": an exception; "exit": os._exit(13), no report
+
+    @classmethod
+    def from_env(cls) -> "Fault | None":
+        text = os.environ.get(FAULT_ENV, "").strip()
+        if not text:
+            return None
+        try:
+            kv = dict(part.split("=", 1) for part in text.split(","))
+            fault = cls(int(kv["stage"]), int(kv["batch"]), kv.get("kind", "raise"))
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{FAULT_ENV}={text!r}: expected 'stage=S,batch=B[,kind=raise|exit]' ({e})") from None
+        if fault.kind not in ("raise", "exit"):
+            raise ValueError(f"{FAULT_ENV}: kind must be 'raise' or 'exit', got {fault.kind!r}")
+        return fault
+
+    def check(self, stage: int, batch_id: int) -> None:
+        if stage == self.stage and batch_id >= self.batch:
+            if self.kind == "exit":
+                os._exit(13)
+            raise RuntimeError(f"injected fault ({FAULT_ENV}) at stage {stage}, micro-batch {batch_id}")
+
+
+def epoch_offset() -> float:
+    """time.time() - time.perf_counter(), best of a few reads (smallest bracket)."""
+    best = None
+    for _ in range(5):
+        a = time.perf_counter()
+        w = time.time()
+        b = time.perf_counter()
+        if best is None or b - a < best[0]:
+            best = (b - a, w - (a + b) / 2)
+    return best[1]
+
+
+class StageRunner:
+    """One stage's model slice, KV cache and (last stage) sampler. Used in-process by the
+    driver for stage 0 and by `serve` in the other stage processes."""
+
+    def __init__(self, opts: Any, stage: int) -> None:
+        self.opts = opts                      # runtime.engine.EngineConfig
+        self.stage, self.pp = stage, opts.pp
+        self.device = torch.device(opts.stage_device(stage))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.model: StageModel = load_stage(
+            opts.model_path, stage, opts.pp, list(opts.layer_split), opts.load_format,
+            opts.torch_dtype, self.device, opts.model_cfg, opts.seed)
+        self.is_first, self.is_last = self.model.is_first, self.model.is_last
+        self.cache: KVCache | None = None
+        self.sampler = Sampler(opts.seed)
+        self.rows: list[tuple] = []           # (batch_id, stage, start, end, prefill, decode, nreq)
+        self.offset = epoch_offset()
+        self.fault = Fault.from_env()
+
+    # ---- KV sizing ----
+    def bytes_per_page(self) -> int:
+        cfg = self.model.cfg
+        return kv_bytes_per_page(self.opts.page_size, len(self.model.layers), cfg.num_kv_heads,
+                                 cfg.head_dim, self.model.dtype)
+
+    def pages_that_fit(self) -> tuple[int, str]:
+        """Pages this stage can hold, and how that was decided (for error messages)."""
+        o = self.opts
+        if o.num_pages is not None:
+            return o.num_pages, "num_pages"
+        per = self.bytes_per_page()
+        if o.kv_cache_gib is not None:
+            budget, how = o.kv_cache_gib * 2**30, f"kv_cache_gib={o.kv_cache_gib:g}"
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            # leave (1 - utilization) of the whole GPU, and what is already used, alone
+            budget = free - (1 - o.gpu_memory_utilization) * total
+            how = (f"gpu_memory_utilization={o.gpu_memory_utilization:g} "
+                   f"({free / 2**30:.2f} of {total / 2**30:.2f} GiB free after weights)")
+        else:
+            budget, how = 2**30, "the CPU default of 1 GiB per stage"
+        return max(0, int(budget // per)), f"{how}, {per} bytes per page"
+
+    def allocate(self, num_pages: int) -> None:
+        self.cache = self.model.make_kv_cache(num_pages, self.opts.page_size)
+
+    # ---- compute ----
+    def now(self) -> float:
+        return time.perf_counter() + self.offset
+
+    def build_meta(self, m: StepMeta) -> BatchMeta:
+        return BatchMeta.build(m.starts, m.lens, m.pages, m.samples, self.opts.page_size, self.device)
+
+    def forward(self, inputs: Any, meta: BatchMeta) -> Any:
+        return self.model(inputs, meta, self.cache)
+
+    def sample(self, logits: torch.Tensor, m: StepMeta) -> list[int]:
+        for rid in m.release:
+            self.sampler.release(rid)
+        if not m.sample_ids:
+            return []
+        if m.sample_params is None:
+            return logits.argmax(dim=-1).tolist()
+        return self.sampler.sample(logits, m.sample_ids, m.sample_params)
+
+    def record(self, m: StepMeta, start: float, end: float) -> None:
+        self.rows.append((m.batch_id, self.stage, start, end, m.prefill_tokens, m.decode_tokens, len(m.lens)))
+
+    def check_fault(self, batch_id: int) -> None:
+        if self.fault is not None:
+            self.fault.check(self.stage, batch_id)
+
+    def reset(self) -> None:
+        """End of a generate call: fresh sampler streams (request ids restart at 0)."""
+        self.sampler = Sampler(self.opts.seed)
+        self.rows = []
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":  # busy intervals must end when the GPU is done
+            torch.cuda.synchronize(self.device)
+
+
+def serve(runner: StageRunner, g: Groups) -> None:
+    """Loop of stages 1..pp-1 until stage 0 says stop."""
+    s, last = runner.stage, runner.is_last
+    hidden_size = runner.model.cfg.hidden_size
+    dtype = runner.model.dtype
+    sends = SendQueue(keep=runner.pp + 1)
+    while True:
+        kind, payload = recv_obj(0, g.ctrl)
+        if kind == "batch":
+            m: StepMeta = payload
+            meta = runner.build_meta(m)  # before the activations arrive
+            t = m.num_tokens
+            hidden = torch.empty(t, hidden_size, dtype=dtype, device=runner.device)
+            residual = torch.empty(t, hidden_size, dtype=dtype, device=runner.device)
+            dist.recv(hidden, s - 1, group=g.data)
+            dist.recv(residual, s - 1, group=g.data)
+            start = runner.now()
+            runner.check_fault(m.batch_id)
+            out = runner.forward((hidden, residual), meta)
+            if last:
+                ids = runner.sample(out, m)  # .tolist() waits for the GPU
+                msg = torch.tensor([m.batch_id, *ids], dtype=torch.long)
+                sends.add(dist.isend(msg, 0, group=g.tokens), msg)
+            else:
+                runner.sync()
+                for x in out:
+                    sends.add(dist.isend(x, s + 1, group=g.data), x)
+            runner.record(m, start, runner.now())
+            sends.close_launch()
+        elif kind == "collect":
+            sends.drain()
+            send_obj(runner.rows, 0, g.ctrl)
+            runner.reset()
+        elif kind == "stop":
+            sends.drain()
+            return
+        else:
+            raise RuntimeError(f"stage {s}: unknown control message {kind!r}")
+
+
+def negotiate_pages(runner: StageRunner, g: Groups) -> int:
+    """Every stage sizes its KV cache; the minimum is used so one page table fits all."""
+    fit, how = runner.pages_that_fit()
+    if g.rank != 0:
+        send_obj(("fit", (fit, how)), 0, g.ctrl)
+        kind, n = recv_obj(0, g.ctrl)
+        return n if kind == "kv" else 0
+    fits = [(fit, how)] + [recv_obj(s, g.ctrl)[1] for s in range(1, g.world)]
+    n = min(f for f, _ in fits)
+    for s in range(1, g.world):
+        send_obj(("kv", n) if n >= 1 else ("abort", 0), s, g.ctrl)
+    if n < 1:
+        worst = min(range(g.world), key=lambda s: fits[s][0])
+        raise ValueError(f"KV cache: stage {worst} fits no page of {runner.opts.page_size} tokens "
+                         f"({fits[worst][1]}); give num_pages or more KV memory")
+    return n
+
+
+def stage_main(rank: int, opts: Any, addr: str, port: int, cmd_q: Any, events: Any) -> None:
+    """Entry point of a spawned stage process (torch.multiprocessing, spawn context).
+    Reports ("error", rank, traceback) on `events` before dying, so the engine can name
+    the stage; exit without a report (a kill) is caught by the engine's liveness checks."""
+    try:
+        os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(opts.pp), LOCAL_RANK=str(rank))
+        run_stage(rank, opts, cmd_q, events)
+    except BaseException:  # noqa: BLE001 - reported, then the process dies
+        events.put(("error", rank, traceback.format_exc()))
+        events.close()
+        events.join_thread()  # make sure the report leaves before the sockets close
+        os._exit(1)
+    events.close()
+    events.join_thread()
+    # Everything is flushed; skip interpreter teardown (torch + gloo take ~1 s to unwind).
+    os._exit(0)
+
+
+def run_stage(rank: int, opts: Any, cmd_q: Any = None, events: Any = None) -> Any:
+    """Join the process group and run stage `rank`. Stages >= 1 serve until told to stop.
+    Stage 0 builds the driver; with `cmd_q` (spawned) it serves generate commands from the
+    engine, else (torchrun, in the user's process) it returns the driver."""
+    from runtime.engine import DistPipe, Driver  # engine imports this module
+
+    threads = opts.threads_for(multi_process=True)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = torch.device(opts.stage_device(rank))
+    g = init_groups(opts.backend, opts.dist_timeout_s, device if device.type == "cuda" else None)
+    try:
+        runner = StageRunner(opts, rank)
+        n = negotiate_pages(runner, g)
+        if n < 1:
+            return None  # stage 0 reports why
+        runner.allocate(n)
+        if rank != 0:
+            serve(runner, g)
+            return None
+        driver = Driver(opts, runner, DistPipe(runner, g), n)
+    except BaseException:
+        destroy_groups_quietly()
+        raise
+    if cmd_q is None:
+        return driver
+    events.put(("ready", {"num_pages": n}))
+    _serve_commands(driver, cmd_q, events)
+    return None
+
+
+def _serve_commands(driver: Any, cmd_q: Any, events: Any) -> None:
+    import multiprocessing
+    import queue as _queue
+
+    parent = multiprocessing.parent_process()
+    while True:
+        try:
+            cmd, payload = cmd_q.get(timeout=1.0)
+        except _queue.Empty:
+            if parent is not None and not parent.is_alive():
+                driver.close()  # orphaned: take the other stages down with us
+                return
+            continue
+        if cmd == "generate":
+            events.put(("result", driver.run(payload)))
+        elif cmd == "stop":
+            driver.close()
+            events.put(("stopped", None))
+            return
+
+
+def destroy_groups_quietly() -> None:
+    try:
+        destroy_groups()
+    except Exception:  # noqa: BLE001 - already failing; the original error matters
+        pass

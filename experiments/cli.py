@@ -267,8 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         args._parser.exit(EXIT_USAGE, f"pipetwin {args.command}: error: {e}\n")
     except ValueError as e:  # e.g. ProfileError, a bad value caught late
         args._parser.exit(EXIT_USAGE, f"pipetwin {args.command}: error: {e}\n")
-    except RunError as e:
-        print(f"pipetwin {args.command}: {e}", file=sys.stderr)
+    except RunError as e:  # a simulation raised: not a user error, show where
+        import traceback
+        if e.__cause__ is not None:
+            traceback.print_exception(e.__cause__, file=sys.stderr)
+        print(f"pipetwin {args.command}: {e} (finished runs are cached)", file=sys.stderr)
         return 1
     except BrokenPipeError:  # e.g. `pipetwin profiles | head`
         import os

@@ -50,6 +50,11 @@ class Policy(Protocol):
     def plan(self, view: SchedulerView) -> BatchPlan: ...
 
 
+def _int(x: Any) -> bool:
+    """An int that is not a bool (True is an int in Python; `maxp: true` in YAML is a mistake)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _check(cond: bool, policy: str, field: str, allowed: str, value: Any) -> None:
     if not cond:
         raise ValueError(f"{policy}.{field} must be {allowed}, got {value!r}")
@@ -69,11 +74,11 @@ class TokenThrottling:
 
     def __post_init__(self) -> None:
         n = "token_throttling"
-        _check(isinstance(self.maxp, int) and self.maxp >= 1, n, "maxp", "an int >= 1", self.maxp)
-        _check(isinstance(self.minp, int) and 0 <= self.minp <= self.maxp, n, "minp", f"an int in [0, maxp={self.maxp}]", self.minp)
-        _check(isinstance(self.iterp, int) and self.iterp >= 1, n, "iterp", "an int >= 1", self.iterp)
-        _check(isinstance(self.kvthresh, (int, float)) and 0 <= self.kvthresh < 1, n, "kvthresh", "a number in [0, 1)", self.kvthresh)
-        _check(self.maxd is None or (isinstance(self.maxd, int) and self.maxd >= 1), n, "maxd", "null or an int >= 1", self.maxd)
+        _check(_int(self.maxp) and self.maxp >= 1, n, "maxp", "an int >= 1", self.maxp)
+        _check(_int(self.minp) and 0 <= self.minp <= self.maxp, n, "minp", f"an int in [0, maxp={self.maxp}]", self.minp)
+        _check(_int(self.iterp) and self.iterp >= 1, n, "iterp", "an int >= 1", self.iterp)
+        _check(isinstance(self.kvthresh, (int, float)) and not isinstance(self.kvthresh, bool) and 0 <= self.kvthresh < 1, n, "kvthresh", "a number in [0, 1)", self.kvthresh)
+        _check(self.maxd is None or (_int(self.maxd) and self.maxd >= 1), n, "maxd", "null or an int >= 1", self.maxd)
         _check(isinstance(self.requeue_chunks, bool), n, "requeue_chunks", "true or false", self.requeue_chunks)
 
     def bind(self, view: SchedulerView) -> None:
@@ -107,7 +112,7 @@ class Sarathi:
     budget: int = 2048
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.budget, int) and self.budget >= 1, "sarathi", "budget", "an int >= 1", self.budget)
+        _check(_int(self.budget) and self.budget >= 1, "sarathi", "budget", "an int >= 1", self.budget)
 
     def bind(self, view: SchedulerView) -> None:
         pass
@@ -125,10 +130,10 @@ class VLLM:
 
     def __post_init__(self) -> None:
         n = "vllm"
-        _check(isinstance(self.max_num_batched_tokens, int) and self.max_num_batched_tokens >= 1, n,
+        _check(_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1, n,
                "max_num_batched_tokens", "an int >= 1", self.max_num_batched_tokens)
-        _check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, n, "max_num_seqs", "an int >= 1", self.max_num_seqs)
-        _check(isinstance(self.long_prefill_token_threshold, int) and self.long_prefill_token_threshold >= 0, n,
+        _check(_int(self.max_num_seqs) and self.max_num_seqs >= 1, n, "max_num_seqs", "an int >= 1", self.max_num_seqs)
+        _check(_int(self.long_prefill_token_threshold) and self.long_prefill_token_threshold >= 0, n,
                "long_prefill_token_threshold", "an int >= 0 (0 = off)", self.long_prefill_token_threshold)
 
     def bind(self, view: SchedulerView) -> None:

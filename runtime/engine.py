@@ -493,7 +493,16 @@ class Engine:
         if self.mode != "spawn":
             return self._driver.run(job)
         self._cmd.put(("generate", job))
-        return self._wait_for("result", None, "generate")
+        try:
+            return self._wait_for("result", None, "generate")
+        except StageFailure:
+            raise
+        except BaseException:
+            # Interrupted (Ctrl-C): stage 0 would finish this job and its result would
+            # answer the next call, so the pipeline cannot be trusted any more.
+            self._failed = "a generate call was interrupted"
+            self._kill()
+            raise
 
     def shutdown(self) -> None:
         if self._closed:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -36,7 +38,9 @@ COMMON = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_ke
 # (policy, params): sarathi's small budget and vllm's chunk cap force chunked prefill
 POLICIES = {"token_throttling": ("token_throttling", None),
             "sarathi": ("sarathi", {"budget": 5}),
-            "vllm": ("vllm", {"max_num_batched_tokens": 16, "long_prefill_token_threshold": 6})}
+            "vllm": ("vllm", {"max_num_batched_tokens": 16, "long_prefill_token_threshold": 6}),
+            # later gLLM: chunks of one prompt in consecutive micro-batches, several in flight
+            "tt_requeue": ("token_throttling", {"maxp": 6, "minp": 3, "requeue_chunks": True})}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +86,8 @@ def _check_greedy(llm: LLM, ref, policy: str) -> None:
 
 # ------------------------------------------------------------------ equals HF
 
-@pytest.mark.parametrize("name,policies", [("llama", list(POLICIES)), ("qwen2", ["token_throttling", "vllm"])])
+@pytest.mark.parametrize("name,policies", [("llama", ["token_throttling", "sarathi", "vllm"]),
+                                           ("qwen2", ["token_throttling", "tt_requeue"])])
 def test_pp1_in_process_matches_hf(models, name, policies):
     path, _, ref = models[name]
     with LLM(path, pp=1, num_pages=64, page_size=4) as llm:
@@ -91,7 +96,7 @@ def test_pp1_in_process_matches_hf(models, name, policies):
             _check_greedy(llm, ref, policy)
 
 
-@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("policy", ["token_throttling", "sarathi", "vllm"])
 def test_pp2_matches_hf(models, llama_pp2, policy):
     _check_greedy(llama_pp2, models["llama"][2], policy)
     if policy != "token_throttling":  # chunked prefill really happened
@@ -99,7 +104,7 @@ def test_pp2_matches_hf(models, llama_pp2, policy):
         assert len(b) > 2 * len(PROMPTS) and b["prefill_tokens"].max() <= 16
 
 
-@pytest.mark.parametrize("policy", ["token_throttling", "sarathi"])
+@pytest.mark.parametrize("policy", ["token_throttling", "sarathi", "tt_requeue"])
 def test_pp3_uneven_split_matches_hf(models, qwen_pp3, policy):
     assert qwen_pp3.config.layer_split == (2, 1, 1)
     _check_greedy(qwen_pp3, models["qwen2"][2], policy)
@@ -209,6 +214,35 @@ def test_dummy_model_specs(models, tmp_path):
         with LLM(spec, load_format=fmt, num_pages=32, page_size=4, seed=3) as llm:
             outs.append([o.token_ids for o in llm.generate(PROMPTS[:2], GREEDY)])
     assert all(o == outs[0] for o in outs)
+
+
+TORCHRUN_SCRIPT = """
+import json, sys
+from runtime.llm import LLM, SamplingParams
+llm = LLM(sys.argv[1], pp=2, num_pages=64, page_size=4)  # ranks != 0 serve, then exit here
+outs = llm.generate(json.loads(sys.argv[2]), SamplingParams(max_tokens=int(sys.argv[3])))
+trace = llm.trace()
+llm.shutdown()
+print("RESULT", json.dumps({"tokens": [o.token_ids for o in outs],
+                            "stages": sorted(set(trace.batches["stage"]))}))
+"""
+
+
+def test_torchrun_launch(models, tmp_path):
+    """`torchrun --nproc-per-node 2 script.py`: env:// rendezvous, rank 0 drives in-process."""
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop(FAULT_ENV, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(script), str(models["llama"][0]), json.dumps(PROMPTS[:3]), str(NEW)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert len(lines) == 1, proc.stdout  # only rank 0 gets past LLM(...)
+    result = json.loads(lines[0][len("RESULT "):])
+    assert result["tokens"] == models["llama"][2][:3] and result["stages"] == [0, 1]
 
 
 # ------------------------------------------------------------------ errors

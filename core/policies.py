@@ -7,10 +7,11 @@ every policy gets them identically. Semantics follow ../shared/reference/token-t
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from core.validation import check_keys, suggest
 
 
 class SchedulerView(Protocol):
@@ -154,9 +155,8 @@ def policy_class(name: str) -> type:
     if name in POLICIES:
         return POLICIES[name]
     if "." not in name and ":" not in name:
-        close = difflib.get_close_matches(name, POLICIES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"policy must be one of {sorted(POLICIES)} or a dotted path to a class, got {name!r}{hint}")
+        raise ValueError(f"policy must be one of {sorted(POLICIES)} or a dotted path to a class, "
+                         f"got {name!r}{suggest(name, POLICIES)}")
     module_name, _, attr = name.replace(":", ".").rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
@@ -178,10 +178,5 @@ def make_policy(name: str, params: dict[str, Any] | None = None) -> Policy:
     cls = policy_class(name)
     params = dict(params or {})
     if dataclasses.is_dataclass(cls):
-        allowed = policy_params(cls)
-        for key in params:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"unknown parameter {key!r} for policy {name!r}; allowed: {sorted(allowed)}{hint}")
+        check_keys(params, policy_params(cls), f"policy {name!r}", noun="parameter")
     return cls(**params)

@@ -21,7 +21,6 @@ Azure 2023 trace has any: their smallest outputs are 7 and 6 tokens.)
 from __future__ import annotations
 
 import csv
-import difflib
 import math
 import numbers
 import os
@@ -33,6 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from core.request import Request
+from core.validation import check_keys, suggest
 
 ARRIVAL_KINDS = ("poisson", "gamma", "constant", "all_at_once")
 TRACE_COLUMNS = ("arrived_at", "num_prefill_tokens", "num_decode_tokens")
@@ -84,21 +84,6 @@ def _check_n(n: Any) -> int:
     return _int("n", n, 0)
 
 
-def _suggest(word: Any, allowed: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(allowed), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _check_keys(d: Any, allowed: Sequence[str], where: str) -> Mapping[str, Any]:
-    if not isinstance(d, Mapping):
-        raise ValueError(f"{where} must be a mapping, got {type(d).__name__}")
-    for key in d:
-        if key not in allowed:
-            raise ValueError(f"unknown key {key!r} in {where}{_suggest(key, allowed)} "
-                             f"(allowed keys: {', '.join(allowed)})")
-    return d
-
-
 # ---------------------------------------------------------------- arrival processes
 
 def gamma_arrivals(n: int, rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:
@@ -138,7 +123,7 @@ class Arrival:
     def __post_init__(self) -> None:
         if self.kind not in ARRIVAL_KINDS:
             raise ValueError(f"arrival.kind must be one of {', '.join(ARRIVAL_KINDS)}, "
-                             f"got {self.kind!r}{_suggest(self.kind, ARRIVAL_KINDS)}")
+                             f"got {self.kind!r}{suggest(self.kind, ARRIVAL_KINDS)}")
         object.__setattr__(self, "rate", _rate("arrival.rate", self.rate))
         b = _real("arrival.burstiness", self.burstiness, low=0, strict=True)
         object.__setattr__(self, "burstiness", b)
@@ -168,7 +153,7 @@ class Arrival:
     def from_dict(cls, d: Mapping[str, Any]) -> Arrival:
         """{"kind": "gamma" (default) | "poisson" | "constant" | "all_at_once",
         "rate": float | "inf" (default inf), "burstiness": float (default 1, gamma only)}"""
-        _check_keys(d, ("kind", "rate", "burstiness"), "arrival")
+        check_keys(d, ("kind", "rate", "burstiness"), "arrival")
         return cls(**d)
 
 
@@ -286,8 +271,8 @@ def length_from_dict(d: Mapping[str, Any], where: str = "length") -> LengthDist:
     kind = d.get("kind")
     if kind not in LENGTH_KINDS:
         raise ValueError(f"{where}.kind must be one of {', '.join(LENGTH_KINDS)}, "
-                         f"got {kind!r}{_suggest(kind, list(LENGTH_KINDS)) if kind is not None else ''}")
-    _check_keys(d, ("kind", *_LENGTH_KEYS[kind]), f"{where} (kind {kind!r})")
+                         f"got {kind!r}{suggest(kind, list(LENGTH_KINDS)) if kind is not None else ''}")
+    check_keys(d, ("kind", *_LENGTH_KEYS[kind]), f"{where} (kind {kind!r})")
     for key in _LENGTH_REQUIRED[kind]:
         if key not in d:
             raise ValueError(f"{where}.{key} is required for kind {kind!r}")
@@ -359,7 +344,7 @@ def read_trace(path: str | os.PathLike[str], *, time_scale: float = 1.0, start: 
         for col in TRACE_COLUMNS:
             if col not in header:
                 raise ValueError(f"{path}, line {reader.line_num}, column {col!r}: missing column "
-                                 f"(header has: {', '.join(header)}){_suggest(col, header)}")
+                                 f"(header has: {', '.join(header)}){suggest(col, header)}")
         idx = [header.index(col) for col in TRACE_COLUMNS]
         for row in reader:
             if not row:  # blank line
@@ -533,7 +518,7 @@ class Workload:
         """Synthetic: {"num_requests", "seed", "arrival": {...}, "prompt_len": {...},
         "output_len": {...}}. Trace: {"trace": PATH, "time_scale" | "rate_scale", "start",
         "limit", "seed"} plus any of "arrival", "prompt_len", "output_len" as overrides."""
-        _check_keys(d, _WORKLOAD_KEYS, "workload")
+        check_keys(d, _WORKLOAD_KEYS, "workload")
         kw = dict(d)
         if "arrival" in kw:
             kw["arrival"] = Arrival.from_dict(kw["arrival"])

@@ -119,13 +119,11 @@ def sim_config(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_sim(args: argparse.Namespace) -> int:
     from core.metrics import format_summary
     from core.trace import _json_default
-    from core.workloads import Workload
     from sim import SimConfig, fitted_model, simulate
 
     d = sim_config(args)
     try:
-        cfg = SimConfig.from_dict(d)
-        Workload.from_dict(cfg.workload_spec())
+        cfg = SimConfig.from_dict(d)  # validates the workload too
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
     result = simulate(cfg)
@@ -234,6 +232,18 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- profile (runtime/profiler.py; torch imported on run)
+
+def add_profile(p: argparse.ArgumentParser) -> None:
+    from runtime.profiler import add_arguments
+    add_arguments(p)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from runtime.profiler import run_cli
+    return run_cli(args)
+
+
 # ---------------------------------------------------------------- main
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -242,6 +252,8 @@ COMMANDS: dict[str, Command] = {
     "sweep": ("run an experiment grid (cached, parallel), capacity search, plots, report", add_sweep, cmd_sweep),
     "plot": ("regenerate a sweep's plots and report", add_plot, cmd_plot),
     "profiles": ("list the shipped latency tables", add_profiles, cmd_profiles),
+    "profile": ("measure a latency table on this machine (torch runtime, needs the runtime extra)",
+                add_profile, cmd_profile),
 }
 
 

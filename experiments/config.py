@@ -46,9 +46,10 @@ from typing import Any, Mapping
 
 import yaml
 
+from core import validation
 from core.metrics import SUMMARY_KEYS
+from core.validation import suggest
 from core.policies import policy_class, policy_params
-from core.workloads import Workload
 from sim.config import SimConfig, default_workload
 
 TOP_KEYS = ("name", "description", "base", "grid", "zip", "policies", "capacity", "report", "artefacts")
@@ -78,21 +79,8 @@ class ConfigError(ValueError):
     """A user error in an experiment config; the message says where and what is allowed."""
 
 
-def _suggest(word: Any, allowed: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(str(word), list(allowed), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def check_keys(d: Any, allowed: tuple[str, ...] | list[str], where: str) -> dict:
-    if d is None:
-        return {}
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"{where} must be a mapping, got {type(d).__name__}")
-    for k in d:
-        if k not in allowed:
-            raise ConfigError(f"{where}: unknown key {k!r}{_suggest(k, allowed)} "
-                              f"(allowed: {', '.join(allowed)})")
-    return dict(d)
+    return {} if d is None else dict(validation.check_keys(d, allowed, where, ConfigError))
 
 
 def check_dotted(key: Any, where: str) -> str:
@@ -124,7 +112,7 @@ def _check_tree(d: Any, node: dict, where: str) -> None:
         return  # the value check (SimConfig) reports the wrong type
     for k, v in d.items():
         if k not in node:
-            raise ConfigError(f"{where}: unknown key {k!r}{_suggest(k, list(node))} "
+            raise ConfigError(f"{where}: unknown key {k!r}{suggest(k, list(node))} "
                               f"(allowed: {', '.join(node)})")
         if isinstance(node[k], dict) and isinstance(v, Mapping):
             _check_tree(v, node[k], f"{where}.{k}")
@@ -412,7 +400,7 @@ def _parse_report(raw: Any, swept: list[str]) -> ReportSpec:
         raise ConfigError(f"report.plots must be a list drawn from {list(PLOTS)}, got {plots!r}")
     for p in plots:
         if p not in PLOTS:
-            raise ConfigError(f"report.plots: unknown plot {p!r}{_suggest(p, PLOTS)} "
+            raise ConfigError(f"report.plots: unknown plot {p!r}{suggest(p, PLOTS)} "
                               f"(allowed: {', '.join(PLOTS)})")
     x = r.get("x", next((k for k in RATE_KEYS if k in swept), None))
     if x is not None:
@@ -425,7 +413,7 @@ def _parse_report(raw: Any, swept: list[str]) -> ReportSpec:
     h = check_keys(r.get("heatmap"), HEATMAP_KEYS, "report.heatmap")
     metric = h.get("metric", "bubble_ratio")
     if metric not in SUMMARY_KEYS:
-        raise ConfigError(f"report.heatmap.metric: unknown metric {metric!r}{_suggest(metric, SUMMARY_KEYS)}")
+        raise ConfigError(f"report.heatmap.metric: unknown metric {metric!r}{suggest(metric, SUMMARY_KEYS)}")
     return ReportSpec(tuple(plots), x, t.get("rate"), start, float(duration), metric, h.get("rate"))
 
 
@@ -457,8 +445,7 @@ def validate_config(cfg: dict[str, Any], where: str, check_files: bool = True) -
     """SimConfig + workload spec + profile (+ pp) checks; returns the resolved SimConfig dict."""
     try:
         _resolve_trace(cfg, check_files)
-        sc = SimConfig.from_dict(cfg)
-        Workload.from_dict(sc.workload_spec())
+        sc = SimConfig.from_dict(cfg)  # validates the workload too
         if check_files:
             from profiles import load_profile
             if sc.profile not in _PROFILE_PP:

@@ -1,12 +1,13 @@
 """Simulation config: one slotted dataclass, validated on creation, loadable from YAML dicts."""
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from core.metrics import SLO
 from core.policies import make_policy
+from core.validation import check_keys
+from core.workloads import Workload
 
 STAGE_MODELS = ("recursion", "resources")
 
@@ -49,6 +50,7 @@ class SimConfig:
                              "set the seed once, at the top level")
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise bad("seed", "an int >= 0", self.seed)
+        Workload.from_dict(self.workload_spec())  # every workload key and value, before any run
         if self.pp is not None and not (isinstance(self.pp, int) and self.pp >= 1):
             raise bad("pp", "an int >= 1 or null", self.pp)
         if self.num_pages is not None and not (isinstance(self.num_pages, int) and self.num_pages >= 1):
@@ -71,10 +73,5 @@ class SimConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SimConfig":
-        allowed = [f.name for f in fields(cls)]
-        for key in d:
-            if key not in allowed:
-                close = difflib.get_close_matches(str(key), allowed, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
+        check_keys(d, [f.name for f in fields(cls)], "the simulation config")
         return cls(**dict(d))

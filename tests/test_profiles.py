@@ -1,7 +1,6 @@
 """profiles/: loader validation, round trip, fitted model, analytical generator."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np

@@ -127,9 +127,7 @@ class Scheduler:
             return None
         self._next_batch_id += 1
         self.in_flight[batch.id] = batch
-        for r in batch.decodes:  # ready requests are never in flight
-            r.in_flight = 1
-        self._requests_in_flight += len(batch.decodes)
+        self._requests_in_flight += len(batch.decodes)  # _take_decodes set their in_flight
         for item in batch.chunks:
             r = item.request
             if r.in_flight == 0:
@@ -247,6 +245,7 @@ class Scheduler:
                 r.pages.extend(kv.allocate(1))
             popleft()
             r.num_scheduled = n = n + 1
+            r.in_flight = 1  # ready requests are never in flight; the batch is dispatched below
             context += n
             take(r)
         batch.decode_tokens += len(decodes)

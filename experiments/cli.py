@@ -1,4 +1,4 @@
-"""`pipetwin` command line: sim, sweep, plot, profiles (bench, serve, validate, profile: later).
+"""`pipetwin` command line: sim, sweep, plot, profiles, profile (bench, serve, validate: later).
 
 A subcommand is an entry of COMMANDS: name -> (help, add_arguments(parser), run(args) -> int).
 User errors (bad flags, values, configs, missing files) exit 2 with one line naming the

@@ -1,18 +1,26 @@
 """How stages talk: process groups, metadata messages, activations, sampled tokens.
 
-Three channels, each its own process group so that no two of them ever share a gloo
-pair (and so a receiving thread on stage 0 never races the main thread's sends):
-  data    the default group (nccl when every stage has its own GPU, else gloo):
-          activations (hidden, residual) stage s -> s + 1, shapes known from metadata.
-  ctrl    gloo, CPU: stage 0 -> every stage, one pickled `StepMeta` (or a control
-          message) per micro-batch, as a length tensor then a uint8 payload; stages ->
-          stage 0 for start-up (KV sizing) and trace collection.
-  tokens  gloo, CPU: last stage -> stage 0, one int64 tensor [1 + samples] per
-          micro-batch (batch id, then the sampled ids in item order).
-Plain p2p send/recv of CPU tensors on gloo groups works the same under gloo and nccl
-worlds (send_object_list would put metadata on the GPU under nccl, and blocks).
-gloo's irecv().is_completed() never turns true before wait(), so stage 0 receives
-tokens on a thread (`TokenReceiver`) and polls a Python queue instead.
+Channels, each its own process group, so that no group is ever used by two threads of
+one process (stage 0 receives tokens on a thread; other stages receive on a thread):
+  link[s]  ranks {s, s+1}; nccl when every stage has its own GPU, else gloo:
+           activations stage s -> s + 1 as ONE tensor [2, T, hidden] (hidden, residual),
+           T known from the metadata.
+  ctrl     gloo, CPU: stage 0 -> every stage, one framed pickle per message (a
+           `StepMeta` per micro-batch, or a control message).
+  tokens   gloo, CPU: last stage -> stage 0, one int64 tensor [1 + samples] per
+           micro-batch (batch id, then the sampled ids in item order).
+  reply    gloo, CPU: stages -> stage 0, start-up (KV sizing) and trace rows.
+
+Why so few, pre-posted messages: gloo p2p is receiver-driven (the bytes move once the
+receiver has posted its recv, and every hop needs the transport threads to get a CPU),
+so a recv posted late costs ~0.1-2 ms even for 100 bytes on a busy 2-core machine.
+Metadata therefore travels as one framed message (a fixed-capacity buffer the receiver
+posts ahead of time, with an overflow message only for huge batches), activations as
+one tensor, and the receiving side keeps its next recv posted while it computes
+(`Inbox` on stages >= 1, `TokenReceiver` on stage 0). Plain p2p of CPU tensors on gloo
+groups works the same in gloo and nccl worlds (send_object_list would stage metadata
+on the GPU under nccl, and blocks). gloo's irecv().is_completed() never turns true
+before wait(), hence threads and Python queues rather than polling works.
 """
 from __future__ import annotations
 
@@ -22,12 +30,15 @@ import queue
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from runtime.sampling import SamplingParams
+
+FRAME_BYTES = 256 * 1024   # one ctrl message holds this much; more goes in a second one
+_LEN = 8                   # little-endian payload length at the start of a frame
 
 
 @dataclass(slots=True)
@@ -46,7 +57,7 @@ class StepMeta:
 
     @property
     def num_tokens(self) -> int:
-        return sum(self.lens)
+        return self.prefill_tokens + self.decode_tokens
 
     @property
     def num_samples(self) -> int:
@@ -57,22 +68,32 @@ class StepMeta:
 class Groups:
     rank: int
     world: int
-    data: Any      # ProcessGroup for activations
-    ctrl: Any      # gloo ProcessGroup for metadata / control
-    tokens: Any    # gloo ProcessGroup for sampled tokens
+    links: list[Any]   # links[s]: ranks {s, s+1}, activations s -> s+1
+    ctrl: Any          # gloo: stage 0 -> all, metadata / control
+    tokens: Any        # gloo: last stage -> stage 0
+    reply: Any         # gloo: stages -> stage 0, sizing and trace rows
+
+    @property
+    def prev(self) -> Any:
+        return self.links[self.rank - 1]
+
+    @property
+    def next(self) -> Any:
+        return self.links[self.rank]
 
 
 def init_groups(backend: str, timeout_s: float, device: torch.device | None = None) -> Groups:
-    """env:// rendezvous (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE), then the two gloo
-    side groups. Every rank must call this in the same order."""
+    """env:// rendezvous (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE), then the side
+    groups. Every rank must call this, in the same order."""
     timeout = datetime.timedelta(seconds=timeout_s)
     kw: dict[str, Any] = {}
     if backend == "nccl" and device is not None:
         kw["device_id"] = device  # binds the communicator to this rank's GPU
     dist.init_process_group(backend, init_method="env://", timeout=timeout, **kw)
-    ctrl = dist.new_group(backend="gloo", timeout=timeout)
-    tokens = dist.new_group(backend="gloo", timeout=timeout)
-    return Groups(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, ctrl, tokens)
+    world = dist.get_world_size()
+    links = [dist.new_group([s, s + 1], backend=backend, timeout=timeout) for s in range(world - 1)]
+    ctrl, tokens, reply = (dist.new_group(backend="gloo", timeout=timeout) for _ in range(3))
+    return Groups(dist.get_rank(), world, links, ctrl, tokens, reply)
 
 
 def destroy_groups() -> None:
@@ -109,70 +130,64 @@ class SendQueue:
                 work.wait()
 
 
-def _pack(obj: Any) -> tuple[torch.Tensor, torch.Tensor]:
+# ---- framed pickles: [8-byte length][payload], FRAME_BYTES per message ----
+
+def _frames(obj: Any) -> list[torch.Tensor]:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return torch.tensor([len(data)], dtype=torch.long), torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    buf = bytearray(len(data).to_bytes(_LEN, "little"))
+    buf += data
+    whole = torch.frombuffer(buf, dtype=torch.uint8)
+    if len(buf) <= FRAME_BYTES:
+        return [whole]
+    return [whole[:FRAME_BYTES], whole[FRAME_BYTES:]]
 
 
 def isend_obj(obj: Any, dsts: list[int], group: Any, sends: SendQueue) -> None:
     """Pickle once, send to every rank in `dsts` without blocking."""
-    size, payload = _pack(obj)
+    frames = _frames(obj)
     for dst in dsts:
-        sends.add(dist.isend(size, dst, group=group), size)
-        sends.add(dist.isend(payload, dst, group=group), payload)
+        for f in frames:
+            sends.add(dist.isend(f, dst, group=group), f)
 
 
 def send_obj(obj: Any, dst: int, group: Any) -> None:
-    size, payload = _pack(obj)
-    dist.send(size, dst, group=group)
-    dist.send(payload, dst, group=group)
+    for f in _frames(obj):
+        dist.send(f, dst, group=group)
 
 
 def recv_obj(src: int, group: Any) -> Any:
-    size = torch.empty(1, dtype=torch.long)
-    dist.recv(size, src, group=group)
-    payload = torch.empty(int(size.item()), dtype=torch.uint8)
-    dist.recv(payload, src, group=group)
-    return pickle.loads(payload.numpy().tobytes())
+    # A recv buffer may be larger than the message: gloo fills its head.
+    first = torch.empty(FRAME_BYTES, dtype=torch.uint8)
+    dist.recv(first, src, group=group)
+    n = int.from_bytes(first[:_LEN].numpy().tobytes(), "little")
+    if _LEN + n <= FRAME_BYTES:
+        return pickle.loads(first[_LEN:_LEN + n].numpy().tobytes())
+    rest = torch.empty(_LEN + n - FRAME_BYTES, dtype=torch.uint8)
+    dist.recv(rest, src, group=group)
+    return pickle.loads(first[_LEN:].numpy().tobytes() + rest.numpy().tobytes())
 
 
-class TokenReceiver:
-    """Stage 0's view of the last stage: a thread posts one blocking recv per launched
-    micro-batch, in launch order (the pipeline is FIFO), and queues what arrives, so the
-    scheduler loop never blocks on the last stage unless it chooses to wait."""
+# ---- receiving threads ----
 
-    def __init__(self, src: int, group: Any) -> None:
-        self.src, self.group = src, group
-        self._expect: queue.SimpleQueue = queue.SimpleQueue()
+class _Receiver:
+    """A daemon thread running `step` in a loop, handing results over a queue; an
+    exception ends the loop and is re-raised by `get` in the consuming thread."""
+
+    def __init__(self, name: str) -> None:
         self._done: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="pipetwin-token-recv", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
-    def expect(self, batch_id: int, num_samples: int) -> None:
-        self._expect.put((batch_id, num_samples))
+    def _loop(self) -> None:
+        try:
+            while self._step():
+                pass
+        except BaseException as e:  # noqa: BLE001 - handed to the consuming thread
+            self._done.put(e)
 
-    def _run(self) -> None:
-        while True:
-            item = self._expect.get()
-            if item is None:
-                return
-            batch_id, n = item
-            buf = torch.empty(n + 1, dtype=torch.long)
-            try:
-                dist.recv(buf, self.src, group=self.group)
-            except BaseException as e:  # noqa: BLE001 - handed to the scheduler thread
-                self._done.put(e)
-                return
-            ids = buf.tolist()
-            if ids[0] != batch_id:
-                self._done.put(RuntimeError(f"tokens out of order: expected micro-batch {batch_id}, "
-                                            f"stage {self.src} sent {ids[0]}"))
-                return
-            self._done.put((batch_id, ids[1:]))
+    def _step(self) -> bool:
+        raise NotImplementedError
 
-    def get(self, timeout: float | None) -> tuple[int, list[int]] | None:
-        """Next (batch id, sampled ids); None if nothing came within `timeout` seconds
-        (0 = do not wait, None = wait as long as it takes)."""
+    def _get(self, timeout: float | None, what: str) -> Any:
         try:
             if timeout is not None and timeout <= 0:
                 item = self._done.get_nowait()
@@ -181,8 +196,66 @@ class TokenReceiver:
         except queue.Empty:
             return None
         if isinstance(item, BaseException):
-            raise RuntimeError(f"receiving sampled tokens from stage {self.src} failed: {item}") from item
+            raise RuntimeError(f"{what} failed: {item}") from item
         return item
+
+
+class TokenReceiver(_Receiver):
+    """Stage 0's view of the last stage: one recv posted per launched micro-batch, in
+    launch order (the pipeline is FIFO), so the scheduler loop never blocks on the last
+    stage unless it chooses to wait."""
+
+    def __init__(self, src: int, group: Any) -> None:
+        super().__init__("pipetwin-tokens")
+        self.src, self.group = src, group
+        self._expect: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread.start()
+
+    def expect(self, batch_id: int, num_samples: int) -> None:
+        self._expect.put((batch_id, num_samples))
+
+    def _step(self) -> bool:
+        item = self._expect.get()
+        if item is None:
+            return False
+        batch_id, n = item
+        buf = torch.empty(n + 1, dtype=torch.long)
+        dist.recv(buf, self.src, group=self.group)
+        ids = buf.tolist()
+        if ids[0] != batch_id:
+            raise RuntimeError(f"tokens out of order: expected micro-batch {batch_id}, got {ids[0]}")
+        self._done.put((batch_id, ids[1:]))
+        return True
+
+    def get(self, timeout: float | None) -> tuple[int, list[int]] | None:
+        """Next (batch id, sampled ids); None if nothing came within `timeout` seconds
+        (0 = do not wait, None = wait as long as it takes)."""
+        return self._get(timeout, f"receiving sampled tokens from stage {self.src}")
 
     def close(self) -> None:
         self._expect.put(None)
+
+
+class Inbox(_Receiver):
+    """Stages >= 1: receives stage 0's messages and, for each micro-batch, prepares
+    its attention metadata and (when `recv_acts` is given) receives its activations
+    from the previous stage, while the main thread computes the batch before."""
+
+    def __init__(self, group: Any, prepare: Callable[[StepMeta], Any],
+                 recv_acts: Callable[[StepMeta], torch.Tensor] | None) -> None:
+        super().__init__("pipetwin-inbox")
+        self.group, self.prepare, self.recv_acts = group, prepare, recv_acts
+        self._thread.start()
+
+    def _step(self) -> bool:
+        kind, payload = recv_obj(0, self.group)
+        if kind != "batch":
+            self._done.put((kind, payload, None, None))
+            return kind not in ("stop", "abort")
+        prepared = self.prepare(payload)
+        acts = self.recv_acts(payload) if self.recv_acts is not None else None
+        self._done.put((kind, payload, prepared, acts))
+        return True
+
+    def get(self) -> tuple[str, Any, Any, torch.Tensor | None]:
+        return self._get(None, "receiving from stage 0 / the previous stage")

@@ -197,9 +197,9 @@ class DistPipe:
         r.check_fault(m.batch_id)
         x = torch.tensor(ids, dtype=torch.long, device=r.device)
         hidden, residual = r.forward(x, r.build_meta(m))
+        x = torch.stack((hidden, residual))  # one message, not two: see runtime.comm
         r.sync()  # on GPU: the busy interval ends when the kernels are done
-        for t in (hidden, residual):
-            self.sends.add(torch.distributed.isend(t, 1, group=self.g.data), t)
+        self.sends.add(torch.distributed.isend(x, 1, group=self.g.next), x)
         end = time.perf_counter()  # handed off: stage 1 may start from here
         self.sends.close_launch()
         return end
@@ -212,7 +212,7 @@ class DistPipe:
         isend_obj(("collect", None), self.others, self.g.ctrl, self.sends)
         rows: list[tuple] = []
         for s in self.others:
-            rows.extend(recv_obj(s, self.g.ctrl))
+            rows.extend(recv_obj(s, self.g.reply))
         self.sends.drain()
         self.runner.reset()
         return rows

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from runtime.attention import BatchMeta
-from runtime.comm import Groups, SendQueue, StepMeta, destroy_groups, init_groups, recv_obj, send_obj
+from runtime.comm import Groups, Inbox, SendQueue, StepMeta, destroy_groups, init_groups, recv_obj, send_obj
 from runtime.kv_cache import KVCache, kv_bytes_per_page
 from runtime.model import StageModel
 from runtime.sampling import Sampler
@@ -156,37 +156,40 @@ class StageRunner:
 
 
 def serve(runner: StageRunner, g: Groups) -> None:
-    """Loop of stages 1..pp-1 until stage 0 says stop."""
+    """Loop of stages 1..pp-1 until stage 0 says stop. The `Inbox` thread keeps the next
+    metadata and activation receives posted while this thread computes (CPU; with nccl
+    the activations are received here, on the compute thread's stream)."""
     s, last = runner.stage, runner.is_last
-    hidden_size = runner.model.cfg.hidden_size
-    dtype = runner.model.dtype
+    hidden_size, dtype, device = runner.model.cfg.hidden_size, runner.model.dtype, runner.device
+
+    def recv_acts(m: StepMeta) -> torch.Tensor:
+        buf = torch.empty(2, m.num_tokens, hidden_size, dtype=dtype, device=device)
+        dist.recv(buf, s - 1, group=g.prev)
+        return buf
+
+    inbox = Inbox(g.ctrl, runner.build_meta, recv_acts if device.type == "cpu" else None)
     sends = SendQueue(keep=runner.pp + 1)
     while True:
-        kind, payload = recv_obj(0, g.ctrl)
+        kind, m, meta, acts = inbox.get()
         if kind == "batch":
-            m: StepMeta = payload
-            meta = runner.build_meta(m)  # before the activations arrive
-            t = m.num_tokens
-            hidden = torch.empty(t, hidden_size, dtype=dtype, device=runner.device)
-            residual = torch.empty(t, hidden_size, dtype=dtype, device=runner.device)
-            dist.recv(hidden, s - 1, group=g.data)
-            dist.recv(residual, s - 1, group=g.data)
+            if acts is None:
+                acts = recv_acts(m)
             start = runner.now()
             runner.check_fault(m.batch_id)
-            out = runner.forward((hidden, residual), meta)
+            out = runner.forward((acts[0], acts[1]), meta)
             if last:
                 ids = runner.sample(out, m)  # .tolist() waits for the GPU
                 msg = torch.tensor([m.batch_id, *ids], dtype=torch.long)
                 sends.add(dist.isend(msg, 0, group=g.tokens), msg)
             else:
+                x = torch.stack(out)  # one message, not two: see runtime.comm
                 runner.sync()
-                for x in out:
-                    sends.add(dist.isend(x, s + 1, group=g.data), x)
+                sends.add(dist.isend(x, s + 1, group=g.next), x)
             runner.record(m, start, runner.now())
             sends.close_launch()
         elif kind == "collect":
             sends.drain()
-            send_obj(runner.rows, 0, g.ctrl)
+            send_obj(runner.rows, 0, g.reply)
             runner.reset()
         elif kind == "stop":
             sends.drain()
@@ -199,10 +202,10 @@ def negotiate_pages(runner: StageRunner, g: Groups) -> int:
     """Every stage sizes its KV cache; the minimum is used so one page table fits all."""
     fit, how = runner.pages_that_fit()
     if g.rank != 0:
-        send_obj(("fit", (fit, how)), 0, g.ctrl)
+        send_obj(("fit", (fit, how)), 0, g.reply)
         kind, n = recv_obj(0, g.ctrl)
         return n if kind == "kv" else 0
-    fits = [(fit, how)] + [recv_obj(s, g.ctrl)[1] for s in range(1, g.world)]
+    fits = [(fit, how)] + [recv_obj(s, g.reply)[1] for s in range(1, g.world)]
     n = min(f for f, _ in fits)
     for s in range(1, g.world):
         send_obj(("kv", n) if n >= 1 else ("abort", 0), s, g.ctrl)

@@ -244,6 +244,111 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+# ---------------------------------------------------------------- bench / validate (torch imported on run)
+
+def add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML file (model, pp, policy, policy_params, workload, seed, "
+                                             "num_pages, page_size, layer_split, threads); flags override it")
+    p.add_argument("--model", help="model directory or dummy:<preset | config.json | inline JSON>")
+    p.add_argument("--pp", type=int, help="pipeline stages (one process each)")
+    p.add_argument("--policy", help="token_throttling | sarathi | vllm | dotted.path.Class")
+    p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="policy parameter (repeatable); values parsed as YAML")
+    p.add_argument("--trace", help="replay a trace CSV (arrived_at, num_prefill_tokens, num_decode_tokens)")
+    p.add_argument("--rate", help="request rate in req/s, or inf")
+    p.add_argument("--burstiness", type=float, help="gamma shape of the arrival gaps (1 = Poisson)")
+    p.add_argument("--num-requests", type=int, help="number of requests (with --trace: the first N rows)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-pages", type=int, help="KV pages (default: the runtime's, 1 GiB per stage on CPU)")
+    p.add_argument("--page-size", type=int, help="tokens per KV page (default 16)")
+    p.add_argument("--layer-split", help="layers per stage, e.g. 5,3")
+    p.add_argument("--threads", type=int, help="torch threads per stage process (default 1 on CPU)")
+    p.add_argument("--out", help="results folder (default results/bench/<policy>_<model>)")
+    p.add_argument("--formats", type=_formats, default=("csv",), help="trace tables: csv,parquet (default csv)")
+
+
+_BENCH_KEYS = ("model", "pp", "policy", "policy_params", "workload", "seed", "num_pages", "page_size",
+               "layer_split", "threads")
+
+
+def bench_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The bench config dict: YAML file, then flags (workload flags as `pipetwin sim`'s)."""
+    from core.policies import make_policy
+    from core.validation import check_keys
+    from core.workloads import Workload
+
+    for name in ("profile", "memory_fraction", "time_limit"):   # sim-only fields of sim_config
+        setattr(args, name, None)
+    d = sim_config(args)
+    check_keys({k: v for k, v in d.items()}, _BENCH_KEYS, "the bench config")
+    for flag, key in (("model", "model"), ("layer_split", "layer_split"), ("threads", "threads")):
+        if getattr(args, flag) is not None:
+            d[key] = getattr(args, flag)
+    if not d.get("model"):
+        raise UsageError("--model is required (or `model:` in the config)")
+    d.setdefault("pp", 1)
+    d.setdefault("policy", "token_throttling")
+    d.setdefault("policy_params", {})
+    d.setdefault("seed", 0)
+    d.setdefault("num_pages", None)
+    d.setdefault("page_size", 16)
+    for flag, key, low in (("--pp", "pp", 1), ("--num-pages", "num_pages", 1), ("--page-size", "page_size", 1),
+                           ("--seed", "seed", 0), ("--threads", "threads", 1)):
+        v = d.get(key)
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+            raise UsageError(f"{flag} must be an integer >= {low}, got {v!r}")
+    try:
+        make_policy(d["policy"], d["policy_params"])
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--policy/--param: {e}") from None
+    try:
+        Workload.from_dict({**d["workload"], "seed": d["seed"]})
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"workload: {e}") from None
+    return d
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from core.metrics import format_summary, summarize
+    from experiments.bench import Bench, workload_requests, write_results
+
+    d = bench_config(args)
+    requests = workload_requests(d["workload"], d["seed"])
+    with Bench(d["model"], d["pp"], d["policy"], d["policy_params"], num_pages=d["num_pages"],
+               page_size=d["page_size"], layer_split=d.get("layer_split"), num_threads=d.get("threads"),
+               seed=d["seed"]) as bench:
+        trace = bench.run(requests, d["policy"], d["policy_params"], seed=d["seed"])
+        d["num_pages"] = bench.num_pages
+    summary = summarize(trace)
+    summary["wall_s"] = trace.meta["wall_s"]
+    print(f"runtime: model {trace.meta['model']}, pp={d['pp']}, policy {d['policy']} "
+          f"{json.dumps(d['policy_params'])}; {d['num_pages']} KV pages; {len(requests)} requests in "
+          f"{trace.meta['wall_s']:.1f} s")
+    print(format_summary(summary))
+    name = str(trace.meta["model"]).replace("dummy:", "").replace("/", "_")[:40]
+    out = Path(args.out) if args.out else Path("results") / "bench" / f"{d['policy']}_{name}"
+    write_results(out, trace, summary, d, formats=args.formats)
+    print(f"results in {out}/ (perfetto.json opens in ui.perfetto.dev)")
+    return 0
+
+
+def add_validate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="validation YAML (see experiments/twin_cpu.yaml)")
+    p.add_argument("--out", help="results folder (default: the file's out, else results/<file stem>)")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from experiments.validate import load_validation, run_validation
+
+    cfg = load_validation(args.file)
+    if args.out:
+        cfg.out = args.out
+    res = run_validation(cfg, log=print)
+    print(res.table_text)
+    print(f"report: {res.report}")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -254,6 +359,10 @@ COMMANDS: dict[str, Command] = {
     "profiles": ("list the shipped latency tables", add_profiles, cmd_profiles),
     "profile": ("measure a latency table on this machine (torch runtime, needs the runtime extra)",
                 add_profile, cmd_profile),
+    "bench": ("run the real runtime on a workload and write a results folder like `sim`'s",
+              add_bench, cmd_bench),
+    "validate": ("simulator vs runtime on the same workloads: error table, plots, report",
+                 add_validate, cmd_validate),
 }
 
 

@@ -1,0 +1,132 @@
+"""`pipetwin bench`: the real runtime (runtime/) on a core workload, written as a results
+folder identical in layout to `pipetwin sim`'s (trace tables, summary.json, config.yaml,
+perfetto.json), so the simulator's and the hardware's runs compare file for file.
+
+The workload is the simulator's (core.workloads): the same seed gives the same arrival
+times and prompt/output lengths. On the runtime side every request is injected at its
+arrival instant (`LLM.generate(arrival_times=...)`), generates exactly its output length
+(ignore_eos, max_tokens = output length), and its prompt is random token ids of its
+prompt length drawn from a generator seeded by the workload seed.
+
+torch and runtime/ are imported inside the functions that need them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+
+from core.request import Request
+from core.trace import Trace
+from core.workloads import Workload
+
+
+def resolve_model(model: Any) -> Any:
+    """What `runtime.llm.LLM` accepts: a dict stays a dict; "dummy:<preset>" (runtime.profiler
+    presets, e.g. dummy:llama-32m) becomes the preset's config dict; anything else as is."""
+    if isinstance(model, str) and model.startswith("dummy:"):
+        from runtime.profiler import PRESETS
+        body = model[len("dummy:"):].strip()
+        if body in PRESETS:
+            return dict(PRESETS[body])
+    return model
+
+
+def model_name(model: Any) -> str:
+    """A short name for reports: presets and paths as given, configs by their shape."""
+    if isinstance(model, str) and model.startswith("dummy:{"):
+        try:
+            model = json.loads(model[len("dummy:"):])
+        except json.JSONDecodeError:
+            return model[:60]
+    if isinstance(model, dict):
+        return f"dummy:{model.get('model_type', 'llama')}-h{model.get('hidden_size')}-l{model.get('num_hidden_layers')}"
+    return str(model)
+
+
+def workload_requests(workload: dict[str, Any], seed: int) -> list[Request]:
+    """Fresh requests (ids 0..n-1 in arrival order) of a workload spec."""
+    return Workload.from_dict({**workload, "seed": seed}).requests()
+
+
+def prompt_ids(requests: Sequence[Request], vocab: int, seed: int) -> list[list[int]]:
+    """Random token ids of each request's prompt length, seeded (the same per seed)."""
+    rng = np.random.default_rng([seed, 0x7E57])
+    return [rng.integers(0, vocab, r.prompt_len).tolist() for r in requests]
+
+
+class Bench:
+    """The runtime, started once (start-up and a warm-up are not part of any run)."""
+
+    def __init__(self, model: Any, pp: int, policy: str = "token_throttling",
+                 policy_params: dict[str, Any] | None = None, *, num_pages: int | None = None,
+                 page_size: int = 16, layer_split: Any = None, num_threads: int | None = None,
+                 seed: int = 0) -> None:
+        from runtime.llm import LLM, SamplingParams
+
+        self.SamplingParams = SamplingParams
+        self.name = model_name(model)
+        self.model = resolve_model(model)
+        self.pp = pp
+        self.llm = LLM(self.model, pp=pp, policy=policy, policy_params=policy_params, num_pages=num_pages,
+                       page_size=page_size, layer_split=layer_split, num_threads=num_threads, seed=seed)
+        self.llm.generate([[1] * 16] * 2, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+
+    @property
+    def num_pages(self) -> int:
+        return self.llm.num_pages
+
+    @property
+    def page_size(self) -> int:
+        return self.llm.config.page_size
+
+    def run(self, requests: Sequence[Request], policy: str, policy_params: dict[str, Any] | None = None,
+            seed: int = 0) -> Trace:
+        """Replay `requests` (their lengths and arrival times) under `policy`; the runtime's trace."""
+        llm = self.llm
+        llm.set_policy(policy, policy_params)
+        prompts = prompt_ids(requests, llm.model_config.vocab_size, seed)
+        params = [self.SamplingParams(max_tokens=r.max_output, ignore_eos=True) for r in requests]
+        arrivals = [float(r.arrival) for r in requests]
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, arrival_times=arrivals)
+        wall = time.perf_counter() - t0
+        bad = [o.request_id for o, r in zip(outs, requests) if len(o.token_ids) != r.max_output]
+        if bad:
+            raise RuntimeError(f"requests {bad[:5]} did not generate their fixed output length")
+        trace = llm.trace()
+        trace.meta.update(num_pages=self.num_pages, page_size=self.page_size, seed=seed,
+                          model=self.name,
+                          wall_s=wall, source="runtime")
+        return trace
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+
+    def __enter__(self) -> "Bench":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+def finite(d: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def write_results(out: str | Path, trace: Trace, summary: dict[str, Any], config: dict[str, Any],
+                  formats: Sequence[str] = ("csv",)) -> Path:
+    """The `pipetwin sim` results folder: trace tables, perfetto.json, summary.json, config.yaml."""
+    from core.trace import _json_default
+
+    out = Path(out)
+    trace.save(out, formats=formats)
+    trace.to_perfetto(out / "perfetto.json")
+    (out / "summary.json").write_text(json.dumps(finite(summary), indent=2, default=_json_default) + "\n")
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return out

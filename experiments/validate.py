@@ -1,0 +1,385 @@
+"""`pipetwin validate FILE.yaml`: the simulator against the real runtime, same workloads.
+
+For every policy and load level, the SAME requests (lengths and arrival times, one seed)
+run through the simulator (the measured profile, num_pages = the runtime's page count)
+and through the runtime (requests injected at their arrival instants, fixed output
+lengths). Written under `out`:
+
+  runs/<policy>_r<rate>/{sim,real}/   results folders (as `pipetwin sim` / `pipetwin bench`)
+  errors.csv                          one row per (policy, load): signed % errors (sim - real)/real
+  ranking.csv                         per load: policies ranked by throughput, sim vs real
+  plots/                              timelines (sim above real), TTFT/TPOT CDFs, bubble bars
+  report.md
+
+Config keys (YAML):
+  name, description, model, pp, profile, layer_split, threads, num_pages (null = the
+  runtime's default), page_size, seed, workload (a core workload spec; its arrival rate
+  is set per load), loads (absolute request rates, req/s; "inf" allowed),
+  policies (list of {name, label, params}), out, goals (optional thresholds).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from core.trace import Trace
+
+# metric key -> summary key; the error is the signed relative error (sim - real) / real
+REL_METRICS: dict[str, str] = {
+    "throughput": "output_tps",
+    "ttft_p50": "ttft_p50",
+    "ttft_p99": "ttft_p99",
+    "tpot_p50": "tpot_p50",
+    "tpot_p99": "tpot_p99",
+    "e2e_p50": "e2e_p50",
+}
+# every column of the error table
+ERROR_COLUMNS = (*[f"{m}_err_pct" for m in REL_METRICS], "bubble_diff_pts", "e2e_mape_pct")
+# goals: |error| limits in percent (bubble: percentage points); "ranking" is separate
+DEFAULT_GOALS: dict[str, float] = {"throughput_err_pct": 3.0, "tpot_p50_err_pct": 5.0,
+                                   "ttft_p50_err_pct": 10.0, "ttft_p99_err_pct": 20.0,
+                                   "bubble_diff_pts": 2.0}
+_KEYS = ("name", "description", "model", "pp", "profile", "layer_split", "threads", "num_pages",
+         "page_size", "seed", "workload", "loads", "policies", "out", "goals")
+
+
+@dataclass
+class ValidationConfig:
+    model: Any
+    profile: str
+    workload: dict[str, Any]
+    loads: list[Any]
+    policies: list[dict[str, Any]]
+    name: str = "validation"
+    description: str = ""
+    pp: int = 1
+    layer_split: Any = None
+    threads: int | None = None
+    num_pages: int | None = None
+    page_size: int = 16
+    seed: int = 0
+    out: str | None = None
+    goals: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GOALS))
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        from core.policies import make_policy
+        from core.workloads import Workload
+
+        if not self.model:
+            raise ValueError("model is required (a directory or dummy:<preset | config.json | inline JSON>)")
+        if not (isinstance(self.pp, int) and self.pp >= 1):
+            raise ValueError(f"pp must be an int >= 1, got {self.pp!r}")
+        if not isinstance(self.loads, list) or not self.loads:
+            raise ValueError("loads must be a non-empty list of request rates (req/s, or 'inf')")
+        for i, r in enumerate(self.loads):
+            if not (r == "inf" or (isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0)):
+                raise ValueError(f"loads[{i}] must be a rate > 0 or 'inf', got {r!r}")
+        if not isinstance(self.policies, list) or not self.policies:
+            raise ValueError("policies must be a non-empty list of {name, label, params}")
+        labels = []
+        for i, p in enumerate(self.policies):
+            if isinstance(p, str):
+                p = self.policies[i] = {"name": p}
+            if not isinstance(p, dict) or "name" not in p or set(p) - {"name", "label", "params"}:
+                raise ValueError(f"policies[{i}] must be a mapping with name (and optional label, params)")
+            p.setdefault("params", {})
+            p.setdefault("label", p["name"])
+            try:
+                make_policy(p["name"], p["params"])
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"policies[{i}]: {e}") from None
+            labels.append(p["label"])
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"policy labels must be unique, got {labels}")
+        if not isinstance(self.workload, dict):
+            raise ValueError("workload must be a mapping (a core workload spec)")
+        for r in self.loads:
+            Workload.from_dict(self.workload_for(r))
+        self.goals = {**DEFAULT_GOALS, **(self.goals or {})}
+
+    def workload_for(self, rate: Any) -> dict[str, Any]:
+        w = dict(self.workload)
+        w["arrival"] = {**(w.get("arrival") or {"kind": "gamma"}), "rate": rate}
+        w.pop("time_scale", None)
+        w.pop("rate_scale", None)
+        return {**w, "seed": self.seed}
+
+
+def load_validation(path: str | Path) -> ValidationConfig:
+    from core.validation import check_keys
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such validation config")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    check_keys(d, _KEYS, f"validation config {path}")
+    for key in ("model", "profile", "workload", "loads", "policies"):
+        if key not in d:
+            raise ValueError(f"{path}: {key!r} is required")
+    cfg = ValidationConfig(**d)
+    cfg.source = str(path)
+    if cfg.out is None:
+        cfg.out = str(Path("results") / path.stem)
+    return cfg
+
+
+@dataclass
+class ValidationResult:
+    errors: pd.DataFrame
+    ranking: pd.DataFrame
+    report: Path
+    table_text: str
+    out: Path
+
+
+def _slug(x: Any) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(x))
+
+
+def rate_label(rate: Any) -> str:
+    return "inf" if rate == "inf" or (isinstance(rate, float) and math.isinf(rate)) else f"{float(rate):g}"
+
+
+def same_requests(sim: Trace, real: Trace) -> bool:
+    """Both sides saw the same requests: ids, prompt/output lengths, arrival times."""
+    cols = ["request_id", "prompt_len", "output_len", "arrival"]
+    a = sim.requests[cols].sort_values("request_id").reset_index(drop=True)
+    b = real.requests[cols].sort_values("request_id").reset_index(drop=True)
+    if len(a) != len(b):
+        return False
+    return bool((a[cols[:3]].to_numpy() == b[cols[:3]].to_numpy()).all()
+                and np.allclose(a["arrival"].to_numpy(float), b["arrival"].to_numpy(float), atol=1e-9))
+
+
+def compare(sim_summary: dict, real_summary: dict, sim: Trace, real: Trace) -> dict[str, float]:
+    """The error row: signed % errors, bubble difference in points, request-level E2E MAPE."""
+    from core.metrics import request_latencies
+
+    row: dict[str, float] = {}
+    for m, key in REL_METRICS.items():
+        s, r = sim_summary.get(key), real_summary.get(key)
+        ok = s is not None and r is not None and math.isfinite(s) and math.isfinite(r) and r != 0
+        row[f"{m}_err_pct"] = 100.0 * (s - r) / r if ok else math.nan
+    row["bubble_diff_pts"] = 100.0 * (sim_summary["bubble_ratio"] - real_summary["bubble_ratio"])
+    ls = request_latencies(sim.requests).set_index("request_id")["e2e"]
+    lr = request_latencies(real.requests).set_index("request_id")["e2e"]
+    both = ls.index.intersection(lr.index)
+    row["e2e_mape_pct"] = (100.0 * float(np.mean(np.abs(ls[both] - lr[both]) / lr[both]))
+                           if len(both) else math.nan)
+    return row
+
+
+def _ranking(rows: pd.DataFrame) -> pd.DataFrame:
+    out = []
+    for rate, g in rows.groupby("load", sort=False):
+        sim_order = list(g.sort_values("sim_output_tps", ascending=False)["policy"])
+        real_order = list(g.sort_values("real_output_tps", ascending=False)["policy"])
+        out.append({"load": rate, "sim_order": " > ".join(sim_order), "real_order": " > ".join(real_order),
+                    "same": sim_order == real_order})
+    return pd.DataFrame(out)
+
+
+def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: None) -> ValidationResult:
+    from core.metrics import summarize
+    from experiments.bench import Bench, model_name, workload_requests, write_results
+    from sim import SimConfig, simulate
+
+    out = Path(cfg.out or Path("results") / cfg.name)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    traces: dict[tuple[str, str], tuple[Trace, Trace]] = {}
+    first = cfg.policies[0]
+    with Bench(cfg.model, cfg.pp, first["name"], first["params"], num_pages=cfg.num_pages,
+               page_size=cfg.page_size, layer_split=cfg.layer_split, num_threads=cfg.threads,
+               seed=cfg.seed) as bench:
+        num_pages = bench.num_pages
+        log(f"runtime up: pp={cfg.pp}, {num_pages} KV pages of {bench.page_size} tokens")
+        for pol in cfg.policies:
+            for rate in cfg.loads:
+                label, rl = pol["label"], rate_label(rate)
+                wl = cfg.workload_for(rate)
+                seed = wl.pop("seed")
+                sim_cfg = SimConfig(profile=cfg.profile, policy=pol["name"], policy_params=dict(pol["params"]),
+                                    workload=wl, seed=seed, pp=cfg.pp, num_pages=num_pages,
+                                    page_size=bench.page_size)
+                sim_res = simulate(sim_cfg, requests=workload_requests(wl, seed))
+                real = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed)
+                real_sum = summarize(real)
+                real_sum["wall_s"] = real.meta["wall_s"]
+                run_dir = out / "runs" / f"{_slug(label)}_r{rl}"
+                write_results(run_dir / "sim", sim_res.trace, sim_res.summary, sim_cfg.to_dict())
+                write_results(run_dir / "real", real, real_sum,
+                              {"model": cfg.model, "pp": cfg.pp, "policy": pol["name"],
+                               "policy_params": dict(pol["params"]), "workload": wl, "seed": seed,
+                               "num_pages": num_pages, "page_size": bench.page_size,
+                               "layer_split": cfg.layer_split, "threads": cfg.threads})
+                row = {"policy": label, "load": rl, "requests": len(real.requests),
+                       "same_requests": same_requests(sim_res.trace, real),
+                       **compare(sim_res.summary, real_sum, sim_res.trace, real),
+                       "sim_output_tps": sim_res.summary["output_tps"], "real_output_tps": real_sum["output_tps"],
+                       "sim_bubble": sim_res.summary["bubble_ratio"], "real_bubble": real_sum["bubble_ratio"],
+                       **{f"sim_{k}": sim_res.summary[k] for k in ("ttft_p50", "ttft_p99", "tpot_p50",
+                                                                    "tpot_p99", "e2e_p50")},
+                       **{f"real_{k}": real_sum[k] for k in ("ttft_p50", "ttft_p99", "tpot_p50",
+                                                             "tpot_p99", "e2e_p50")},
+                       "real_finished": real_sum["finished"], "sim_finished": sim_res.summary["finished"],
+                       "real_wall_s": real.meta["wall_s"]}
+                rows.append(row)
+                traces[(label, rl)] = (sim_res.trace, real)
+                log(f"{label} @ {rl} req/s: real {real.meta['wall_s']:.1f} s, throughput err "
+                    f"{row['throughput_err_pct']:+.1f}%, TTFT p50 {row['ttft_p50_err_pct']:+.1f}%, "
+                    f"TPOT p50 {row['tpot_p50_err_pct']:+.1f}%, bubble {row['bubble_diff_pts']:+.1f} pts")
+    errors = pd.DataFrame(rows)
+    errors.to_csv(out / "errors.csv", index=False)
+    ranking = _ranking(errors)
+    ranking.to_csv(out / "ranking.csv", index=False)
+    plots = make_plots(out / "plots", traces, errors)
+    text = format_table(errors)
+    report = write_report(out, cfg, errors, ranking, plots, text, num_pages,
+                          time.perf_counter() - t_start, model_name(cfg.model))
+    return ValidationResult(errors, ranking, report, text, out)
+
+
+# ---------------------------------------------------------------- plots
+
+def make_plots(folder: Path, traces: dict[tuple[str, str], tuple[Trace, Trace]],
+               errors: pd.DataFrame) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from experiments.plots import plot_cdfs, plot_timeline, save
+
+    paths: list[Path] = []
+    for (label, rl), (sim, real) in traces.items():
+        stem = f"{_slug(label)}_r{rl}"
+        end = float(np.nanmax(real.requests["finish"].to_numpy(float)))
+        dur = min(max(end * 0.15, 0.2), 3.0)
+        start = max(0.0, end * 0.4)
+        paths += save(plot_timeline({"sim": sim, "real": real}, start, dur,
+                                    title=f"{label} @ {rl} req/s: simulated (top) vs real (bottom)"),
+                      folder / f"timeline_{stem}")
+        paths += save(plot_cdfs({"sim": sim, "real": real}, title=f"{label} @ {rl} req/s: latency CDFs"),
+                      folder / f"cdf_{stem}")
+    fig = Figure(figsize=(1.5 + 1.4 * len(errors), 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(errors))
+    ax.bar(x - 0.2, errors["sim_bubble"] * 100, 0.4, label="sim")
+    ax.bar(x + 0.2, errors["real_bubble"] * 100, 0.4, label="real")
+    ax.set_xticks(x, [f"{p}\n@{r}" for p, r in zip(errors["policy"], errors["load"])], fontsize=8)
+    ax.set_ylabel("bubble ratio (%)")
+    ax.set_title("Pipeline bubble ratio: simulated vs real, per policy and load (req/s)")
+    ax.legend()
+    paths += save(fig, folder / "bubble_sim_vs_real")
+    return paths
+
+
+# ---------------------------------------------------------------- table and report
+
+def _pct(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:+.1f}"
+
+
+def format_table(errors: pd.DataFrame) -> str:
+    """Markdown table of the errors (signed %, bubble in points, E2E MAPE in %)."""
+    head = ["policy", "load (req/s)", "thru %", "TTFT p50 %", "TTFT p99 %", "TPOT p50 %", "TPOT p99 %",
+            "E2E p50 %", "bubble pts", "E2E MAPE %", "same reqs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in errors.itertuples():
+        cells = [r.policy, r.load, *(_pct(getattr(r, c)) for c in ERROR_COLUMNS[:-2]),
+                 _pct(r.bubble_diff_pts), "-" if not math.isfinite(r.e2e_mape_pct) else f"{r.e2e_mape_pct:.1f}",
+                 "yes" if r.same_requests else "NO"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def goal_lines(errors: pd.DataFrame, ranking: pd.DataFrame, goals: dict[str, float]) -> list[str]:
+    out = []
+    for col, limit in goals.items():
+        if col not in errors:
+            continue
+        v = errors[col].abs()
+        worst = errors.loc[v.idxmax()] if v.notna().any() else None
+        miss = int((v > limit).sum())
+        unit = "pts" if col.endswith("pts") else "%"
+        if worst is None:
+            out.append(f"- {col}: no data")
+            continue
+        out.append(f"- |{col}| <= {limit:g} {unit}: {'met' if miss == 0 else f'MISSED in {miss}/{len(v)} runs'}; "
+                   f"worst {worst[col]:+.1f} {unit} ({worst['policy']} @ {worst['load']} req/s)")
+    same = bool(ranking["same"].all()) if len(ranking) else True
+    out.append(f"- same throughput ranking as the hardware: {'met' if same else 'MISSED'} "
+               f"({int(ranking['same'].sum())}/{len(ranking)} loads)")
+    return out
+
+
+def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking: pd.DataFrame,
+                 plots: list[Path], table: str, num_pages: int, wall_s: float, model: str) -> Path:
+    try:
+        from runtime.profiler import cpu_name
+        cpu = cpu_name()
+    except Exception:  # noqa: BLE001 - the report still gets written
+        cpu = platform.processor() or "?"
+    import os
+    lines = [f"# Twin validation: {cfg.name}", ""]
+    if cfg.description:
+        lines += [cfg.description.strip(), ""]
+    lines += [
+        f"- config: `{cfg.source or '(in memory)'}`; model `{model}`, pp={cfg.pp}, profile `{cfg.profile}`",
+        f"- machine: {platform.node()} ({cpu}, {os.cpu_count()} cores), {platform.system()} "
+        f"{platform.release()}; date {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+        f"wall {wall_s:.0f} s",
+        f"- KV pages: {num_pages} (the runtime's count, given to the simulator too), page size {cfg.page_size}",
+        f"- workload: {len(errors) and int(errors['requests'].iloc[0])} requests, seed {cfg.seed}; "
+        f"`{yaml.safe_dump(cfg.workload, default_flow_style=True).strip()}`; loads {cfg.loads} req/s",
+        "",
+        "## Errors (simulator vs runtime)",
+        "",
+        "Signed percent errors (sim - real) / real; throughput = output tokens/s; bubble = sim - real "
+        "in percentage points; E2E MAPE = mean over requests of |sim - real| / real of the E2E latency.",
+        "",
+        table,
+        "",
+        "## Goals",
+        "",
+        *goal_lines(errors, ranking, cfg.goals),
+        "",
+        "## Throughput ranking per load",
+        "",
+        "| load (req/s) | simulator | runtime | same |",
+        "|---|---|---|---|",
+        *[f"| {r.load} | {r.sim_order} | {r.real_order} | {'yes' if r.same else 'NO'} |"
+          for r in ranking.itertuples()],
+        "",
+        "## Absolute values",
+        "",
+        "| policy | load | thru sim / real (tok/s) | TTFT p50 sim / real (ms) | TPOT p50 sim / real (ms) "
+        "| bubble sim / real | real wall (s) |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {r.policy} | {r.load} | {r.sim_output_tps:.0f} / {r.real_output_tps:.0f} | "
+          f"{r.sim_ttft_p50 * 1e3:.0f} / {r.real_ttft_p50 * 1e3:.0f} | "
+          f"{r.sim_tpot_p50 * 1e3:.1f} / {r.real_tpot_p50 * 1e3:.1f} | "
+          f"{r.sim_bubble:.2f} / {r.real_bubble:.2f} | {r.real_wall_s:.1f} |" for r in errors.itertuples()],
+        "",
+        "## Plots",
+        "",
+        *[f"![{p.stem}](plots/{p.name})" for p in plots if p.suffix == ".png"],
+        "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,157 @@
+"""`pipetwin validate` and `pipetwin bench` end to end on a tiny random Llama (pp=2, real
+stage processes). The simulator side uses a stand-in latency table built in tmp_path (the
+shipped 32M CPU table, latencies scaled down): numbers are not asserted, structure and
+consistency are (same requests on both sides, every metric in the error table, report
+and plots written, the same results folder layout as `pipetwin sim`)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+
+pytest.importorskip("torch")
+
+from core.metrics import summary_keys  # noqa: E402
+from core.trace import Trace  # noqa: E402
+from experiments.bench import workload_requests  # noqa: E402
+from experiments.cli import main  # noqa: E402
+from experiments.validate import ERROR_COLUMNS, REL_METRICS  # noqa: E402
+from profiles.schema import TABLES_DIR  # noqa: E402
+
+TINY = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 256,
+        "max_position_embeddings": 2048, "torch_dtype": "float32"}
+MODEL = "dummy:" + json.dumps(TINY)
+WORKLOAD = {"num_requests": 10, "arrival": {"kind": "gamma", "burstiness": 1.0},
+            "prompt_len": {"kind": "lognormal", "mean": 40, "spread": 0.5, "max": 120},
+            "output_len": {"kind": "lognormal", "mean": 8, "spread": 0.5, "max": 20}}
+SEED = 3
+RATE = 25.0
+
+
+@pytest.fixture(scope="module")
+def standin_profile(tmp_path_factory):
+    """The shipped 32M CPU table with every latency scaled by 0.1 (a tiny model's stand-in)."""
+    out = tmp_path_factory.mktemp("prof") / "tiny_standin_pp2"
+    shutil.copytree(TABLES_DIR / "llama-32m_cpu-1thread_pp2", out)
+    st = pd.read_csv(out / "stages.csv")
+    for c in ("latency_median", "latency_p10", "latency_p90"):
+        st[c] = st[c] * 0.1
+    st.to_csv(out / "stages.csv", index=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def validated(standin_profile, tmp_path_factory):
+    d = tmp_path_factory.mktemp("val")
+    cfg = {"name": "tiny", "model": MODEL, "pp": 2, "profile": str(standin_profile), "num_pages": 128,
+           "page_size": 16, "seed": SEED, "workload": WORKLOAD, "loads": [RATE],
+           "policies": [{"name": "token_throttling", "label": "tt"}], "out": str(d / "out")}
+    (d / "v.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["validate", str(d / "v.yaml")]) == 0
+    return d / "out"
+
+
+def test_both_sides_saw_the_same_requests(validated):
+    want = workload_requests({**WORKLOAD, "arrival": {**WORKLOAD["arrival"], "rate": RATE}}, SEED)
+    run = validated / "runs" / "tt_r25"
+    sim, real = Trace.load(run / "sim"), Trace.load(run / "real")
+    for trace in (sim, real):
+        r = trace.requests.sort_values("request_id")
+        assert r["request_id"].tolist() == [q.id for q in want]
+        assert r["prompt_len"].tolist() == [q.prompt_len for q in want]
+        assert r["output_len"].tolist() == [q.max_output for q in want]
+        assert r["arrival"].to_numpy() == pytest.approx([q.arrival for q in want], abs=1e-9)
+        assert (r["status"] == "finished").all()
+        assert (r["first_scheduled"] >= r["arrival"] - 1e-9).all()
+    assert max(q.arrival for q in want) > 0            # arrivals spread out, not all at once
+    assert sim.meta["num_pages"] == real.meta["num_pages"] == 128
+    assert sim.meta["source"] == "sim" and real.meta["world"] == "runtime"
+    # fixed output lengths on the runtime: one token row per output token
+    assert len(real.tokens) == sum(q.max_output for q in want)
+
+
+def test_error_table_report_and_plots(validated):
+    errors = pd.read_csv(validated / "errors.csv")
+    assert len(errors) == 1 and errors["same_requests"].all()
+    assert set(ERROR_COLUMNS) <= set(errors.columns)
+    assert {f"{m}_err_pct" for m in REL_METRICS} == {"throughput_err_pct", "ttft_p50_err_pct", "ttft_p99_err_pct",
+                                                      "tpot_p50_err_pct", "tpot_p99_err_pct", "e2e_p50_err_pct"}
+    row = errors.iloc[0]
+    assert row["throughput_err_pct"] == pytest.approx(
+        100 * (row["sim_output_tps"] - row["real_output_tps"]) / row["real_output_tps"])
+    assert row["bubble_diff_pts"] == pytest.approx(100 * (row["sim_bubble"] - row["real_bubble"]))
+    assert row["e2e_mape_pct"] >= 0
+    for c in ERROR_COLUMNS:
+        assert pd.notna(row[c]), c
+    ranking = pd.read_csv(validated / "ranking.csv")
+    assert list(ranking.columns) == ["load", "sim_order", "real_order", "same"]
+    report = (validated / "report.md").read_text()
+    for text in ("thru %", "TTFT p50 %", "TTFT p99 %", "TPOT p50 %", "TPOT p99 %", "E2E p50 %", "bubble pts",
+                 "E2E MAPE %", "## Goals", "ranking", "machine:"):
+        assert text in report, text
+    plots = validated / "plots"
+    for stem in ("timeline_tt_r25", "cdf_tt_r25", "bubble_sim_vs_real"):
+        assert (plots / f"{stem}.png").stat().st_size > 0
+        assert f"plots/{stem}.png" in report
+
+
+def test_bench_writes_the_sim_results_folder(standin_profile, tmp_path, capsys):
+    cfg = {"model": MODEL, "pp": 2, "workload": {**WORKLOAD, "num_requests": 6}}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "bench"
+    assert main(["bench", str(tmp_path / "b.yaml"), "--policy", "sarathi", "--param", "budget=64",
+                 "--rate", "40", "--seed", "2", "--num-pages", "96", "--out", str(out)]) == 0
+    sim_out = tmp_path / "sim"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"workload": WORKLOAD}))
+    assert main(["sim", str(tmp_path / "s.yaml"), "--profile", str(standin_profile), "--policy", "sarathi", "--rate", "40", "--seed", "2",
+                 "--num-requests", "6", "--num-pages", "96", "--out", str(sim_out)]) == 0
+    files = {p.name for p in out.iterdir()}
+    assert files == {p.name for p in sim_out.iterdir()}
+    assert {"requests.csv", "batches.csv", "tokens.csv", "samples.csv", "summary.json", "config.yaml",
+            "perfetto.json"} <= files
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary_keys(2)) <= set(summary) and summary["finished"] == 6
+    conf = yaml.safe_load((out / "config.yaml").read_text())
+    assert conf["policy"] == "sarathi" and conf["policy_params"] == {"budget": 64}
+    assert conf["num_pages"] == 96 and conf["seed"] == 2 and conf["workload"]["arrival"]["rate"] == 40.0
+    want = workload_requests(conf["workload"], 2)
+    got = Trace.load(out).requests.sort_values("request_id")
+    assert got["prompt_len"].tolist() == [q.prompt_len for q in want]
+    assert got["output_len"].tolist() == [q.max_output for q in want]
+    assert got["arrival"].to_numpy() == pytest.approx([q.arrival for q in want])
+    assert json.loads((out / "perfetto.json").read_text())
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["bench", "--model", MODEL, "--pp", "0"], "--pp"),
+    (["bench", "--model", MODEL, "--num-pages", "0"], "--num-pages"),
+    (["bench", "--model", MODEL, "--rate", "fast"], "--rate"),
+    (["bench", "--model", MODEL, "--policy", "fifo"], "--policy"),
+    (["bench", "--model", MODEL, "--param", "budget"], "--param"),
+    (["bench", "--model", MODEL, "--num-requests", "x"], "--num-requests"),
+    (["bench", "--rate", "2"], "--model"),
+    (["bench", "--model", MODEL, "--bogus"], "--bogus"),
+    (["validate", "no/such.yaml"], "no/such.yaml"),
+])
+def test_bad_flags_exit_2_naming_the_flag(argv, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_bad_validation_config_names_the_key(tmp_path, capsys):
+    (tmp_path / "v.yaml").write_text(yaml.safe_dump({"model": MODEL, "profile": "x", "workload": WORKLOAD,
+                                                     "loads": [1.0], "policies": ["vllm"], "lodas": 3}))
+    with pytest.raises(SystemExit) as e:
+        main(["validate", str(tmp_path / "v.yaml")])
+    assert e.value.code == 2 and "lodas" in capsys.readouterr().err
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump({"model": MODEL, "profile": "x", "workload": WORKLOAD,
+                                                     "loads": [-1], "policies": ["vllm"]}))
+    with pytest.raises(SystemExit) as e:
+        main(["validate", str(tmp_path / "w.yaml")])
+    assert e.value.code == 2 and "loads[0]" in capsys.readouterr().err

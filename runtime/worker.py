@@ -254,6 +254,7 @@ def run_stage(rank: int, opts: Any, cmd_q: Any = None, events: Any = None) -> An
         runner.allocate(n)
         if rank != 0:
             serve(runner, g)
+            destroy_groups_quietly()
             return None
         driver = Driver(opts, runner, DistPipe(runner, g), n)
     except BaseException:

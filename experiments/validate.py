@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -182,6 +183,24 @@ def compare(sim_summary: dict, real_summary: dict, sim: Trace, real: Trace) -> d
     return row
 
 
+def stage_diagnostics(sim: Trace, real: Trace) -> dict[str, float]:
+    """Where an error comes from: total stage busy time (the same requests, so the same
+    tokens, on both sides: its error is the latency table's, batch mix aside) and the
+    median hop (next stage's start - this stage's end: transfer + waiting)."""
+    row: dict[str, float] = {}
+    for side, t in (("sim", sim), ("real", real)):
+        b = t.batches
+        row[f"{side}_busy_s"] = float((b["end"] - b["start"]).sum())
+        row[f"{side}_batches"] = int(b["batch_id"].nunique())
+        row[f"{side}_decodes_per_batch"] = float(b.loc[b["stage"] == 0, "decode_tokens"].mean())
+        start = b.pivot_table(index="batch_id", columns="stage", values="start")
+        end = b.pivot_table(index="batch_id", columns="stage", values="end")
+        hops = [start[s + 1] - end[s] for s in range(int(b["stage"].max())) if s + 1 in start]
+        row[f"{side}_hop_ms"] = float(pd.concat(hops).median() * 1e3) if hops else math.nan
+    row["busy_err_pct"] = 100.0 * (row["sim_busy_s"] - row["real_busy_s"]) / row["real_busy_s"]
+    return row
+
+
 def _ranking(rows: pd.DataFrame) -> pd.DataFrame:
     out = []
     for rate, g in rows.groupby("load", sort=False):
@@ -217,7 +236,9 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
                                     workload=wl, seed=seed, pp=cfg.pp, num_pages=num_pages,
                                     page_size=bench.page_size)
                 sim_res = simulate(sim_cfg, requests=workload_requests(wl, seed))
+                load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
                 real = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed)
+                load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
                 real_sum = summarize(real)
                 real_sum["wall_s"] = real.meta["wall_s"]
                 run_dir = out / "runs" / f"{_slug(label)}_r{rl}"
@@ -237,7 +258,8 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
                        **{f"real_{k}": real_sum[k] for k in ("ttft_p50", "ttft_p99", "tpot_p50",
                                                              "tpot_p99", "e2e_p50")},
                        "real_finished": real_sum["finished"], "sim_finished": sim_res.summary["finished"],
-                       "real_wall_s": real.meta["wall_s"]}
+                       "real_wall_s": real.meta["wall_s"], **stage_diagnostics(sim_res.trace, real),
+                       "loadavg_before": load0, "loadavg_after": load1}
                 rows.append(row)
                 traces[(label, rl)] = (sim_res.trace, real)
                 log(f"{label} @ {rl} req/s: real {real.meta['wall_s']:.1f} s, throughput err "
@@ -334,7 +356,6 @@ def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking
         cpu = cpu_name()
     except Exception:  # noqa: BLE001 - the report still gets written
         cpu = platform.processor() or "?"
-    import os
     lines = [f"# Twin validation: {cfg.name}", ""]
     if cfg.description:
         lines += [cfg.description.strip(), ""]
@@ -374,6 +395,21 @@ def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking
           f"{r.sim_ttft_p50 * 1e3:.0f} / {r.real_ttft_p50 * 1e3:.0f} | "
           f"{r.sim_tpot_p50 * 1e3:.1f} / {r.real_tpot_p50 * 1e3:.1f} | "
           f"{r.sim_bubble:.2f} / {r.real_bubble:.2f} | {r.real_wall_s:.1f} |" for r in errors.itertuples()],
+        "",
+        "## Diagnostics",
+        "",
+        "Stage busy time summed over stages and batches (the same tokens on both sides, so its error is "
+        "mostly the latency table's), median hop between stages (transfer + wait), batches and mean "
+        "decodes per batch, and the 1-minute load average before / after the real run (other load on "
+        "the machine shows here).",
+        "",
+        "| policy | load | busy sim / real (s) | busy err % | hop sim / real (ms) | batches sim / real "
+        "| decodes/batch sim / real | loadavg |",
+        "|---|---|---|---|---|---|---|---|",
+        *[f"| {r.policy} | {r.load} | {r.sim_busy_s:.1f} / {r.real_busy_s:.1f} | {r.busy_err_pct:+.1f} | "
+          f"{r.sim_hop_ms:.2f} / {r.real_hop_ms:.2f} | {r.sim_batches} / {r.real_batches} | "
+          f"{r.sim_decodes_per_batch:.1f} / {r.real_decodes_per_batch:.1f} | "
+          f"{r.loadavg_before:.2f} / {r.loadavg_after:.2f} |" for r in errors.itertuples()],
         "",
         "## Plots",
         "",

@@ -183,13 +183,28 @@ def compare(sim_summary: dict, real_summary: dict, sim: Trace, real: Trace) -> d
     return row
 
 
-def stage_diagnostics(sim: Trace, real: Trace) -> dict[str, float]:
+def stage_diagnostics(sim: Trace, real: Trace, latency: Any = None) -> dict[str, float]:
     """Where an error comes from: total stage busy time (the same requests, so the same
-    tokens, on both sides: its error is the latency table's, batch mix aside) and the
-    median hop (next stage's start - this stage's end: transfer + waiting)."""
+    tokens, on both sides: its error is the latency table's, batch mix aside), the median
+    hop (next stage's start - this stage's end: transfer + waiting) and, given the fitted
+    latency model, the median ratio of each stage interval to the model's prediction for
+    its shape (`{side}_vs_table`: ~1 on the sim side; on the real side > 1 means the
+    stages ran slower than the table measured them). The batches table has no attention
+    features, so they are approximated: a batch's prefill as one chunk from position 0,
+    every decode at the mean context (mean prompt + half the mean output)."""
     row: dict[str, float] = {}
+    req = real.requests
+    ctx = float(req["prompt_len"].mean() + req["output_len"].mean() / 2)
     for side, t in (("sim", sim), ("real", real)):
         b = t.batches
+        if latency is not None and len(b):
+            pred = np.array([latency.stage_time(int(st), float(p), float(d), float(p) * p, float(d) * ctx)
+                             for st, p, d in zip(b["stage"], b["prefill_tokens"], b["decode_tokens"])])
+            dur = (b["end"] - b["start"]).to_numpy(float)
+            ok = pred > 0
+            row[f"{side}_vs_table"] = float(np.median(dur[ok] / pred[ok])) if ok.any() else math.nan
+        else:
+            row[f"{side}_vs_table"] = math.nan
         row[f"{side}_busy_s"] = float((b["end"] - b["start"]).sum())
         row[f"{side}_batches"] = int(b["batch_id"].nunique())
         row[f"{side}_decodes_per_batch"] = float(b.loc[b["stage"] == 0, "decode_tokens"].mean())
@@ -214,8 +229,9 @@ def _ranking(rows: pd.DataFrame) -> pd.DataFrame:
 def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: None) -> ValidationResult:
     from core.metrics import summarize
     from experiments.bench import Bench, model_name, workload_requests, write_results
-    from sim import SimConfig, simulate
+    from sim import SimConfig, fitted_model, simulate
 
+    latency = fitted_model(cfg.profile)[0]
     out = Path(cfg.out or Path("results") / cfg.name)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -258,7 +274,7 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
                        **{f"real_{k}": real_sum[k] for k in ("ttft_p50", "ttft_p99", "tpot_p50",
                                                              "tpot_p99", "e2e_p50")},
                        "real_finished": real_sum["finished"], "sim_finished": sim_res.summary["finished"],
-                       "real_wall_s": real.meta["wall_s"], **stage_diagnostics(sim_res.trace, real),
+                       "real_wall_s": real.meta["wall_s"], **stage_diagnostics(sim_res.trace, real, latency),
                        "loadavg_before": load0, "loadavg_after": load1}
                 rows.append(row)
                 traces[(label, rl)] = (sim_res.trace, real)
@@ -288,7 +304,7 @@ def make_plots(folder: Path, traces: dict[tuple[str, str], tuple[Trace, Trace]],
 
     paths: list[Path] = []
     for (label, rl), (sim, real) in traces.items():
-        stem = f"{_slug(label)}_r{rl}"
+        stem = f"{_slug(label)}_r{rl}".replace(".", "p")   # plots.save() takes the last "." for a suffix
         end = float(np.nanmax(real.requests["finish"].to_numpy(float)))
         dur = min(max(end * 0.15, 0.2), 3.0)
         start = max(0.0, end * 0.4)
@@ -403,10 +419,15 @@ def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking
         "decodes per batch, and the 1-minute load average before / after the real run (other load on "
         "the machine shows here).",
         "",
-        "| policy | load | busy sim / real (s) | busy err % | hop sim / real (ms) | batches sim / real "
-        "| decodes/batch sim / real | loadavg |",
-        "|---|---|---|---|---|---|---|---|",
+        "Stage time / table: median over stage intervals of the duration over the latency model's "
+        "prediction for that batch shape (attention features approximated); about 1 on the sim side, "
+        "so a real value above 1 is how much slower the runtime's stages ran than the profiler measured.",
+        "",
+        "| policy | load | busy sim / real (s) | busy err % | stage time / table sim, real "
+        "| hop sim / real (ms) | batches sim / real | decodes/batch sim / real | loadavg |",
+        "|---|---|---|---|---|---|---|---|---|",
         *[f"| {r.policy} | {r.load} | {r.sim_busy_s:.1f} / {r.real_busy_s:.1f} | {r.busy_err_pct:+.1f} | "
+          f"{r.sim_vs_table:.2f}, {r.real_vs_table:.2f} | "
           f"{r.sim_hop_ms:.2f} / {r.real_hop_ms:.2f} | {r.sim_batches} / {r.real_batches} | "
           f"{r.sim_decodes_per_batch:.1f} / {r.real_decodes_per_batch:.1f} | "
           f"{r.loadavg_before:.2f} / {r.loadavg_after:.2f} |" for r in errors.itertuples()],

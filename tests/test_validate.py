@@ -85,6 +85,7 @@ def test_error_table_report_and_plots(validated):
         100 * (row["sim_output_tps"] - row["real_output_tps"]) / row["real_output_tps"])
     assert row["bubble_diff_pts"] == pytest.approx(100 * (row["sim_bubble"] - row["real_bubble"]))
     assert row["e2e_mape_pct"] >= 0 and row["real_busy_s"] > 0 and row["sim_busy_s"] > 0
+    assert row["sim_vs_table"] > 0 and row["real_vs_table"] > 0
     assert "## Diagnostics" in (validated / "report.md").read_text()
     for c in ERROR_COLUMNS:
         assert pd.notna(row[c]), c

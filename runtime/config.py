@@ -132,12 +132,7 @@ class ModelConfig:
     @classmethod
     def from_dir(cls, path: str | Path) -> "ModelConfig":
         file = Path(path) / "config.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: config.json not found")
-        try:
-            d = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON ({e})") from None
+        d = read_config_json(file)
         try:
             return cls.from_hf(d)
         except ValueError as e:
@@ -188,3 +183,13 @@ def stage_layers(split: Sequence[int], stage: int) -> range:
         raise ValueError(f"stage {stage} out of range for pp={len(split)}")
     start = sum(split[:stage])
     return range(start, start + split[stage])
+
+
+def read_config_json(file: Path, hint: str = "") -> dict:
+    """A config.json as a dict; a missing or broken file names itself."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: config.json not found{hint}")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None

@@ -26,7 +26,7 @@ from core.kv_cache import PageAllocator
 from core.policies import make_policy
 from core.trace import Trace
 from runtime import sampling
-from runtime.config import ModelConfig
+from runtime.config import ModelConfig, read_config_json
 from runtime.engine import Engine, EngineConfig, GenerateJob, GenerateResult
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -286,12 +286,7 @@ def _resolve_model(model: Any, load_format: str) -> tuple[Path | None, ModelConf
             file = Path(spec)
             if file.is_dir():
                 file = file / "config.json"
-            if not file.is_file():
-                raise FileNotFoundError(f"{file}: config.json not found (model 'dummy:<path>')")
-            try:
-                d = json.loads(file.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}: not valid JSON ({e})") from None
+            d = read_config_json(file, " (model 'dummy:<path>')")
             where = str(file)
         return None, _cfg_from_dict(d, where), _dummy_only(load_format), _eos_of(d)
     path = Path(text)

@@ -9,6 +9,7 @@ counts policies read are running sums.
 from __future__ import annotations
 
 from collections import deque
+from itertools import repeat
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -148,13 +149,15 @@ class Scheduler:
             raise ValueError(f"micro-batch {batch.id}: {len(sampled)} sampled tokens for "
                              f"{batch.num_samples} sampling items")
         del self.in_flight[batch.id]
-        tokens = iter(sampled) if sampled is not None else None
+        num_decodes = len(batch.decodes)
+        # Decodes sample first (batch.items order); the simulator samples token id 0.
+        decode_tokens = repeat(0) if sampled is None else sampled[:num_decodes]
+        tokens = None if sampled is None else iter(sampled[num_decodes:])
         finished: list[Request] = []
         ready, running = self.ready, Status.RUNNING
-        self._requests_in_flight -= len(batch.decodes)
-        for r in batch.decodes:  # hot path: one decode token each, inlined
+        self._requests_in_flight -= num_decodes
+        for r, token in zip(batch.decodes, decode_tokens):  # hot path: one decode token each, inlined
             r.in_flight = 0
-            token = next(tokens) if tokens is not None else 0
             if r.status is not running:  # aborted while in flight
                 self._release_if_idle(r)
                 continue
@@ -346,5 +349,6 @@ class Scheduler:
 
     def _sample(self, now: float) -> None:
         if self.recorder is not None:
-            self.recorder.sample(now, self.kv.num_used, self.total_pages, len(self.waiting),
-                                 len(self.ready), len(self.in_flight), self.num_running)
+            ready = len(self.ready)
+            self.recorder.sample(now, self.total_pages - self.kv.num_free, self.total_pages, len(self.waiting),
+                                 ready, len(self.in_flight), ready + self._requests_in_flight)

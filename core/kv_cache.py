@@ -45,6 +45,9 @@ class PageAllocator:
             raise RuntimeError(f"asked for {n} pages, only {len(self._free)} free")
         return [heapq.heappop(self._free) for _ in range(n)]
 
+    def allocate_one(self) -> int:
+        return heapq.heappop(self._free)  # IndexError when none is free: callers check num_free
+
     def free(self, pages: list[int]) -> None:
         for p in pages:
             heapq.heappush(self._free, p)

@@ -235,22 +235,23 @@ class Scheduler:
                 want = min(want, len(ready))
         decodes = batch.decodes
         take, popleft = decodes.append, ready.popleft
-        context = 0
-        while len(decodes) < want and ready:  # hot path: millions of decode tokens per trace
+        context = count = 0
+        while count < want:  # hot path (millions of decode tokens per trace); want <= count + len(ready)
             r = ready[0]
             n = r.num_scheduled
-            if n == len(r.pages) * page_size:  # the next token opens a page
+            if not n % page_size:  # pages hold exactly ceil(n / page_size): the next token opens one
                 while not kv.num_free and len(ready) > 1:
                     self._preempt(ready.pop())  # newest-ready first, so the oldest keep going
-                    want = min(want, len(decodes) + len(ready))
+                    want = min(want, count + len(ready))
                 if not kv.num_free:
                     break
-                r.pages.extend(kv.allocate(1))
+                r.pages.append(kv.allocate_one())
             popleft()
             r.num_scheduled = n = n + 1
             r.in_flight = 1  # ready requests are never in flight; the batch is dispatched below
             context += n
             take(r)
+            count += 1
         batch.decode_tokens += len(decodes)
         batch.decode_context += context
         batch.num_samples += len(decodes)

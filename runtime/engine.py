@@ -175,6 +175,9 @@ class LocalPipe:
         self.runner.reset()
         return []
 
+    def stream_rows(self) -> None:
+        pass  # online serving: stage 0 records its own rows
+
     def close(self) -> None:
         pass
 
@@ -206,6 +209,10 @@ class DistPipe:
 
     def poll(self, timeout: float | None) -> tuple[int, list[int]] | None:
         return self.receiver.get(timeout)
+
+    def stream_rows(self) -> None:
+        """Online serving: the other stages push their busy rows to the frontend."""
+        isend_obj(("stream_rows", None), self.others, self.g.ctrl, self.sends)
 
     def collect(self) -> list[tuple]:
         """Every stage's busy rows of this generate call (epoch seconds)."""
@@ -358,6 +365,22 @@ class StageFailure(RuntimeError):
     """A pipeline stage raised or died; the message names the stage."""
 
 
+class OnlineChannel:
+    """Commands to runtime.online.serve_online and its events back: over the spawned
+    processes' queues, or to a thread running it in this process (pp = 1)."""
+
+    def __init__(self, engine: "Engine", cmd: Any, events: Any, thread: Any = None) -> None:
+        self.engine, self.cmd, self.events, self.thread = engine, cmd, events, thread
+
+    def send(self, msg: tuple) -> None:
+        self.cmd.put(msg)
+
+    def recv(self, timeout: float) -> tuple | None:
+        """The next event; None after `timeout` s; StageFailure (naming the stage) once the
+        pipeline is dead."""
+        return self.engine._next_event(timeout, self.events)
+
+
 class Engine:
     """Owns the stages: in-process (pp = 1), spawned processes, or a torchrun rank."""
 
@@ -367,6 +390,7 @@ class Engine:
         self._procs: list[Any] = []
         self._failed: str | None = None
         self._closed = False
+        self._online: tuple[Any, Any] | None = None  # pp = 1 online serving: (commands, thread)
         self.num_pages = 0
         if opts.pp == 1:
             self.mode = "local"
@@ -483,7 +507,49 @@ class Engine:
                 p.kill()
                 p.join(2.0)
 
+    def _next_event(self, timeout: float, events: Any) -> tuple | None:
+        try:
+            ev = events.get(timeout=timeout)
+        except queue.Empty:
+            ev = None
+        if self.mode == "spawn":
+            if ev is not None and ev[0] == "error":
+                self._fail([ev])
+            if ev is None and any(not p.is_alive() for p in self._procs):
+                self._fail([])
+        elif ev is not None and ev[0] == "error":
+            self._failed = f"pipeline stage 0 failed: {ev[2].strip().splitlines()[-1]}"
+            raise StageFailure(f"{self._failed}\n{ev[2].rstrip()}")
+        return ev
+
     # ---- API ----
+    def open_stream(self, policy: str, policy_params: dict[str, Any]) -> OnlineChannel:
+        """Switch the engine to online serving (runtime.online); it serves until shutdown."""
+        from runtime.online import serve_online
+
+        if self.mode == "torchrun":
+            raise ValueError("online serving runs stages it spawns itself (or pp=1), not under torchrun")
+        if self._closed or self._failed is not None:
+            raise RuntimeError("the engine is shut down")
+        if self.mode == "spawn":
+            self._cmd.put(("serve", (policy, policy_params)))
+            return OnlineChannel(self, self._cmd, self._events)
+        import threading
+
+        cmd, events = queue.Queue(), queue.Queue()
+
+        def run() -> None:
+            try:
+                serve_online(self._driver, cmd, events, policy, policy_params)
+            except BaseException:  # noqa: BLE001 - reported to the frontend
+                import traceback
+                events.put(("error", 0, traceback.format_exc()))
+
+        thread = threading.Thread(target=run, name="pipetwin-stage0", daemon=True)
+        self._online = (cmd, thread)
+        thread.start()
+        return OnlineChannel(self, cmd, events, thread)
+
     def generate(self, job: GenerateJob) -> GenerateResult:
         if self._failed is not None:
             raise StageFailure(f"the pipeline is down after an earlier failure ({self._failed}); "
@@ -509,6 +575,10 @@ class Engine:
             return
         self._closed = True
         if self.mode != "spawn":
+            if self._online is not None:
+                cmd, thread = self._online
+                cmd.put(("stop", None))
+                thread.join(30.0)
             if self._driver is not None:
                 self._driver.close()
             self._driver = None

@@ -114,20 +114,11 @@ class LLM:
         self.engine: Engine | None = None
         make_policy(policy, policy_params)  # fail here, not in a stage process
         self.policy, self.policy_params = policy, dict(policy_params or {})
-        path, cfg, fmt, self._eos = _resolve_model(model, load_format)
-        if isinstance(dtype, torch.dtype):
-            dtype = str(dtype).removeprefix("torch.")
-        if dtype == "auto":
-            dtype = None
-        if isinstance(layer_split, str):
-            layer_split = [int(x) for x in layer_split.split(",")] if layer_split.strip() else None
-        opts = EngineConfig(
-            model_path=None if path is None else str(path), model_cfg=cfg, load_format=fmt, pp=pp,
-            layer_split=tuple(layer_split or ()), num_pages=num_pages, page_size=page_size,
-            kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization,
-            device=str(device), dtype=dtype, seed=seed, num_threads=num_threads)
+        opts, self._eos, self.tokenizer = build_engine_config(
+            model, pp=pp, layer_split=layer_split, num_pages=num_pages, page_size=page_size, device=device,
+            dtype=dtype, seed=seed, load_format=load_format, kv_cache_gib=kv_cache_gib,
+            gpu_memory_utilization=gpu_memory_utilization, num_threads=num_threads)
         self.config = opts
-        self.tokenizer = _load_tokenizer(path)
         self._last: GenerateResult | None = None
         self._trace: Trace | None = None
         self.engine = Engine(opts)
@@ -230,13 +221,10 @@ class LLM:
                 p = self.tokenizer.encode(p)
             if isinstance(p, torch.Tensor):
                 p = p.tolist()
-            if not isinstance(p, Sequence) or not all(_is_int(t) for t in p):
-                raise ValueError(f"prompt {i} must be a string or a list of int token ids")
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-            bad = [t for t in p if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt {i}: token id {bad[0]} outside the vocabulary [0, {vocab})")
+            try:
+                check_prompt_ids(p, vocab)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
             out.append([int(t) for t in p])
         return out
 
@@ -262,6 +250,38 @@ class LLM:
             self.shutdown()
         except Exception:  # noqa: BLE001 - interpreter teardown
             pass
+
+
+def build_engine_config(model: Any, pp: int = 1, layer_split: str | Sequence[int] | None = None,
+                        num_pages: int | None = None, page_size: int = 16, device: str = "cpu",
+                        dtype: str | torch.dtype | None = None, seed: int = 0, load_format: str = "auto",
+                        kv_cache_gib: float | None = None, gpu_memory_utilization: float = 0.9,
+                        num_threads: int | None = None) -> tuple[EngineConfig, frozenset[int], Any]:
+    """(validated engine config, eos token ids, HF tokenizer or None) for LLM and AsyncLLM."""
+    path, cfg, fmt, eos = _resolve_model(model, load_format)
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype == "auto":
+        dtype = None
+    if isinstance(layer_split, str):
+        layer_split = [int(x) for x in layer_split.split(",")] if layer_split.strip() else None
+    opts = EngineConfig(
+        model_path=None if path is None else str(path), model_cfg=cfg, load_format=fmt, pp=pp,
+        layer_split=tuple(layer_split or ()), num_pages=num_pages, page_size=page_size,
+        kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization,
+        device=str(device), dtype=dtype, seed=seed, num_threads=num_threads)
+    return opts, eos, _load_tokenizer(path)
+
+
+def check_prompt_ids(ids: Any, vocab: int) -> None:
+    """ValueError unless `ids` is a non-empty list of token ids inside the vocabulary."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not all(_is_int(t) for t in ids):
+        raise ValueError("a prompt must be a string or a list of int token ids")
+    if not ids:
+        raise ValueError("the prompt is empty")
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {vocab})")
 
 
 def _resolve_model(model: Any, load_format: str) -> tuple[Path | None, ModelConfig, str, frozenset[int]]:

@@ -155,7 +155,7 @@ class StageRunner:
             torch.cuda.synchronize(self.device)
 
 
-def serve(runner: StageRunner, g: Groups) -> None:
+def serve(runner: StageRunner, g: Groups, events: Any = None) -> None:
     """Loop of stages 1..pp-1 until stage 0 says stop. The `Inbox` thread keeps the next
     metadata and activation receives posted while this thread computes (CPU; with nccl
     the activations are received here, on the compute thread's stream)."""
@@ -169,6 +169,7 @@ def serve(runner: StageRunner, g: Groups) -> None:
 
     inbox = Inbox(g.ctrl, runner.build_meta, recv_acts if device.type == "cpu" else None)
     sends = SendQueue(keep=runner.pp + 1)
+    stream_rows, last_push = False, 0.0   # online serving: rows go to the frontend now and then
     while True:
         kind, m, meta, acts = inbox.get()
         if kind == "batch":
@@ -187,6 +188,11 @@ def serve(runner: StageRunner, g: Groups) -> None:
                 sends.add(dist.isend(x, s + 1, group=g.next), x)
             runner.record(m, start, runner.now())
             sends.close_launch()
+            if stream_rows and start - last_push > 0.5:
+                events.put(("rows", runner.rows))
+                runner.rows, last_push = [], start
+        elif kind == "stream_rows":
+            stream_rows = events is not None
         elif kind == "collect":
             sends.drain()
             send_obj(runner.rows, 0, g.reply)
@@ -253,7 +259,7 @@ def run_stage(rank: int, opts: Any, cmd_q: Any = None, events: Any = None) -> An
             return None  # stage 0 reports why
         runner.allocate(n)
         if rank != 0:
-            serve(runner, g)
+            serve(runner, g, events)
             destroy_groups_quietly()
             return None
         driver = Driver(opts, runner, DistPipe(runner, g), n)
@@ -282,7 +288,11 @@ def _serve_commands(driver: Any, cmd_q: Any, events: Any) -> None:
             continue
         if cmd == "generate":
             events.put(("result", driver.run(payload)))
-        elif cmd == "stop":
+        elif cmd == "serve":  # online until a "stop" command, then shut down as below
+            from runtime.online import serve_online
+            serve_online(driver, cmd_q, events, *payload)
+            cmd = "stop"
+        if cmd == "stop":
             driver.close()
             events.put(("stopped", None))
             return

@@ -1,0 +1,413 @@
+"""Online serving: requests come and go at any time, tokens stream out as micro-batches
+finish, a client can abort. The offline `LLM.generate` runs a closed job; a server needs
+this instead.
+
+Two halves, one channel (runtime.engine.OnlineChannel) between them:
+- `serve_online` runs where the scheduler lives (the stage-0 process, or a thread for
+  pp = 1): it takes ("add" | "abort" | "stop", payload) commands and answers with
+  ("step", deltas, stats) after every finished micro-batch and ("rows", busy rows) now
+  and then. It is the same core `Scheduler`, the same pipe and metadata as `generate`.
+- `AsyncLLM`, in the caller's process: an asyncio API (`async for delta in
+  llm.generate(ids, params)`), a dispatcher thread that routes deltas to the waiting
+  streams, counters and a recent window of stage busy rows for /metrics.
+
+Leaving a stream early (client gone: the task is cancelled or the generator closed)
+aborts the request; the scheduler frees its KV pages once no in-flight micro-batch
+still reads them.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import numpy as np
+import pandas as pd
+
+from core.batch import MicroBatch
+from core.metrics import bubble_ratio
+from core.policies import make_policy
+from core.request import Request
+from core.scheduler import Scheduler, SchedulerConfig
+from runtime.llm import SamplingParams, build_engine_config, check_prompt_ids
+
+_POLL_S = 0.002        # how long stage 0 waits on the pipe before looking for new commands
+_ROWS_EVERY_S = 0.5    # how often busy rows travel to the frontend
+_FINISH = {"aborted": "abort"}  # core reasons -> OpenAI-style ones ("length", "stop" as is)
+
+
+# ------------------------------------------------------------------ stage 0's side
+
+def serve_online(driver: Any, inbox: Any, outbox: Any, policy: str, policy_params: dict) -> None:
+    """Stage 0's loop until a ("stop", None) command. `driver` is runtime.engine.Driver."""
+    o, pipe, runner = driver.opts, driver.pipe, driver.runner
+    sched = Scheduler(SchedulerConfig(o.pp, driver.num_pages, o.page_size), make_policy(policy, policy_params))
+    live: dict[int, Request] = {}
+    sent: dict[int, int] = {}           # output tokens already reported, per live request
+    params: dict[int, Any] = {}          # runtime.sampling params of live requests
+    non_greedy = 0
+    launched: dict[int, MicroBatch] = {}
+    release: list[int] = []              # finished ids whose sampler state the last stage drops
+    deltas: list[tuple[int, tuple[int, ...], str | None]] = []
+    rows: list[tuple] = []
+    t0 = time.perf_counter()
+    epoch0 = t0 + runner.offset
+    last_rows = t0
+    pipe.stream_rows()
+
+    def clock() -> float:
+        return time.perf_counter() - t0
+
+    def forget(rid: int) -> None:
+        nonlocal non_greedy
+        live.pop(rid, None)
+        sent.pop(rid, None)
+        if not params.pop(rid).greedy:
+            non_greedy -= 1
+        release.append(rid)
+
+    def handle(cmd: str, payload: Any) -> bool:
+        nonlocal non_greedy
+        if cmd == "add":
+            rid, prompt, max_tokens, stop_ids, sp = payload
+            r = Request(id=rid, prompt_len=len(prompt), max_output=max_tokens, arrival=clock(),
+                        prompt_ids=prompt, stop_token_ids=stop_ids)
+            live[rid], sent[rid], params[rid] = r, 0, sp
+            non_greedy += not sp.greedy
+            if not sched.add(r, r.arrival):  # the frontend checks lengths first; never silent
+                deltas.append((rid, (), r.finish_reason))
+                forget(rid)
+            # the scheduler's every-request history would grow for as long as we serve
+            sched.requests.clear()
+        elif cmd == "abort":
+            r = live.get(payload)
+            if r is not None:
+                sched.abort(r, clock())
+                deltas.append((payload, (), "abort"))
+                forget(payload)
+        elif cmd == "stop":
+            return False
+        else:
+            raise ValueError(f"online serving: unknown command {cmd!r}")
+        return True
+
+    def complete(got: tuple[int, list[int]]) -> None:
+        batch = launched.pop(got[0])
+        sched.complete(batch, clock(), got[1])
+        for r in itertools.chain(batch.decodes, (it.request for it in batch.chunks)):
+            k = sent.get(r.id)
+            if k is None:   # aborted while in flight
+                continue
+            n = len(r.output_ids)
+            if n > k or r.is_finished:
+                reason = _FINISH.get(r.finish_reason, r.finish_reason) if r.is_finished else None
+                deltas.append((r.id, tuple(r.output_ids[k:n]), reason))
+                sent[r.id] = n
+                if r.is_finished:
+                    forget(r.id)
+
+    def flush() -> None:
+        nonlocal deltas
+        if deltas:
+            stats = (sched.num_unfinished - sched.num_waiting, sched.num_waiting,
+                     sched.total_pages - sched.free_pages, sched.total_pages)
+            outbox.put(("step", deltas, stats))
+            deltas = []
+
+    while True:
+        try:
+            while True:
+                cmd = inbox.get_nowait()
+                if not handle(*cmd):
+                    flush()
+                    return
+        except queue.Empty:
+            pass
+        while (got := pipe.poll(0)) is not None:
+            complete(got)
+        flush()
+        if sched.has_work:
+            start = clock()
+            batch = sched.next_batch(start)
+            if batch is not None:
+                launched[batch.id] = batch
+                m, ids = driver._meta(batch, params, non_greedy == 0, release)
+                release = []
+                end = pipe.launch(m, ids) - t0
+                rows.append((batch.id, 0, epoch0 + start, epoch0 + end, batch.prefill_tokens,
+                             batch.decode_tokens, len(batch)))
+                continue
+        if rows and time.perf_counter() - last_rows > _ROWS_EVERY_S:
+            outbox.put(("rows", rows))
+            rows, last_rows = [], time.perf_counter()
+        if launched:
+            if (got := pipe.poll(_POLL_S)) is not None:
+                complete(got)
+        else:
+            try:
+                cmd = inbox.get(timeout=_ROWS_EVERY_S)
+            except queue.Empty:
+                parent = multiprocessing.parent_process()
+                if parent is not None and not parent.is_alive():
+                    return  # orphaned (the server was killed): shut the stages down
+                continue
+            if not handle(*cmd):
+                flush()
+                return
+
+
+# ------------------------------------------------------------------ the caller's side
+
+@dataclass(slots=True, frozen=True)
+class TokenDelta:
+    request_id: int
+    token_ids: tuple[int, ...]     # generated since the previous delta (may be empty in the last)
+    finish_reason: str | None      # None while running; then "length" | "stop" | "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True, frozen=True)
+class EngineStats:
+    running: int                   # admitted by the scheduler (prefilling or decoding)
+    waiting: int                   # queued, not admitted yet
+    kv_used_pages: int
+    kv_total_pages: int
+    bubble_ratio: float | None     # over the last bubble_window_s; None before any batch
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    requests_finished_total: int
+
+    @property
+    def kv_utilization(self) -> float:
+        return self.kv_used_pages / self.kv_total_pages if self.kv_total_pages else 0.0
+
+
+class EngineDeadError(RuntimeError):
+    """The pipeline failed; the message names the stage and the cause."""
+
+
+class AsyncLLM:
+    """An asyncio engine for servers: stream tokens per request, abort, watch stats.
+
+        llm = AsyncLLM("dummy:{...}", pp=2)
+        async for delta in llm.generate(prompt_ids, SamplingParams(max_tokens=32)):
+            ...
+    Arguments mean what they mean for runtime.llm.LLM."""
+
+    def __init__(self, model: Any, pp: int = 1, policy: str = "token_throttling",
+                 policy_params: dict[str, Any] | None = None, *, bubble_window_s: float = 10.0,
+                 max_rows: int = 200_000, **engine_kwargs: Any) -> None:
+        from runtime.engine import Engine
+
+        if not (isinstance(bubble_window_s, (int, float)) and bubble_window_s > 0):
+            raise ValueError(f"bubble_window_s must be a number > 0, got {bubble_window_s!r}")
+        make_policy(policy, policy_params)  # fail here, not in a stage process
+        self.policy, self.policy_params = policy, dict(policy_params or {})
+        self.config, self.eos_token_ids, self.tokenizer = build_engine_config(model, pp=pp, **engine_kwargs)
+        self.bubble_window_s = float(bubble_window_s)
+        self.engine = Engine(self.config)
+        self._channel = self.engine.open_stream(policy, self.policy_params)
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._active: dict[int, list[float]] = {}   # id -> [start epoch, finish epoch or nan]
+        self._done_spans: deque[tuple[float, float]] = deque(maxlen=max_rows)
+        self._rows: deque[tuple] = deque(maxlen=max_rows)
+        self._sched_stats = (0, 0, 0, self.engine.num_pages)
+        self._prompt_tokens = self._gen_tokens = self._finished = 0
+        self._error: str | None = None
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._dispatch, name="pipetwin-online", daemon=True)
+        self._thread.start()
+
+    # ---- what a server needs to know ----
+    @property
+    def model_config(self) -> Any:
+        return self.config.model_cfg
+
+    @property
+    def num_pages(self) -> int:
+        return self.engine.num_pages
+
+    @property
+    def page_size(self) -> int:
+        return self.config.page_size
+
+    @property
+    def pp(self) -> int:
+        return self.config.pp
+
+    @property
+    def max_model_len(self) -> int:
+        """Most prompt + output tokens one request may hold (KV capacity, positions)."""
+        return min(self.num_pages * self.page_size + 1, self.model_config.max_position_embeddings)
+
+    @property
+    def healthy(self) -> bool:
+        return self._error is None and not self._closing.is_set()
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """ValueError naming what is wrong with a request this engine can never serve."""
+        check_prompt_ids(prompt_ids, self.model_config.vocab_size)
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a runtime.llm.SamplingParams, got {type(params).__name__}")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"{len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens} exceed the "
+                             f"model length {self.max_model_len} (KV cache: {self.num_pages} pages of "
+                             f"{self.page_size} tokens; max_position_embeddings "
+                             f"{self.model_config.max_position_embeddings})")
+
+    # ---- requests ----
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenDelta]:
+        """Yield the request's tokens as micro-batches finish. Leaving early aborts it."""
+        self._raise_if_dead()
+        self.check_request(prompt_ids, params)
+        rid = next(self._ids)
+        stream: asyncio.Queue = asyncio.Queue()
+        stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        with self._lock:
+            self._streams[rid] = (asyncio.get_running_loop(), stream)
+            self._active[rid] = [time.time(), float("nan")]
+            self._prompt_tokens += len(prompt_ids)
+        finished = False
+        try:
+            self._channel.send(("add", (rid, [int(t) for t in prompt_ids], params.max_tokens, stop,
+                                        params.to_sampler())))
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(rid, None)
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: int) -> None:
+        if self.healthy:
+            try:
+                self._channel.send(("abort", request_id))
+            except Exception:  # noqa: BLE001 - the pipeline is going down; nothing to free
+                pass
+
+    # ---- observation ----
+    def stats(self) -> EngineStats:
+        running, waiting, used, total = self._sched_stats
+        return EngineStats(running, waiting, used, total, self.recent_bubble_ratio(),
+                           self._prompt_tokens, self._gen_tokens, self._finished)
+
+    def stage_rows(self, since_epoch: float = 0.0) -> list[tuple]:
+        """Recent stage busy rows (batch_id, stage, start, end [epoch s], prefill tokens,
+        decode tokens, requests); a bounded buffer."""
+        with self._lock:
+            return [r for r in self._rows if r[3] >= since_epoch]
+
+    def recent_bubble_ratio(self) -> float | None:
+        """core.metrics.bubble_ratio over the last bubble_window_s seconds."""
+        now = time.time()
+        w0 = now - self.bubble_window_s
+        with self._lock:
+            rows = [r for r in self._rows if r[3] > w0]
+            spans = [s for s in self._done_spans if s[1] > w0] + [tuple(v) for v in self._active.values()]
+        if not rows:
+            return None
+        b = pd.DataFrame(rows, columns=["batch_id", "stage", "start", "end", "prefill", "decode", "n"])
+        b["start"] = b["start"].clip(lower=w0)
+        end = float(b["end"].max())
+        s = np.array(spans, dtype=np.float64).reshape(-1, 2)
+        req = pd.DataFrame({"arrival": np.maximum(s[:, 0], w0), "finish": np.minimum(s[:, 1], end),
+                            "status": "finished"})
+        req = req[req["arrival"] < req["finish"].fillna(end)]
+        return bubble_ratio(b, req, self.pp, end=end).overall
+
+    # ---- the dispatcher thread ----
+    def _dispatch(self) -> None:
+        while not self._closing.is_set():
+            try:
+                ev = self._channel.recv(0.1)
+            except Exception as e:  # noqa: BLE001 - the engine died: tell every stream
+                self._die(str(e))
+                return
+            if ev is None:
+                continue
+            kind = ev[0]
+            if kind == "step":
+                self._deliver(ev[1], ev[2])
+            elif kind == "rows":
+                with self._lock:
+                    self._rows.extend(ev[1])
+
+    def _deliver(self, deltas: list, stats: tuple) -> None:
+        now = time.time()
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            self._sched_stats = stats
+            for rid, ids, reason in deltas:
+                self._gen_tokens += len(ids)
+                if reason is not None:
+                    self._finished += 1
+                    span = self._active.pop(rid, None)
+                    if span is not None:
+                        self._done_spans.append((span[0], now))
+                target = self._streams.get(rid)
+                if target is not None:
+                    by_loop.setdefault(target[0], []).append((target[1], TokenDelta(rid, ids, reason)))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: its streams are gone
+                pass
+
+    def _die(self, why: str) -> None:
+        self._error = why or "the pipeline stopped"
+        with self._lock:
+            targets = list(self._streams.values())
+        for loop, q in targets:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, EngineDeadError(self._error))
+            except RuntimeError:
+                pass
+
+    def _raise_if_dead(self) -> None:
+        if self._error is not None:
+            raise EngineDeadError(self._error)
+        if self._closing.is_set():
+            raise EngineDeadError("the engine is shut down")
+
+    # ---- lifetime ----
+    def shutdown(self) -> None:
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        self._thread.join(5.0)
+        if self._error is None:
+            self._die("the engine is shut down")
+        self.engine.shutdown()
+
+    def __enter__(self) -> "AsyncLLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, TokenDelta]]) -> None:
+    for q, delta in items:
+        q.put_nowait(delta)

@@ -1,0 +1,187 @@
+"""OpenAI request/response shapes and OpenAI-style errors.
+
+Requests are parsed strictly (a string where a number belongs is a 400 naming the field,
+not a silent conversion). Unknown fields are accepted, since OpenAI clients send fields
+of newer API versions, but a known field whose value would change the result and that we
+cannot honour (n != 1, logprobs, best_of, penalties, logit_bias, tools, ...) is a 400
+naming it: nothing that changes results is ignored silently.
+
+vLLM extensions accepted: `ignore_eos`, `top_k`, `stop_token_ids` (the openai client
+sends them through `extra_body`).
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+Number = Union[StrictInt, StrictFloat]
+
+
+class APIError(Exception):
+    """Becomes {"error": {"message", "type", "param", "code"}} with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(_Base):
+    include_usage: StrictBool = False
+
+
+# Fields clients may send that would change results and that we do not implement: a value
+# other than the neutral one is a 400. (field -> neutral values)
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1), "best_of": (None, 1), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
+    "echo": (None, False), "suffix": (None, ""), "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "tools": (None, []),
+    "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}), "prediction": (None,), "audio": (None,),
+    "modalities": (None, ["text"]), "parallel_tool_calls": (None, True, False),
+    # vLLM sampling extensions we do not implement
+    "min_tokens": (None, 0), "repetition_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0),
+    "use_beam_search": (None, False), "length_penalty": (None, 1, 1.0),
+    "include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "bad_words": (None, []), "allowed_token_ids": (None,), "prompt_logprobs": (None, 0),
+}
+
+
+class _SamplingFields(_Base):
+    model: StrictStr
+    max_tokens: StrictInt | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+    # vLLM extensions
+    ignore_eos: StrictBool = False
+    top_k: StrictInt | None = None
+    stop_token_ids: list[StrictInt] | None = None
+
+    def check_unsupported(self) -> None:
+        extra = self.model_extra or {}
+        for name, neutral in _UNSUPPORTED.items():
+            if name in extra and not any(extra[name] == v and type(extra[name]) is type(v) or
+                                         (extra[name] is None and v is None) for v in neutral):
+                allowed = ", ".join(repr(v) for v in neutral if v is not None) or "null"
+                raise APIError(400, f"'{name}' = {extra[name]!r} is not supported by this server "
+                                    f"(allowed: {allowed}, or leave it out)", param=name)
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            raise APIError(400, f"temperature must be in [0, 2], got {self.temperature}", "temperature")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise APIError(400, f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if self.top_k is not None and self.top_k < 0:
+            raise APIError(400, f"top_k must be >= 0 (0 = off), got {self.top_k}", "top_k")
+        if self.seed is not None and self.seed < 0:
+            raise APIError(400, f"seed must be >= 0, got {self.seed}", "seed")
+        stops = self.stop_strings()
+        if len(stops) > 4:
+            raise APIError(400, f"stop takes at most 4 strings, got {len(stops)}", "stop")
+        if any(s == "" for s in stops):
+            raise APIError(400, "stop strings must not be empty", "stop")
+        if self.stop_token_ids and any(t < 0 for t in self.stop_token_ids):
+            raise APIError(400, "stop_token_ids must be token ids >= 0", "stop_token_ids")
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions. `prompt`: a string, a list of token ids, or a list holding one
+    of those (batches of several prompts are not supported: one choice per request)."""
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+
+
+class ChatMessage(_Base):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: StrictStr | list[dict[str, Any]] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        """The message's text; content parts must all be {"type": "text", "text": ...}."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        out = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"only text content parts are supported, got type {part.get('type')!r}",
+                               "messages")
+            out.append(part["text"])
+        return "".join(out)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions. `max_completion_tokens` is the newer name of max_tokens."""
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = None
+
+
+# ------------------------------------------------------------------ responses
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(rid: str, model: str, text: str, finish_reason: str | None,
+                    prompt_tokens: int, completion_tokens: int, created: int | None = None) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": created or int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def chat_body(rid: str, model: str, text: str, finish_reason: str | None,
+              prompt_tokens: int, completion_tokens: int, created: int | None = None) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion", "created": created or int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": finish_reason}],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any],
+               finish_reason: str | None) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(rid: str, model: str, created: int, obj: str, prompt_tokens: int,
+                completion_tokens: int) -> dict[str, Any]:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}

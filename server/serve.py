@@ -1,0 +1,130 @@
+"""`pipetwin serve`: an AsyncLLM behind the OpenAI-compatible app, run by uvicorn; and
+`ServerThread`, the same server on a loopback port in a background thread (tests, tools).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger("pipetwin.server")
+
+
+class ServerThread:
+    """uvicorn serving `app` in a daemon thread on host:port (port 0 = a free one).
+
+        with ServerThread(app) as srv:
+            httpx.get(srv.url + "/health")
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="pipetwin-server", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server thread did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------- CLI
+
+def add_arguments(p: argparse.ArgumentParser, param_type: Any) -> None:
+    p.add_argument("--model", required=True, help="model directory or dummy:<preset | config.json | inline JSON>")
+    p.add_argument("--served-model-name", help="the name clients put in `model` (default: --model as given)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (one process each; default 1)")
+    p.add_argument("--policy", default="token_throttling", help="token_throttling | sarathi | vllm | dotted.path.Class")
+    p.add_argument("--param", type=param_type, action="append", default=[], metavar="KEY=VALUE",
+                   help="policy parameter (repeatable); values parsed as YAML")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--num-pages", type=int, help="KV pages (default: the runtime's, 1 GiB per stage on CPU)")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
+    p.add_argument("--layer-split", help="layers per stage, e.g. 5,3")
+    p.add_argument("--threads", type=int, help="torch threads per stage process (default 1 on CPU)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bubble-window", type=float, default=10.0,
+                   help="seconds of stage rows behind the /metrics bubble ratio (default 10)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the flag."""
+    from core.policies import make_policy
+
+    for flag, v, low in (("--pp", args.pp, 1), ("--page-size", args.page_size, 1), ("--num-pages", args.num_pages, 1),
+                         ("--threads", args.threads, 1), ("--seed", args.seed, 0), ("--port", args.port, 0)):
+        if v is not None and v < low:
+            raise ValueError(f"{flag} must be an integer >= {low}, got {v}")
+    if args.port > 65535:
+        raise ValueError(f"--port must be <= 65535, got {args.port}")
+    if not args.bubble_window > 0:
+        raise ValueError(f"--bubble-window must be > 0 seconds, got {args.bubble_window}")
+    try:
+        make_policy(args.policy, dict(args.param))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--policy/--param: {e}") from None
+
+
+def make_engine(args: argparse.Namespace) -> Any:
+    from experiments.bench import resolve_model
+    from runtime.online import AsyncLLM
+
+    return AsyncLLM(resolve_model(args.model), pp=args.pp, policy=args.policy, policy_params=dict(args.param),
+                    bubble_window_s=args.bubble_window, layer_split=args.layer_split, num_pages=args.num_pages,
+                    page_size=args.page_size, device=args.device, dtype=args.dtype, seed=args.seed,
+                    num_threads=args.threads)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import build_app
+
+    check_args(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = args.served_model_name or args.model
+    log.info("starting the engine: model %s, pp=%d, policy %s %s", args.model, args.pp, args.policy, dict(args.param))
+    engine = make_engine(args)
+    try:
+        info = {"pp": args.pp, "policy": args.policy, "policy_params": dict(args.param), "seed": args.seed,
+                "source_model": args.model, "layer_split": args.layer_split, "threads": args.threads}
+        app = build_app(engine, model_name=name, info=info)
+        log.info("serving %s on http://%s:%d (%d KV pages of %d tokens, max_model_len %d)", name, args.host,
+                 args.port, engine.num_pages, engine.page_size, engine.max_model_len)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()
+    return 0

@@ -59,6 +59,7 @@ def serve_online(driver: Any, inbox: Any, outbox: Any, policy: str, policy_param
     t0 = time.perf_counter()
     epoch0 = t0 + runner.offset
     last_rows = t0
+    last_stats: tuple = ()
     pipe.stream_rows()
 
     def clock() -> float:
@@ -113,12 +114,14 @@ def serve_online(driver: Any, inbox: Any, outbox: Any, policy: str, policy_param
                     forget(r.id)
 
     def flush() -> None:
-        nonlocal deltas
-        if deltas:
-            stats = (sched.num_unfinished - sched.num_waiting, sched.num_waiting,
-                     sched.total_pages - sched.free_pages, sched.total_pages)
+        """Send new tokens, and the queue/KV state whenever it changed (an aborted
+        request's pages come free only when its last in-flight batch returns)."""
+        nonlocal deltas, last_stats
+        stats = (sched.num_unfinished - sched.num_waiting, sched.num_waiting,
+                 sched.total_pages - sched.free_pages, sched.total_pages)
+        if deltas or stats != last_stats:
             outbox.put(("step", deltas, stats))
-            deltas = []
+            deltas, last_stats = [], stats
 
     while True:
         try:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from core.batch import BatchItem, MicroBatch  # noqa: E402
 from core.kv_cache import PageAllocator  # noqa: E402
 from core.request import Request  # noqa: E402
+from runtime import attention  # noqa: E402
 from runtime.config import ModelConfig, layer_split  # noqa: E402
 from runtime.kv_cache import KVCache, kv_bytes_per_page, pages_that_fit  # noqa: E402
 from runtime.local import LocalPipeline  # noqa: E402
@@ -110,6 +111,69 @@ def test_greedy_matches_hf(models, name, pp, split, page_size, chunk):
             full = torch.tensor([prompt + outs[i][:-1]])
             ref_logits = hf(full).logits[0, len(prompt) - 1:]
             torch.testing.assert_close(torch.stack(logits[i]), ref_logits, atol=1e-4, rtol=0)
+
+
+def test_greedy_matches_hf_in_place_prefixes(models, monkeypatch):
+    """Decode rows read their first consecutive pages in place (one page is enough here)
+    and merge with the gathered tail by log-sum-exp: still HF's greedy tokens."""
+    monkeypatch.setattr(attention, "MIN_PREFIX_PAGES", 1)
+    path, hf = models["llama"]
+    pipe = LocalPipeline(path, pp=2, page_size=2, num_pages=64)
+    outs, logits = run_greedy(pipe, PROMPTS, NEW_TOKENS, chunk=16)
+    with torch.no_grad():
+        for i, prompt in enumerate(PROMPTS):
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
+            assert outs[i] == ref[0, len(prompt):].tolist(), f"prompt {i}"
+
+
+def _reference_attention(q, k_cache, v_cache, starts, lens, pages, page_size):
+    """Plain softmax attention per item over its keys read token by token."""
+    heads, kv_heads = q.shape[1], k_cache.shape[2]
+    out, offset = [], 0
+    for start, n, ps in zip(starts, lens, pages):
+        ctx = start + n
+        slots = [ps[p // page_size] * page_size + p % page_size for p in range(ctx)]
+        k = k_cache.view(-1, kv_heads, k_cache.shape[-1])[slots].repeat_interleave(heads // kv_heads, 1)
+        v = v_cache.view(-1, kv_heads, v_cache.shape[-1])[slots].repeat_interleave(heads // kv_heads, 1)
+        qi = q[offset:offset + n].transpose(0, 1)                     # [heads, n, d]
+        s = qi @ k.permute(1, 2, 0) / k.shape[-1] ** 0.5              # [heads, n, ctx]
+        causal = torch.arange(ctx)[None, :] <= torch.arange(start, ctx)[:, None]
+        s = s.masked_fill(~causal, float("-inf"))
+        out.append((s.softmax(-1) @ v.transpose(0, 1)).transpose(0, 1))
+        offset += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("mode", ["auto", "grouped", "padded", "rows"])
+def test_decode_modes_match_reference(mode, monkeypatch):
+    """Every decode plan (one padded group, a group per row, groups by length, in-place
+    prefixes + gathered tails) gives the same attention as a plain reference, mixed
+    with prefill chunks (one read in place, one gathered) and uneven contexts."""
+    monkeypatch.setattr(attention, "MIN_PREFIX_PAGES", 2)
+    page_size, kv_heads, heads, d = 4, 2, 4, 8
+    g = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(64, page_size, kv_heads, d, generator=g)
+    v_cache = torch.randn(64, page_size, kv_heads, d, generator=g)
+    # decodes: long with a consecutive prefix, short, equal pair, one page; two chunks
+    starts = [40, 2, 13, 13, 0, 9, 5]
+    lens = [1, 1, 1, 1, 1, 6, 1]
+    pages = [list(range(20, 30)) + [3], [4], [5, 6, 7, 8], [40, 41, 42, 9],
+             [10], list(range(50, 54)), [11, 12]]
+    t = sum(lens)
+    q = torch.randn(t, heads, d, generator=g)
+    k = torch.randn(t, kv_heads, d, generator=g)
+    v = torch.randn(t, kv_heads, d, generator=g)
+    meta = attention.BatchMeta.build(starts, lens, pages, [True] * len(lens), page_size,
+                                     decode_mode=mode)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = attention.paged_attention(q, k, v, kc, vc, meta)
+    ref = _reference_attention(q, kc, vc, starts, lens, pages, page_size)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    if mode == "auto":
+        assert [r for r, _, _ in meta.decode.prefixes] == [0, 2, 3]  # >= 2 consecutive pages
+        assert meta.chunks[0].pages is None    # consecutive chunk pages: read in place
+    assert attention.group_decodes([7, 7, 7]) == [[0, 1, 2]]
+    assert attention.group_decodes([500, 10, 12], overhead=64) == [[1, 2], [0]]
 
 
 def test_dummy_weights_same_for_any_split(models):

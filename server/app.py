@@ -61,10 +61,13 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+_TYPE_LABELS = frozenset({"int", "float", "str", "bool", "none", "dict", "list"})
+
+
 def _param_of(loc: tuple) -> str:
     parts = [str(p) for p in loc if not (isinstance(p, str) and p in ("body",))]
-    # drop union-branch labels pydantic puts in the location (e.g. 'str', 'list[int]')
-    keep = [p for p in parts if p.isidentifier() or p.isdigit()]
+    # drop the union-branch labels pydantic puts in the location ('str', 'list[int]', 'ChatMessage')
+    keep = [p for p in parts if p.isdigit() or (p.isidentifier() and p not in _TYPE_LABELS and not p[0].isupper())]
     out = ""
     for p in keep:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)

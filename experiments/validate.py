@@ -15,7 +15,11 @@ Config keys (YAML):
   name, description, model, pp, profile, layer_split, threads, num_pages (null = the
   runtime's default), page_size, seed, workload (a core workload spec; its arrival rate
   is set per load), loads (absolute request rates, req/s; "inf" allowed),
-  policies (list of {name, label, params}), out, goals (optional thresholds).
+  policies (list of {name, label, params}), out, goals (optional thresholds),
+  calibrate (optional): {seed, loads} -- before validating, run the runtime on OTHER
+  requests (workload seed `seed`, default seed + 1) at `loads` (default: all) with every
+  policy, and time the simulator by an in-situ table fitted on those runs' stage rows
+  (profiles.in_situ: stages measured while the pipeline runs) instead of `profile` alone.
 """
 from __future__ import annotations
 
@@ -50,7 +54,8 @@ DEFAULT_GOALS: dict[str, float] = {"throughput_err_pct": 3.0, "tpot_p50_err_pct"
                                    "ttft_p50_err_pct": 10.0, "ttft_p99_err_pct": 20.0,
                                    "bubble_diff_pts": 2.0}
 _KEYS = ("name", "description", "model", "pp", "profile", "layer_split", "threads", "num_pages",
-         "page_size", "seed", "workload", "loads", "policies", "out", "goals")
+         "page_size", "seed", "workload", "loads", "policies", "out", "goals", "calibrate")
+_CALIBRATE_KEYS = ("seed", "loads")
 
 
 @dataclass
@@ -70,6 +75,7 @@ class ValidationConfig:
     seed: int = 0
     out: str | None = None
     goals: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GOALS))
+    calibrate: dict[str, Any] | None = None
     source: str | None = None
 
     def __post_init__(self) -> None:
@@ -107,13 +113,27 @@ class ValidationConfig:
         for r in self.loads:
             Workload.from_dict(self.workload_for(r))
         self.goals = {**DEFAULT_GOALS, **(self.goals or {})}
+        if self.calibrate is not None:
+            from core.validation import check_keys
 
-    def workload_for(self, rate: Any) -> dict[str, Any]:
+            if not isinstance(self.calibrate, dict):
+                raise ValueError("calibrate must be a mapping {seed, loads} (or left out)")
+            check_keys(self.calibrate, _CALIBRATE_KEYS, "calibrate")
+            c = self.calibrate = {"seed": self.seed + 1, "loads": list(self.loads), **self.calibrate}
+            if not isinstance(c["seed"], int) or isinstance(c["seed"], bool) or c["seed"] == self.seed:
+                raise ValueError(f"calibrate.seed must be an int other than seed ({self.seed}): "
+                                 "calibrate on other requests than those validated")
+            if not isinstance(c["loads"], list) or not c["loads"] or not all(
+                    r == "inf" or (isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0)
+                    for r in c["loads"]):
+                raise ValueError(f"calibrate.loads must be a non-empty list of rates > 0 or 'inf', got {c['loads']!r}")
+
+    def workload_for(self, rate: Any, seed: int | None = None) -> dict[str, Any]:
         w = dict(self.workload)
         w["arrival"] = {**(w.get("arrival") or {"kind": "gamma"}), "rate": rate}
         w.pop("time_scale", None)
         w.pop("rate_scale", None)
-        return {**w, "seed": self.seed}
+        return {**w, "seed": self.seed if seed is None else seed}
 
 
 def load_validation(path: str | Path) -> ValidationConfig:
@@ -189,17 +209,23 @@ def stage_diagnostics(sim: Trace, real: Trace, latency: Any = None) -> dict[str,
     hop (next stage's start - this stage's end: transfer + waiting) and, given the fitted
     latency model, the median ratio of each stage interval to the model's prediction for
     its shape (`{side}_vs_table`: ~1 on the sim side; on the real side > 1 means the
-    stages ran slower than the table measured them). The batches table has no attention
-    features, so they are approximated: a batch's prefill as one chunk from position 0,
-    every decode at the mean context (mean prompt + half the mean output)."""
+    stages ran slower than the table measured them). Where a batches table lacks the
+    attention features (the simulator's), they are approximated: a batch's prefill as one
+    chunk from position 0, every decode at the mean context (mean prompt + half the mean
+    output)."""
     row: dict[str, float] = {}
     req = real.requests
     ctx = float(req["prompt_len"].mean() + req["output_len"].mean() / 2)
     for side, t in (("sim", sim), ("real", real)):
         b = t.batches
         if latency is not None and len(b):
-            pred = np.array([latency.stage_time(int(st), float(p), float(d), float(p) * p, float(d) * ctx)
-                             for st, p, d in zip(b["stage"], b["prefill_tokens"], b["decode_tokens"])])
+            if {"prefill_attention_work", "decode_context"} <= set(b.columns):  # runtime traces have them
+                work, dctx = b["prefill_attention_work"], b["decode_context"]
+            else:
+                work, dctx = b["prefill_tokens"] ** 2, b["decode_tokens"] * ctx
+            pred = np.array([latency.stage_time(int(st), float(p), float(d), float(w), float(c))
+                             for st, p, d, w, c in zip(b["stage"], b["prefill_tokens"], b["decode_tokens"],
+                                                       work, dctx)])
             dur = (b["end"] - b["start"]).to_numpy(float)
             ok = pred > 0
             row[f"{side}_vs_table"] = float(np.median(dur[ok] / pred[ok])) if ok.any() else math.nan
@@ -226,15 +252,43 @@ def _ranking(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def calibrate(cfg: ValidationConfig, bench: Any, folder: Path, log: Callable[[str], Any]) -> str:
+    """Runtime runs on calibration requests -> an in-situ table (path) for the simulator."""
+    from core.metrics import summarize
+    from experiments.bench import workload_requests, write_results
+    from profiles.in_situ import in_situ_profile
+    from profiles.latency_model import fit
+    from profiles.schema import load_profile, save_profile
+
+    c = cfg.calibrate
+    batches, sources = [], []
+    for pol in cfg.policies:
+        for rate in c["loads"]:
+            wl = cfg.workload_for(rate, c["seed"])
+            seed = wl.pop("seed")
+            real = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed)
+            run_dir = folder / "runs" / f"{_slug(pol['label'])}_r{rate_label(rate)}"
+            write_results(run_dir, real, summarize(real), {"policy": pol["name"], "workload": wl, "seed": seed})
+            batches.append(real.batches)
+            sources.append(str(run_dir))
+            log(f"calibration: {pol['label']} @ {rate_label(rate)} req/s, seed {seed}: "
+                f"{len(real.batches)} stage rows in {real.meta['wall_s']:.1f} s")
+    table = in_situ_profile(load_profile(cfg.profile), batches, sources)
+    path = save_profile(table, folder / "profile")
+    err = fit(str(path))[1]
+    log(f"in-situ table {path}: {len(table.stages)} stage rows; fit held-out {err}")
+    return str(path)
+
+
 def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: None) -> ValidationResult:
     from core.metrics import summarize
     from experiments.bench import Bench, model_name, workload_requests, write_results
     from sim import SimConfig, fitted_model, simulate
 
-    latency = fitted_model(cfg.profile)[0]
     out = Path(cfg.out or Path("results") / cfg.name)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    profile = cfg.profile
     rows: list[dict[str, Any]] = []
     traces: dict[tuple[str, str], tuple[Trace, Trace]] = {}
     first = cfg.policies[0]
@@ -243,12 +297,15 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
                seed=cfg.seed) as bench:
         num_pages = bench.num_pages
         log(f"runtime up: pp={cfg.pp}, {num_pages} KV pages of {bench.page_size} tokens")
+        if cfg.calibrate is not None:
+            profile = calibrate(cfg, bench, out / "calibration", log)
+        latency = fitted_model(profile)[0]
         for pol in cfg.policies:
             for rate in cfg.loads:
                 label, rl = pol["label"], rate_label(rate)
                 wl = cfg.workload_for(rate)
                 seed = wl.pop("seed")
-                sim_cfg = SimConfig(profile=cfg.profile, policy=pol["name"], policy_params=dict(pol["params"]),
+                sim_cfg = SimConfig(profile=profile, policy=pol["name"], policy_params=dict(pol["params"]),
                                     workload=wl, seed=seed, pp=cfg.pp, num_pages=num_pages,
                                     page_size=bench.page_size)
                 sim_res = simulate(sim_cfg, requests=workload_requests(wl, seed))
@@ -288,7 +345,7 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
     plots = make_plots(out / "plots", traces, errors)
     text = format_table(errors)
     report = write_report(out, cfg, errors, ranking, plots, text, num_pages,
-                          time.perf_counter() - t_start, model_name(cfg.model))
+                          time.perf_counter() - t_start, model_name(cfg.model), profile)
     return ValidationResult(errors, ranking, report, text, out)
 
 
@@ -366,7 +423,8 @@ def goal_lines(errors: pd.DataFrame, ranking: pd.DataFrame, goals: dict[str, flo
 
 
 def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking: pd.DataFrame,
-                 plots: list[Path], table: str, num_pages: int, wall_s: float, model: str) -> Path:
+                 plots: list[Path], table: str, num_pages: int, wall_s: float, model: str,
+                 profile: str | None = None) -> Path:
     try:
         from runtime.profiler import cpu_name
         cpu = cpu_name()
@@ -380,6 +438,10 @@ def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking
         f"- machine: {platform.node()} ({cpu}, {os.cpu_count()} cores), {platform.system()} "
         f"{platform.release()}; date {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; "
         f"wall {wall_s:.0f} s",
+        *([f"- simulator timed by the in-situ table `{profile}`: stage rows of runtime runs on other "
+           f"requests (workload seed {cfg.calibrate['seed']}, loads {cfg.calibrate['loads']} req/s, every "
+           f"policy) fitted with the latency model; base table `{cfg.profile}` (see profiles/in_situ.py)"]
+          if cfg.calibrate is not None and profile is not None else []),
         f"- KV pages: {num_pages} (the runtime's count, given to the simulator too), page size {cfg.page_size}",
         f"- workload: {len(errors) and int(errors['requests'].iloc[0])} requests, seed {cfg.seed}; "
         f"`{yaml.safe_dump(cfg.workload, default_flow_style=True).strip()}`; loads {cfg.loads} req/s",

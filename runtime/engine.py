@@ -138,15 +138,28 @@ class GenerateJob:
             raise ValueError(f"arrival_times has {len(self.arrivals)} entries for {n} prompts")
 
 
+# Per-micro-batch columns the runtime adds to every stage row of its batches table: the
+# two attention features the latency model uses (so a runtime trace can be fitted like a
+# profile), and when stage 0's driver took the sampled tokens back (token return time).
+BATCH_EXTRA_COLUMNS = ["batch_id", "prefill_attention_work", "decode_context", "returned"]
+
+
 @dataclass(slots=True)
 class GenerateResult:
     requests: list[Request]            # in prompt order, with outputs and timings
     recorder: TraceRecorder            # scheduler samples + every stage's busy rows
     meta: dict[str, Any]
+    batch_extras: list[tuple] = field(default_factory=list)   # BATCH_EXTRA_COLUMNS rows
 
     def trace(self) -> Trace:
+        import pandas as pd
+
         trace = self.recorder.build(self.requests, self.meta)
-        trace.batches = trace.batches.sort_values(["batch_id", "stage"], kind="stable", ignore_index=True)
+        batches = trace.batches.sort_values(["batch_id", "stage"], kind="stable", ignore_index=True)
+        if self.batch_extras:
+            extra = pd.DataFrame(self.batch_extras, columns=BATCH_EXTRA_COLUMNS)
+            batches = batches.merge(extra, on="batch_id", how="left", sort=False)
+        trace.batches = batches
         return trace
 
 
@@ -260,6 +273,7 @@ class Driver:
         greedy = all(p.greedy for p in job.params)
         launched: dict[int, MicroBatch] = {}
         release: list[int] = []
+        extras: list[tuple] = []
         t0 = time.perf_counter()
 
         def clock() -> float:
@@ -267,7 +281,9 @@ class Driver:
 
         def complete(got: tuple[int, list[int]]) -> None:
             batch = launched.pop(got[0])
-            release.extend(r.id for r in sched.complete(batch, clock(), got[1]))
+            now = clock()
+            extras.append((batch.id, batch.prefill_attention_work, batch.decode_context, now))
+            release.extend(r.id for r in sched.complete(batch, now, got[1]))
 
         k = 0
         while True:
@@ -310,7 +326,7 @@ class Driver:
                 "dtype": str(self.runner.model.dtype).removeprefix("torch."),
                 "threads_per_stage": o.threads_for(o.pp > 1) or torch.get_num_threads(),
                 "forced_batches": sched.forced_batches, "torch": torch.__version__}
-        return GenerateResult(requests, recorder, meta)
+        return GenerateResult(requests, recorder, meta, extras)
 
     def _meta(self, batch: MicroBatch, params: Sequence[SamplingParams], greedy: bool,
               release: list[int]) -> tuple[StepMeta, list[int]]:

@@ -49,7 +49,8 @@ def validated(standin_profile, tmp_path_factory):
     d = tmp_path_factory.mktemp("val")
     cfg = {"name": "tiny", "model": MODEL, "pp": 2, "profile": str(standin_profile), "num_pages": 128,
            "page_size": 16, "seed": SEED, "workload": WORKLOAD, "loads": [RATE],
-           "policies": [{"name": "token_throttling", "label": "tt"}], "out": str(d / "out")}
+           "policies": [{"name": "token_throttling", "label": "tt"}], "out": str(d / "out"),
+           "calibrate": {"loads": [RATE]}}
     (d / "v.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["validate", str(d / "v.yaml")]) == 0
     return d / "out"
@@ -99,6 +100,23 @@ def test_error_table_report_and_plots(validated):
     for stem in ("timeline_tt_r25", "cdf_tt_r25", "bubble_sim_vs_real"):
         assert (plots / f"{stem}.png").stat().st_size > 0
         assert f"plots/{stem}.png" in report
+
+
+def test_simulator_is_timed_by_an_in_situ_table_from_other_requests(validated):
+    """calibrate: the runtime ran other requests (seed + 1) first; their stage rows became
+    the simulator's latency table."""
+    cal = Trace.load(validated / "calibration" / "runs" / "tt_r25")
+    ours = Trace.load(validated / "runs" / "tt_r25" / "real")
+    assert cal.requests["prompt_len"].tolist() != ours.requests["prompt_len"].tolist()
+    table = validated / "calibration" / "profile"
+    meta = yaml.safe_load((table / "meta.yaml").read_text())
+    assert meta["measurement"]["tool"].startswith("profiles.in_situ") and meta["sched_overhead_s"] == 0
+    stages = pd.read_csv(table / "stages.csv")
+    assert len(stages) == (cal.batches["end"] > cal.batches["start"]).sum()
+    assert set(stages["stage"]) == {0, 1}
+    sim_cfg = yaml.safe_load((validated / "runs" / "tt_r25" / "sim" / "config.yaml").read_text())
+    assert sim_cfg["profile"] == str(table)
+    assert "in-situ table" in (validated / "report.md").read_text()
 
 
 def test_bench_writes_the_sim_results_folder(standin_profile, tmp_path, capsys):

@@ -1,0 +1,113 @@
+"""Latency tables measured in situ: from the real runtime's own trace, not a profiler.
+
+The profiler (runtime/profiler.py) times one stage at a time with the machine otherwise
+idle. In a running pipeline the stages share the host (on CPU: cores, caches, memory
+bandwidth, the driver and receive threads), so each stage runs slower than the profiler
+saw, and more so under load. An in-situ table takes the stage rows a runtime run recorded
+(`pipetwin bench`: start/end of every micro-batch on every stage, with the four
+features the latency model uses) as its measurements, so the simulator is timed by what
+stages cost while the pipeline runs. Calibrate on runs with other requests (another
+seed) than the ones you validate on; the fit's held-out error is reported as usual.
+
+From the same trace:
+- stages.csv: one row per (batch, stage) busy interval (samples = 1).
+- transfer.csv: the gap from a stage's end to the next stage's start of the same batch,
+  where that next stage was idle (else the gap is queueing, not transfer), binned by
+  activation bytes; token return to stage 0 is timed by the same link model.
+- sched_overhead_s = 0: the runtime's stage-0 rows already include the scheduler's
+  decision and the step metadata (runtime.engine.Driver records them that way).
+The base table supplies everything else (model config, memory, KV pages).
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from profiles.schema import STAGE_COLUMNS, TRANSFER_COLUMNS, Profile, ProfileError
+
+FEATURES = ("prefill_tokens", "decode_tokens", "prefill_attention_work", "decode_context")
+NEEDED = ("batch_id", "stage", "start", "end", *FEATURES)
+
+
+def stage_rows(batches: pd.DataFrame, layer_split: Sequence[int]) -> pd.DataFrame:
+    missing = [c for c in NEEDED if c not in batches.columns]
+    if missing:
+        raise ProfileError(f"runtime trace batches lack column(s) {missing}; in-situ tables need a "
+                           "runtime trace (pipetwin bench) that records the attention features")
+    b = batches.dropna(subset=list(NEEDED))
+    lat = (b["end"] - b["start"]).to_numpy(float)
+    keep = lat > 0
+    b, lat = b[keep], lat[keep]
+    out = pd.DataFrame({
+        "stage": b["stage"].astype("int64").to_numpy(),
+        "num_layers": [int(layer_split[s]) for s in b["stage"].astype(int)],
+        **{f: b[f].astype("int64").to_numpy() for f in FEATURES},
+        "latency_median": lat, "latency_p10": lat, "latency_p90": lat, "samples": 1})
+    # one token attends at least to itself: rows violating that are malformed, not shapes
+    out = out[(out["decode_context"] >= out["decode_tokens"])
+              & (out["prefill_attention_work"] >= out["prefill_tokens"])]
+    return out[list(STAGE_COLUMNS)].reset_index(drop=True)
+
+
+def link_gaps(batches: pd.DataFrame, bytes_per_token: int) -> pd.DataFrame:
+    """(bytes, seconds) of every stage-to-stage hop whose receiving stage was idle."""
+    out = []
+    stages = sorted(int(s) for s in batches["stage"].unique())
+    by = {s: batches[batches["stage"] == s].set_index("batch_id").sort_values("start") for s in stages}
+    for s in stages[:-1]:
+        a, b = by[s], by[s + 1]
+        prev_end = b["end"].shift(1)
+        common = a.index.intersection(b.index)
+        gap = b.loc[common, "start"] - a.loc[common, "end"]
+        idle = prev_end.reindex(common).fillna(-np.inf) <= a.loc[common, "end"]
+        tokens = a.loc[common, "prefill_tokens"] + a.loc[common, "decode_tokens"]
+        ok = idle & (gap > 0)
+        out.append(pd.DataFrame({"bytes": tokens[ok].to_numpy() * bytes_per_token,
+                                 "seconds": gap[ok].to_numpy(float)}))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=["bytes", "seconds"])
+
+
+def transfer_rows(gaps: pd.DataFrame, bins: int = 8) -> pd.DataFrame:
+    """Median gap per activation-size bin (quantile bins, so each holds data)."""
+    if gaps.empty:
+        return pd.DataFrame(columns=list(TRANSFER_COLUMNS))
+    edges = np.unique(np.quantile(gaps["bytes"], np.linspace(0, 1, bins + 1)))
+    which = np.clip(np.searchsorted(edges, gaps["bytes"], side="right") - 1, 0, max(0, len(edges) - 2))
+    rows = []
+    for k in np.unique(which):
+        g = gaps[which == k]
+        rows.append({"bytes": int(np.median(g["bytes"])), "latency_median": float(np.median(g["seconds"])),
+                     "samples": len(g)})
+    return pd.DataFrame(rows, columns=list(TRANSFER_COLUMNS)).drop_duplicates("bytes")
+
+
+def in_situ_profile(base: Profile, batches: Sequence[pd.DataFrame], sources: Sequence[str] = ()) -> Profile:
+    """A table with `base`'s meta and the stage/transfer timings of runtime `batches`."""
+    if not batches:
+        raise ProfileError("in-situ table: no runtime traces given")
+    every = pd.concat(list(batches), ignore_index=True)
+    split = base.meta["layer_split"]
+    stages = stage_rows(every, split)
+    per_token = base.model_config["hidden_size"] * base.dtype_bytes * 2   # hidden + residual
+    gaps = pd.concat([link_gaps(b, per_token) for b in batches], ignore_index=True)
+    transfer = transfer_rows(gaps) if not gaps.empty else base.transfer
+    meta = copy.deepcopy(base.meta)
+    meta["date"] = _dt.date.today().isoformat()
+    meta["sched_overhead_s"] = 0.0
+    meta["measurement"] = {
+        "tool": "profiles.in_situ (runtime trace stage rows)",
+        "base_table": base.name,
+        "traces": list(sources),
+        "stage_rows": int(len(stages)),
+        "transfer_hops": int(len(gaps)),
+        "stage_timing": "each (micro-batch, stage) busy interval of the real pipeline; stage 0's "
+                        "include the scheduler decision and step metadata, so sched_overhead_s = 0",
+        "transfer": "gap from a stage's end to the next stage's start of the same micro-batch, "
+                    "when that stage was idle; median per activation-size bin",
+        "base_measurement": base.meta.get("measurement"),
+    }
+    return Profile(meta, stages, transfer, name=f"{base.name}+in-situ")

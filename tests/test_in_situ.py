@@ -1,0 +1,55 @@
+"""profiles.in_situ: a latency table from a runtime trace's stage rows, on hand-built rows."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from profiles.in_situ import in_situ_profile, link_gaps, stage_rows
+from profiles.latency_model import fit
+from profiles.schema import ProfileError, load_profile
+
+COLS = ["batch_id", "stage", "start", "end", "prefill_tokens", "decode_tokens", "num_requests",
+        "prefill_attention_work", "decode_context", "returned"]
+
+
+def rows(spec):
+    """spec: (batch, stage, start, end, prefill, decode) with attention features derived."""
+    return pd.DataFrame([(b, s, t0, t1, p, d, 1, p * p, d * 50, float("nan")) for b, s, t0, t1, p, d in spec],
+                        columns=COLS)
+
+
+def test_link_gaps_count_only_hops_into_an_idle_stage():
+    b = rows([(0, 0, 0.0, 1.0, 10, 0), (0, 1, 1.5, 3.0, 10, 0),     # stage 1 idle: hop 0.5
+              (1, 0, 1.0, 2.0, 0, 4), (1, 1, 3.0, 4.0, 0, 4),       # stage 1 busy until 3.0: queueing
+              (2, 0, 5.0, 6.0, 0, 2), (2, 1, 6.25, 7.0, 0, 2)])     # idle again: hop 0.25
+    g = link_gaps(b, bytes_per_token=100)
+    assert g["seconds"].tolist() == [0.5, 0.25] and g["bytes"].tolist() == [1000, 200]
+
+
+def test_stage_rows_keep_features_and_durations():
+    b = rows([(0, 0, 0.0, 0.5, 8, 3), (0, 1, 0.6, 0.9, 8, 3)])
+    st = stage_rows(b, [4, 4])
+    assert st["latency_median"].tolist() == pytest.approx([0.5, 0.3])
+    assert st["prefill_attention_work"].tolist() == [64, 64] and st["decode_context"].tolist() == [150, 150]
+    assert (st["num_layers"] == 4).all() and (st["samples"] == 1).all()
+    with pytest.raises(ProfileError, match="decode_context"):
+        stage_rows(b.drop(columns=["decode_context"]), [4, 4])
+
+
+def test_profile_fits_and_recovers_a_linear_cost():
+    """Rows timed by a known linear cost: the fit reproduces it, meta says in situ."""
+    spec, t, bid = [], 0.0, 0
+    for p in (0, 16, 64, 128, 256):
+        for d in (1, 4, 16, 32):
+            for s in (0, 1):
+                dur = 0.002 + 1e-5 * p + 2e-4 * d + 1e-9 * p * p + 1e-7 * d * 50
+                spec.append((bid, s, t, t + dur, p, d))
+                t += dur + 0.001
+            bid += 1
+    base = load_profile("llama-32m_cpu-1thread_pp2")
+    prof = in_situ_profile(base, [rows(spec)], ["hand-built"])
+    assert prof.meta["sched_overhead_s"] == 0 and prof.meta["measurement"]["traces"] == ["hand-built"]
+    model, err = fit(prof, holdout=0.2)
+    assert err.mape < 0.02
+    assert model.stage_time(0, 100, 8, 10_000, 400) == pytest.approx(
+        0.002 + 1e-3 + 1.6e-3 + 1e-5 + 4e-5, rel=0.05)

@@ -15,7 +15,7 @@ From the same trace:
   where that next stage was idle (else the gap is queueing, not transfer), binned by
   activation bytes; token return to stage 0 is timed by the same link model.
 - sched_overhead_s = 0: the runtime's stage-0 rows already include the scheduler's
-  decision and the step metadata (runtime.engine.Driver records them that way).
+  decision and the step metadata (runtime.driver.Driver records them that way).
 The base table supplies everything else (model config, memory, KV pages).
 """
 from __future__ import annotations

@@ -27,7 +27,8 @@ from core.policies import make_policy
 from core.trace import Trace
 from runtime import sampling
 from runtime.config import ModelConfig, read_config_json
-from runtime.engine import Engine, EngineConfig, GenerateJob, GenerateResult
+from runtime.driver import GenerateJob, GenerateResult
+from runtime.engine import Engine, EngineConfig
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 

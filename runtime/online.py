@@ -45,7 +45,7 @@ _FINISH = {"aborted": "abort"}  # core reasons -> OpenAI-style ones ("length", "
 # ------------------------------------------------------------------ stage 0's side
 
 def serve_online(driver: Any, inbox: Any, outbox: Any, policy: str, policy_params: dict) -> None:
-    """Stage 0's loop until a ("stop", None) command. `driver` is runtime.engine.Driver."""
+    """Stage 0's loop until a ("stop", None) command. `driver` is runtime.driver.Driver."""
     o, pipe, runner = driver.opts, driver.pipe, driver.runner
     sched = Scheduler(SchedulerConfig(o.pp, driver.num_pages, o.page_size), make_policy(policy, policy_params))
     live: dict[int, Request] = {}

@@ -591,7 +591,7 @@ def measure_sched_overhead(opts: ProfileOptions, decisions: int = 400, warm: int
     from core.request import Request
     from core.scheduler import Scheduler, SchedulerConfig
     from runtime.attention import BatchMeta
-    from runtime.engine import Driver
+    from runtime.driver import Driver
 
     device = torch.device(opts.device if opts.device == "cpu" else "cuda:0")
     ps = opts.page_size

@@ -1,6 +1,6 @@
 """A pipeline stage: its model slice, KV cache and sampler, and the loop a stage process runs.
 
-Stage 0 is driven by the engine's scheduler loop (runtime.engine.Driver); stages 1..pp-1
+Stage 0 is driven by the scheduler loop (runtime.driver.Driver); stages 1..pp-1
 run `serve`: receive a micro-batch's metadata from stage 0, build the attention metadata
 while the activations are still on their way, receive them from the previous stage,
 compute, then pass activations on (or, on the last stage, sample and send the token ids
@@ -245,7 +245,7 @@ def run_stage(rank: int, opts: Any, cmd_q: Any = None, events: Any = None) -> An
     """Join the process group and run stage `rank`. Stages >= 1 serve until told to stop.
     Stage 0 builds the driver; with `cmd_q` (spawned) it serves generate commands from the
     engine, else (torchrun, in the user's process) it returns the driver."""
-    from runtime.engine import DistPipe, Driver  # engine imports this module
+    from runtime.driver import DistPipe, Driver  # the driver imports this module
 
     threads = opts.threads_for(multi_process=True)
     if threads is not None:

@@ -258,49 +258,56 @@ class Scheduler:
         return len(decodes)
 
     def _take_prefills(self, batch: MicroBatch, plan: BatchPlan, budget: int, now: float) -> None:
-        new_allowed = plan.max_new_requests
+        # Hot path (one call per micro-batch, ~10^5 chunks per trace): queue, allocator and
+        # batch sums are read and written inline.
+        waiting, kv, page_size = self.waiting, self.kv, self.page_size
+        new_allowed, max_chunk, requeue = plan.max_new_requests, plan.max_chunk, plan.requeue_chunks
+        running = Status.RUNNING
         kept: list[Request] = []  # partly scheduled requests that stay at the front (requeue_chunks)
-        while budget > 0 and self.waiting:
-            r = self.waiting[0]
-            is_new = not r.pages
-            if is_new and new_allowed is not None and new_allowed <= 0:
+        while budget > 0 and waiting:
+            r = waiting[0]
+            pages = r.pages
+            held = len(pages)
+            if not held and new_allowed is not None and new_allowed <= 0:
                 break
-            n = min(r.num_unscheduled, budget)
-            if plan.max_chunk is not None:
-                n = min(n, plan.max_chunk)
-            room = (len(r.pages) + self.kv.num_free) * self.page_size - r.num_scheduled
-            n = min(n, room)
+            start = r.num_scheduled
+            known = r.prompt_len + len(r.output_ids)  # r.num_tokens
+            n = min(known - start, budget)
+            if max_chunk is not None:
+                n = min(n, max_chunk)
+            n = min(n, (held + kv.num_free) * page_size - start)  # room in pages held + free
             if n <= 0:
                 break  # FIFO: the head waits for pages, nobody overtakes it
-            need = self.kv.extra_pages(len(r.pages), r.num_scheduled + n)
-            self.waiting.popleft()
-            r.status = Status.RUNNING
+            waiting.popleft()
+            r.status = running
             self._waiting_tokens -= n
-            self._schedule(batch, r, n, is_prefill=True, new_pages=need, now=now)
+            end = start + n
+            need = kv.extra_pages(held, end)
+            if need:
+                if not held:
+                    self._holding_pages += 1
+                pages.extend(kv.allocate(need))
+            r.num_scheduled = end
+            if r.first_scheduled is None:
+                r.first_scheduled = now
+            samples = end == known
+            batch.chunks.append(BatchItem(r, start, n, True, samples))
+            batch.prefill_tokens += n  # what batch.add does for a prefill item
+            batch.prefill_attention_work += n * end
+            batch.num_samples += samples
             budget -= n
-            if is_new and new_allowed is not None:
+            if not held and new_allowed is not None:
                 new_allowed -= 1
-            if r.num_unscheduled > 0 and plan.requeue_chunks:
+            if end < known and requeue:
                 r.status = Status.WAITING
                 kept.append(r)
-            elif r.num_unscheduled > 0:
+            elif end < known:
                 # Paper-era chunking: r leaves `waiting` until this chunk returns, and
                 # complete() adds its remaining tokens back; drop them from WT now, or WT
                 # counts them twice from then on (tests/test_scheduler.py caught the drift).
-                self._waiting_tokens -= r.num_unscheduled
+                self._waiting_tokens -= known - end
         for r in reversed(kept):
-            self.waiting.appendleft(r)
-
-    def _schedule(self, batch: MicroBatch, r: Request, n: int, is_prefill: bool, new_pages: int, now: float) -> None:
-        if new_pages:
-            if not r.pages:
-                self._holding_pages += 1
-            r.pages.extend(self.kv.allocate(new_pages))
-        start = r.num_scheduled
-        r.num_scheduled += n
-        if r.first_scheduled is None:
-            r.first_scheduled = now
-        batch.add(BatchItem(r, start, n, is_prefill, samples=r.num_scheduled == r.num_tokens))
+            waiting.appendleft(r)
 
     def _preempt(self, r: Request) -> None:
         """Recompute-style preemption: drop the KV, go back to the front of `waiting`."""

@@ -15,6 +15,7 @@ import json
 import math
 from array import array
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -44,6 +45,16 @@ class TraceRecorder:
         c = self._stage_cols
         c[0].append(batch_id); c[1].append(stage); c[2].append(start); c[3].append(end)
         c[4].append(prefill_tokens); c[5].append(decode_tokens); c[6].append(num_requests)
+
+    def stages(self, batch_id: int, starts: Sequence[float], ends: Sequence[float],
+               prefill_tokens: int, decode_tokens: int, num_requests: int) -> None:
+        """One micro-batch's rows for stages 0..len(starts)-1 in one call: the same rows as
+        `stage` per stage, at a fraction of the cost (the simulator records ~10^5 batches)."""
+        n = len(starts)
+        c = self._stage_cols
+        c[0].extend(repeat(batch_id, n)); c[1].extend(range(n)); c[2].extend(starts); c[3].extend(ends)
+        c[4].extend(repeat(prefill_tokens, n)); c[5].extend(repeat(decode_tokens, n))
+        c[6].extend(repeat(num_requests, n))
 
     def sample(self, time: float, kv_used: int, kv_total: int, waiting: int, ready: int,
                in_flight: int, running: int) -> None:

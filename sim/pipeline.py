@@ -72,20 +72,42 @@ class PipelineSim:
         self.recorder = recorder
         self.pp = scheduler.pp
         self.stage_model = stage_model
-        self._wake = env.event()
         self._stage_free = [0.0] * self.pp
         self._link_free = [0.0] * max(0, self.pp - 1)
+        self._token_return_s = (latency.token_return if isinstance(latency, ConstantLatency) else None) \
+            if self.pp > 1 else 0.0
+        # Event-saving shortcuts (see `_decide`, `_complete`) for the recursion model, whose
+        # completions are bare timeouts; `resources`, the reference, keeps every event.
+        self._shortcuts = stage_model == "recursion"
+        # The scheduler actor is a set of callbacks rather than a SimPy process: it does
+        # exactly what the process `while True: yield wake; while batch: yield overhead;
+        # dispatch` did (same calls, same times, same event order), without a generator
+        # resume per step. `_idle` is "blocked on `_wake`"; a processed `_wake` found when
+        # going idle means "woken while busy: decide again at once", as `yield` of a
+        # processed event continues at once.
+        self._idle = True
+        self._new_wake()
         if stage_model == "resources":
             self._stages = [simpy.Resource(env, capacity=1) for _ in range(self.pp)]
             self._links = [simpy.Resource(env, capacity=1) for _ in range(self.pp - 1)]
 
     def start(self, requests: list[Request]) -> None:
         self.env.process(self._arrivals(requests))
-        self.env.process(self._scheduler())
+
+    def _new_wake(self) -> None:
+        self._wake = wake = self.env.event()
+        wake.callbacks.append(self._woken)
 
     def _poke(self) -> None:
+        """Wake the scheduler through an event: SimPy queues it behind every event already
+        due now, so the decision sees everything that happens at this instant."""
         if not self._wake.triggered:
             self._wake.succeed()
+
+    def _woken(self, _wake: simpy.Event) -> None:
+        if self._idle:  # else it was busy: `_decide` finds this event processed when it goes idle
+            self._new_wake()
+            self._decide(self.env.now)
 
     def _arrivals(self, requests: list[Request]):
         env, i, n = self.env, 0, len(requests)
@@ -97,22 +119,57 @@ class PipelineSim:
                 i += 1
             self._poke()
 
-    def _scheduler(self):
-        env, sched = self.env, self.sched
-        overhead = self.latency.sched_overhead
+    def _decide(self, now: float) -> None:
+        """Form micro-batches at `now` (= env.now) while the scheduler gives them; each one
+        costs the profile's scheduling overhead before it enters the pipeline."""
+        env, sched, overhead = self.env, self.sched, self.latency.sched_overhead
+        self._idle = False
         while True:
-            yield self._wake
-            self._wake = env.event()
-            while (batch := sched.next_batch(env.now)) is not None:
-                if overhead > 0:
-                    yield env.timeout(overhead)
-                self._dispatch(batch)
+            batch = sched.next_batch(now)
+            if batch is None:
+                if self._wake.callbacks is not None:  # not processed yet: sleep until it is
+                    self._idle = True
+                    return
+                self._new_wake()  # woken while busy: decide again now
+                continue
+            if not overhead > 0:
+                self._dispatch_now(batch)
+                continue
+            paid = now + overhead  # the time SimPy gives timeout(overhead)
+            if self._shortcuts and sched.num_in_flight >= self.pp and env.peek() > paid:
+                # The common case, one event per batch fewer: no event is due before the
+                # overhead is paid, so nothing can happen meanwhile, and with `pp` batches in
+                # flight the decision at `paid` returns None (the scheduler contract). So
+                # dispatch now, entering the pipeline at `paid`, and go idle as at `paid`.
+                delay = self._dispatch(batch, paid)
+                done_at = paid + delay  # the time SimPy gives timeout(delay) created at `paid`
+                if now + (done_at - now) == done_at:
+                    env.timeout(done_at - now, batch).callbacks.append(self._completed)
+                else:  # rounding: create the completion at `paid` after all, as the slow path does
+                    env.timeout(overhead, (batch, delay)).callbacks.append(self._complete_later)
+                if self._wake.callbacks is None:
+                    self._new_wake()
+                self._idle = True
+                return
+            env.timeout(overhead, batch).callbacks.append(self._overhead_paid)
+            return
+
+    def _overhead_paid(self, event: simpy.Event) -> None:
+        self._dispatch_now(event.value)
+        self._decide(self.env.now)
+
+    def _dispatch_now(self, batch: MicroBatch) -> None:
+        delay = self._dispatch(batch, self.env.now)
+        if delay is not None:
+            self.env.timeout(delay, batch).callbacks.append(self._completed)
+
+    def _complete_later(self, event: simpy.Event) -> None:
+        batch, delay = event.value
+        self.env.timeout(delay, batch).callbacks.append(self._completed)
 
     def _token_return(self, batch: MicroBatch) -> float:
-        if self.pp == 1:
-            return 0.0
-        if isinstance(self.latency, ConstantLatency):
-            return self.latency.token_return
+        if self._token_return_s is not None:
+            return self._token_return_s
         return self.latency.transfer_time(TOKEN_ID_BYTES * batch.num_samples)
 
     def _durations(self, batch: MicroBatch) -> tuple[list[float], float]:
@@ -121,24 +178,31 @@ class PipelineSim:
         stages = [lat.stage_time(s, *shape) for s in range(self.pp)]
         return stages, lat.transfer_time(lat.activation_bytes(batch.num_tokens))
 
-    def _dispatch(self, batch: MicroBatch) -> None:
+    def _dispatch(self, batch: MicroBatch, t: float) -> float | None:
+        """`batch` enters stage 0 at `t`. With `resources`, start its process; else fix its
+        whole path now and return the delay from `t` to its completion, which the caller
+        schedules (see `_decide`: env.now may still be before `t`)."""
         if self.stage_model == "resources":
             self.env.process(self._run_with_resources(batch))
-            return
+            return None
         stages, transfer = self._durations(batch)
-        rec, t = self.recorder, self.env.now
+        stage_free, link_free, last = self._stage_free, self._link_free, self.pp - 1
+        entered = t
+        starts, ends = [], []
         for s, duration in enumerate(stages):
-            start = t if t > self._stage_free[s] else self._stage_free[s]
-            end = start + duration
-            self._stage_free[s] = end
-            rec.stage(batch.id, s, start, end, batch.prefill_tokens, batch.decode_tokens, len(batch))
-            t = end
-            if s < self.pp - 1:
-                link_start = t if t > self._link_free[s] else self._link_free[s]
-                t = link_start + transfer
-                self._link_free[s] = t
-        done = self.env.timeout(t + self._token_return(batch) - self.env.now)
-        done.callbacks.append(lambda _event, b=batch: self._complete(b))
+            free = stage_free[s]
+            start = t if t > free else free
+            t = start + duration
+            stage_free[s] = t
+            starts.append(start)
+            ends.append(t)
+            if s < last:
+                free = link_free[s]
+                t = (t if t > free else free) + transfer
+                link_free[s] = t
+        self.recorder.stages(batch.id, starts, ends, batch.prefill_tokens, batch.decode_tokens,
+                             len(batch.decodes) + len(batch.chunks))
+        return t + self._token_return(batch) - entered
 
     def _run_with_resources(self, batch: MicroBatch):
         env = self.env
@@ -157,6 +221,16 @@ class PipelineSim:
         yield env.timeout(self._token_return(batch))
         self._complete(batch)
 
+    def _completed(self, event: simpy.Event) -> None:
+        self._complete(event.value)
+
     def _complete(self, batch: MicroBatch) -> None:
-        self.sched.complete(batch, self.env.now)
-        self._poke()
+        env = self.env
+        self.sched.complete(batch, env.now)
+        if self._wake.triggered:
+            return
+        if self._idle and self._shortcuts and env.peek() > env.now:
+            # The wake-up event would be the very next one: decide now instead.
+            self._decide(env.now)
+        else:
+            self._wake.succeed()

@@ -2,12 +2,12 @@
 
 Tokens of all items are packed along one dim, no padding. Attention is split in two:
 - single-token items (decodes, and 1-token prefill chunks): cost follows the SUM of their
-  contexts, not rows x the longest one. On CPU each row's leading run of consecutive
-  pages (a prompt's pages are allocated together) is read in place, as a view of the
-  cache, one SDPA call per row; the rest of each row (its "tail", at least the last page)
-  is gathered, tails of similar length batched into a few padded groups (split chosen by
-  a small dynamic program on a per-call + per-key cost); the two parts merge exactly by
-  their log-sum-exp. Elsewhere (GPU) rows are grouped the same way, without prefixes.
+  contexts, not rows x the longest one. On CPU each row's runs of consecutive pages (a
+  prompt chunk's pages are allocated together) are read in place, as views of the cache,
+  one SDPA call per run; the rest of each row (its "tail", at least the last page) is
+  gathered, tails of similar length batched into a few padded groups (split chosen by a
+  small dynamic program on a per-call + per-key cost); the parts merge exactly by their
+  log-sum-exp. Elsewhere (GPU) rows are grouped the same way, without in-place runs.
   GQA needs no K/V copies: the query heads sharing a KV head ride as that head's
   "query positions".
 - multi-token items (prefill chunks) run one SDPA each: causal within the chunk, full
@@ -51,15 +51,16 @@ class DecodeGroup:
 class DecodePlan:
     """How the single-token items of a micro-batch are attended (built once per batch).
 
-    A row's keys are split in a "prefix" and a "tail". The prefix is a run of consecutive
-    pages at the start of its page list (a prompt's pages are allocated together), read
-    in place as a view of the cache: no copy. The tail (the rest, at least the last page)
-    is gathered, with the tails of other rows of similar length, into padded groups. When
-    rows have a prefix, both parts return their log-sum-exp and are merged exactly."""
+    A row's keys are split in "runs" and a "tail". A run is a stretch of consecutive
+    pages in its page list (a prompt chunk's pages are allocated together), read in place
+    as a view of the cache: no copy. The tail (the other pages, the partial last page
+    last) is gathered, with the tails of other rows of similar length, into padded
+    groups. Attention does not care about key order (RoPE is already in the keys), so
+    every part returns its log-sum-exp and the parts merge exactly."""
     idx: torch.Tensor            # [B] long, packed index of each row's token
     groups: list[DecodeGroup]
-    prefixes: list[tuple[int, int, int]]   # (row, first page, pages) read in place
-    prefix_rows: torch.Tensor | None       # [P] long, the rows with a prefix
+    runs: list[tuple[int, int, int]]    # (row, first page, pages) read in place
+    run_rows: torch.Tensor | None       # [R] long, the row of each run
 
 
 @dataclass(slots=True)
@@ -78,7 +79,7 @@ class BatchMeta:
         """From plain lists (what stage 0 can send to the other stages): per item its
         first position, token count, page list and whether it samples. `decode_mode`
         (how single-token items are attended; see `plan_decodes`): "auto" (in-place
-        prefixes on CPU, tails grouped by length), "grouped" (no prefixes), "padded"
+        runs on CPU, tails grouped by length), "grouped" (no runs), "padded"
         (one group, every row padded to the longest context), "rows" (a group per row)."""
         if not (len(starts) == len(lens) == len(pages) == len(samples)):
             raise ValueError("starts, lens, pages and samples must have one entry per item")
@@ -126,7 +127,7 @@ class BatchMeta:
         decode = None
         if dec_idx:
             if decode_mode == "auto" and torch.device(device).type != "cpu":
-                decode_mode = "grouped"  # in-place prefixes need the CPU flash kernel's LSE
+                decode_mode = "grouped"  # in-place runs need the CPU flash kernel's LSE
             decode = plan_decodes(dec_idx, dec_pages, dec_lens, page_size, decode_mode, device)
         return cls(
             num_tokens=offset,
@@ -138,12 +139,12 @@ class BatchMeta:
         )
 
     def describe_decode(self) -> str:
-        """e.g. "12 in place; 20x64 12x37": prefix count, then rows x keys per group."""
+        """e.g. "12 in place; 20x64 12x37": in-place runs, then rows x keys per group."""
         d = self.decode
         if d is None:
             return "no decodes"
         groups = " ".join(f"{g.rows.numel()}x{g.ctx}" for g in d.groups)
-        return f"{len(d.prefixes)} in place; {groups}"
+        return f"{len(d.runs)} in place; {groups}"
 
     @classmethod
     def from_batch(cls, batch: MicroBatch, page_size: int,
@@ -155,10 +156,10 @@ class BatchMeta:
 
 
 # Cost of one padded decode group in key slots: a fixed part per SDPA call (gather and
-# kernel call) plus one per padded key; an in-place prefix pays off from this many pages.
+# kernel call) plus one per padded key; an in-place run pays off from this many pages.
 # Measured on CPU with benchmarks/attention_micro.py (~7 us per call, ~0.25 us per key).
 GROUP_OVERHEAD_KEYS = 64
-MIN_PREFIX_PAGES = 4
+MIN_RUN_PAGES = 4
 
 
 def group_decodes(lens: Sequence[int], mode: str = "auto",
@@ -200,22 +201,29 @@ def plan_decodes(dec_idx: list[int], dec_pages: list[list[int]], dec_lens: list[
                  device: torch.device | str = "cpu") -> DecodePlan:
     if mode not in ("auto", "grouped", "padded", "rows"):
         raise ValueError(f"unknown decode_mode {mode!r}")
-    prefixes: list[tuple[int, int, int]] = []
+    runs: list[tuple[int, int, int]] = []
     tails: list[list[int]] = []
     tail_lens: list[int] = []
     for row, (ps, ctx) in enumerate(zip(dec_pages, dec_lens)):
-        k = 0                    # prefix pages; the tail keeps at least the last page
-        if mode == "auto" and len(ps) > 1:
-            k = 1
-            while k < len(ps) - 1 and ps[k] == ps[k - 1] + 1:
-                k += 1
-        if k and k >= MIN_PREFIX_PAGES:
-            prefixes.append((row, ps[0], k))
-            tails.append(ps[k:])
-            tail_lens.append(ctx - k * page_size)
-        else:
+        if mode != "auto" or len(ps) <= MIN_RUN_PAGES:
             tails.append(ps)
             tail_lens.append(ctx)
+            continue
+        tail: list[int] = []
+        last = len(ps) - 1       # the partial last page stays in the tail, last
+        i = 0
+        while i < last:
+            j = i + 1
+            while j < last and ps[j] == ps[j - 1] + 1:
+                j += 1
+            if j - i >= MIN_RUN_PAGES:
+                runs.append((row, ps[i], j - i))
+            else:
+                tail.extend(ps[i:j])
+            i = j
+        tail.append(ps[last])
+        tails.append(tail)
+        tail_lens.append(ctx - (len(ps) - len(tail)) * page_size)
 
     def long(xs: list) -> torch.Tensor:
         return torch.tensor(xs, dtype=torch.long, device=device)
@@ -231,8 +239,8 @@ def plan_decodes(dec_idx: list[int], dec_pages: list[list[int]], dec_lens: list[
             mask = (key_pos[None, :] < long([tail_lens[r] for r in rows])[:, None])
             mask = mask.view(len(rows), 1, 1, ctx)
         groups.append(DecodeGroup(long(rows), long(flat_pages), ctx, mask))
-    prefix_rows = long([r for r, _, _ in prefixes]) if prefixes else None
-    return DecodePlan(long(dec_idx), groups, prefixes, prefix_rows)
+    run_rows = long([r for r, _, _ in runs]) if runs else None
+    return DecodePlan(long(dec_idx), groups, runs, run_rows)
 
 
 def input_ids(batch: MicroBatch) -> list[int]:
@@ -265,7 +273,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if plan is not None:
         b = plan.idx.numel()
         qd = q.index_select(0, plan.idx).view(b, kv_heads, group, d)
-        if len(plan.groups) == 1 and not plan.prefixes and plan.groups[0].rows.numel() == b:
+        if len(plan.groups) == 1 and not plan.runs and plan.groups[0].rows.numel() == b:
             g = plan.groups[0]  # one padded call over every row, in order; no LSE needed
             od = F.scaled_dot_product_attention(qd, *_gather(k_cache, v_cache, g, b), attn_mask=g.mask)
         else:
@@ -302,10 +310,10 @@ _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 def _decode_split(qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   plan: DecodePlan) -> torch.Tensor:
     """qd [B, kv_heads, group, d] -> [B, kv_heads, group, d]: tails by group (each call
-    returns its log-sum-exp), in-place prefixes one call per row, merged exactly."""
+    returns its log-sum-exp), in-place runs one call each, merged exactly."""
     b, kv_heads, group, d = qd.shape
     od = torch.empty_like(qd)
-    need_lse = bool(plan.prefixes)
+    need_lse = bool(plan.runs)
     lse = qd.new_empty(b, kv_heads, group, dtype=torch.float32) if need_lse else None
     for g in plan.groups:
         n = g.rows.numel()
@@ -320,19 +328,21 @@ def _decode_split(qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         else:
             o = F.scaled_dot_product_attention(qg, kd, vd, attn_mask=g.mask)
         od.index_copy_(0, g.rows, o)
-    if need_lse:
-        ps, ls = [], []
-        for row, first, n_pages in plan.prefixes:
-            kp = k_cache[first:first + n_pages].view(1, -1, kv_heads, d).transpose(1, 2)
-            vp = v_cache[first:first + n_pages].view(1, -1, kv_heads, d).transpose(1, 2)
-            o, l = _flash_cpu(qd[row:row + 1], kp, vp, 0.0, False)
-            ps.append(o)
-            ls.append(l)
-        rows = plan.prefix_rows
-        o_p, l_p = torch.cat(ps), torch.cat(ls)
-        o_t, l_t = od.index_select(0, rows), lse.index_select(0, rows)
-        m = torch.maximum(l_p, l_t)
-        w_p, w_t = (l_p - m).exp_(), (l_t - m).exp_()
-        merged = (o_p * w_p[..., None] + o_t * w_t[..., None]) / (w_p + w_t)[..., None]
-        od.index_copy_(0, rows, merged.to(od.dtype))
-    return od
+    if not need_lse:
+        return od
+    o_r, l_r = [], []
+    for row, first, n_pages in plan.runs:
+        kr = k_cache[first:first + n_pages].view(1, -1, kv_heads, d).transpose(1, 2)
+        vr = v_cache[first:first + n_pages].view(1, -1, kv_heads, d).transpose(1, 2)
+        o, l = _flash_cpu(qd[row:row + 1], kr, vr, 0.0, False)
+        o_r.append(o)
+        l_r.append(l)
+    rows = plan.run_rows
+    o_r, l_r = torch.cat(o_r).float(), torch.cat(l_r)
+    # softmax over all parts of a row: weights exp(lse_part - max over the row's parts)
+    m = lse.scatter_reduce(0, rows.view(-1, 1, 1).expand_as(l_r), l_r, "amax")
+    w_t = (lse - m).exp_()
+    w_r = (l_r - m.index_select(0, rows)).exp_()
+    num = (od.float() * w_t[..., None]).index_add_(0, rows, o_r * w_r[..., None])
+    den = w_t.index_add_(0, rows, w_r)
+    return (num / den[..., None]).to(qd.dtype)

@@ -113,10 +113,10 @@ def test_greedy_matches_hf(models, name, pp, split, page_size, chunk):
             torch.testing.assert_close(torch.stack(logits[i]), ref_logits, atol=1e-4, rtol=0)
 
 
-def test_greedy_matches_hf_in_place_prefixes(models, monkeypatch):
-    """Decode rows read their first consecutive pages in place (one page is enough here)
-    and merge with the gathered tail by log-sum-exp: still HF's greedy tokens."""
-    monkeypatch.setattr(attention, "MIN_PREFIX_PAGES", 1)
+def test_greedy_matches_hf_in_place_runs(models, monkeypatch):
+    """Decode rows read runs of consecutive pages in place (one page is a run here) and
+    merge them with the gathered tail by log-sum-exp: still HF's greedy tokens."""
+    monkeypatch.setattr(attention, "MIN_RUN_PAGES", 1)
     path, hf = models["llama"]
     pipe = LocalPipeline(path, pp=2, page_size=2, num_pages=64)
     outs, logits = run_greedy(pipe, PROMPTS, NEW_TOKENS, chunk=16)
@@ -147,18 +147,19 @@ def _reference_attention(q, k_cache, v_cache, starts, lens, pages, page_size):
 @pytest.mark.parametrize("mode", ["auto", "grouped", "padded", "rows"])
 def test_decode_modes_match_reference(mode, monkeypatch):
     """Every decode plan (one padded group, a group per row, groups by length, in-place
-    prefixes + gathered tails) gives the same attention as a plain reference, mixed
+    runs + gathered tails) gives the same attention as a plain reference, mixed
     with prefill chunks (one read in place, one gathered) and uneven contexts."""
-    monkeypatch.setattr(attention, "MIN_PREFIX_PAGES", 2)
+    monkeypatch.setattr(attention, "MIN_RUN_PAGES", 2)
     page_size, kv_heads, heads, d = 4, 2, 4, 8
     g = torch.Generator().manual_seed(0)
     k_cache = torch.randn(64, page_size, kv_heads, d, generator=g)
     v_cache = torch.randn(64, page_size, kv_heads, d, generator=g)
-    # decodes: long with a consecutive prefix, short, equal pair, one page; two chunks
-    starts = [40, 2, 13, 13, 0, 9, 5]
-    lens = [1, 1, 1, 1, 1, 6, 1]
+    # decodes: long with a consecutive prefix, short, equal pair, one page, two runs with
+    # a page between them; two chunks
+    starts = [40, 2, 13, 13, 0, 9, 5, 29]
+    lens = [1, 1, 1, 1, 1, 6, 1, 1]
     pages = [list(range(20, 30)) + [3], [4], [5, 6, 7, 8], [40, 41, 42, 9],
-             [10], list(range(50, 54)), [11, 12]]
+             [10], list(range(50, 54)), [11, 12], [30, 31, 32, 44, 60, 61, 62, 45]]
     t = sum(lens)
     q = torch.randn(t, heads, d, generator=g)
     k = torch.randn(t, kv_heads, d, generator=g)
@@ -170,7 +171,7 @@ def test_decode_modes_match_reference(mode, monkeypatch):
     ref = _reference_attention(q, kc, vc, starts, lens, pages, page_size)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     if mode == "auto":
-        assert [r for r, _, _ in meta.decode.prefixes] == [0, 2, 3]  # >= 2 consecutive pages
+        assert meta.decode.runs == [(0, 20, 10), (2, 5, 3), (3, 40, 3), (6, 30, 3), (6, 60, 3)]
         assert meta.chunks[0].pages is None    # consecutive chunk pages: read in place
     assert attention.group_decodes([7, 7, 7]) == [[0, 1, 2]]
     assert attention.group_decodes([500, 10, 12], overhead=64) == [[1, 2], [0]]

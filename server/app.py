@@ -104,14 +104,27 @@ class _Generation:
 
 
 def build_app(engine: Any, *, model_name: str, info: dict[str, Any] | None = None,
-              sampling_params: Callable[..., Any] | None = None) -> FastAPI:
+              sampling_params: Callable[..., Any] | None = None,
+              on_shutdown: Callable[[], None] | None = None) -> FastAPI:
     """The FastAPI app serving `engine` under the model name `model_name`.
 
-    sampling_params: the SamplingParams class (default runtime.llm.SamplingParams)."""
+    sampling_params: the SamplingParams class (default runtime.llm.SamplingParams).
+    on_shutdown: called (in a thread) when the server shuts down, e.g. engine.shutdown: uvicorn
+    re-raises SIGINT/SIGTERM after its graceful shutdown, so code after uvicorn.run may not run."""
     if sampling_params is None:
         from runtime.llm import SamplingParams as sampling_params  # noqa: N813
     SP = sampling_params
-    app = FastAPI(title="pipetwin OpenAI-compatible server")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if on_shutdown is not None:
+                log.info("shutting the engine down")
+                await asyncio.to_thread(on_shutdown)
+
+    app = FastAPI(title="pipetwin OpenAI-compatible server", lifespan=lifespan)
     metrics = ServerMetrics(engine)
     codec = make_codec(getattr(engine, "tokenizer", None), engine.model_config.vocab_size)
     max_len = int(engine.max_model_len)

@@ -121,7 +121,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         info = {"pp": args.pp, "policy": args.policy, "policy_params": dict(args.param), "seed": args.seed,
                 "source_model": args.model, "layer_split": args.layer_split, "threads": args.threads}
-        app = build_app(engine, model_name=name, info=info)
+        app = build_app(engine, model_name=name, info=info, on_shutdown=engine.shutdown)
         log.info("serving %s on http://%s:%d (%d KV pages of %d tokens, max_model_len %d)", name, args.host,
                  args.port, engine.num_pages, engine.page_size, engine.max_model_len)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -287,6 +287,7 @@ def metric_or_zero(url: str, name: str) -> float:
 def test_dead_engine_turns_health_red_and_requests_503(caplog):
     """A stage process dies: /health is 503 naming the cause, requests get 503, the cause is logged.
     No tokenizer here (a dummy config): text goes through the byte fallback."""
+    caplog.set_level(logging.ERROR, logger="pipetwin.server")
     cfg = {k: v for k, v in CFG.items() if k != "architectures"}
     engine = AsyncLLM(cfg, pp=2, num_pages=32, page_size=8)
     try:
@@ -303,6 +304,7 @@ def test_dead_engine_turns_health_red_and_requests_503(caplog):
                     c.completions.create(model="dummy", prompt=[1, 2], max_tokens=3)
                 assert e.value.status_code == 503 and e.value.body["code"] == "engine_dead"
             assert metric(srv.url, "pipetwin_engine_healthy") == 0
+            assert any("engine is dead" in r.getMessage() and "stage" in r.getMessage() for r in caplog.records)
     finally:
         engine.shutdown()
 

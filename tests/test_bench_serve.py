@@ -94,3 +94,16 @@ def test_cli_bench_serve_user_errors(server, tmp_path, capsys):
     assert "--model 'nope'" in err("--url", server.url, "--model", "nope", "--num-requests", "1")
     assert "max_model_len" in err("--url", server.url, "--num-requests", "2", "--input-len", "300",
                                   "--output-len", "2")
+
+
+def test_cli_bench_serve_replays_a_trace(server, tmp_path):
+    trace_csv = tmp_path / "t.csv"
+    rows = [(0.0, 12, 3), (0.05, 30, 5), (0.05, 7, 1), (0.2, 20, 8), (0.21, 16, 2)]
+    trace_csv.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n"
+                         + "".join(f"{a},{p},{d}\n" for a, p, d in rows))
+    out = tmp_path / "replay"
+    assert main(["bench", "serve", "--url", server.url, "--trace", str(trace_csv), "--max-concurrency", "2",
+                 "--out", str(out)]) == 0
+    tr = Trace.load(out)
+    assert list(zip(tr.requests["prompt_len"], tr.requests["max_output"], tr.requests["output_len"])) == \
+        [(p, d, d) for _, p, d in rows]

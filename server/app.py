@@ -214,7 +214,7 @@ def build_app(engine: Any, *, model_name: str, info: dict[str, Any] | None = Non
 
     # ---------------------------------------------------------------- running one request
 
-    async def run(request: Request, g: _Generation, on_text: Callable[[str, str | None, bool], Any] | None):
+    async def run(request: Request, g: _Generation) -> AsyncIterator[tuple[str, str | None, bool]]:
         """Drive the engine; yields (text, finish_reason, is_token) per token (and once more with
         is_token False when the final delta holds no token). Closes the engine stream when done."""
         stop = StopChecker(codec.decoder() if codec else None, g.stops)
@@ -259,14 +259,13 @@ def build_app(engine: Any, *, model_name: str, info: dict[str, Any] | None = Non
         finally:
             await gen.aclose()
             metrics.observe(arrival, first, last, n, finish or "abort")
-            g.completion_tokens = n  # type: ignore[attr-defined]
 
     async def non_streaming(request: Request, g: _Generation) -> tuple[str, str | None, int]:
         async def collect() -> tuple[str, str | None, int]:
             parts: list[str] = []
             finish = None
             n = 0
-            async with contextlib.aclosing(run(request, g, None)) as tokens:
+            async with contextlib.aclosing(run(request, g)) as tokens:
                 async for text, fr, is_token in tokens:
                     parts.append(text)
                     n += is_token
@@ -325,7 +324,7 @@ def build_app(engine: Any, *, model_name: str, info: dict[str, Any] | None = Non
         t = int(time.time())
         n = 0
         try:
-            async with contextlib.aclosing(run(request, g, None)) as tokens:
+            async with contextlib.aclosing(run(request, g)) as tokens:
                 async for text, finish, is_token in tokens:
                     n += is_token
                     yield _sse(completion_chunk(rid, model_name, t, text, finish))
@@ -364,7 +363,7 @@ def build_app(engine: Any, *, model_name: str, info: dict[str, Any] | None = Non
         n = 0
         first = True
         try:
-            async with contextlib.aclosing(run(request, g, None)) as tokens:
+            async with contextlib.aclosing(run(request, g)) as tokens:
                 async for text, finish, is_token in tokens:
                     n += is_token
                     delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}

@@ -112,19 +112,19 @@ class Scheduler:
         if len(self.in_flight) >= self.pp or not (self.waiting or self.ready):
             return None
         plan = self.policy.plan(self)
-        batch = MicroBatch(id=self._next_batch_id, scheduled_at=now)
+        batch = MicroBatch(self._next_batch_id, now)
         self._fill(batch, plan, now)
         # Liveness: nothing was chosen and nothing in flight will ever change that. Preempt
         # the newest page holder so older requests can go on; with one holder left, take a
         # batch of whatever fits, counted in `forced_batches` so it is never silent.
-        while not len(batch) and not self.in_flight:
+        while not (batch.decodes or batch.chunks) and not self.in_flight:
             if self._preempt_newest_holder():
                 self._fill(batch, self.policy.plan(self), now)
             else:
                 self.forced_batches += 1
                 self._fill(batch, BatchPlan(len(self.ready), max(1, self.kv.num_free * self.page_size)), now)
                 break
-        if not len(batch):
+        if not (batch.decodes or batch.chunks):
             return None
         self._next_batch_id += 1
         self.in_flight[batch.id] = batch
@@ -182,11 +182,12 @@ class Scheduler:
             if r.is_finished:
                 self._release_if_idle(r)
                 continue
-            if item.context_len > r.num_computed:
-                r.num_computed = item.context_len
+            end = item.start + item.num_tokens  # item.context_len
+            if end > r.num_computed:
+                r.num_computed = end
             if token is not None:
                 self._append_token(r, token, now, finished)
-            elif r.status is Status.RUNNING and r.num_unscheduled > 0 and r.in_flight == 0:
+            elif r.status is running and r.num_unscheduled > 0 and r.in_flight == 0:
                 r.status = Status.WAITING
                 back_to_waiting.append(r)  # paper-era chunking: next chunk only after this one returns
         for r in reversed(back_to_waiting):

@@ -173,10 +173,10 @@ class PipelineSim:
         return self.latency.transfer_time(TOKEN_ID_BYTES * batch.num_samples)
 
     def _durations(self, batch: MicroBatch) -> tuple[list[float], float]:
-        lat = self.latency
-        shape = (batch.prefill_tokens, batch.decode_tokens, batch.prefill_attention_work, batch.decode_context)
-        stages = [lat.stage_time(s, *shape) for s in range(self.pp)]
-        return stages, lat.transfer_time(lat.activation_bytes(batch.num_tokens))
+        lat, stage_time = self.latency, self.latency.stage_time
+        p, d, w, c = batch.prefill_tokens, batch.decode_tokens, batch.prefill_attention_work, batch.decode_context
+        stages = [stage_time(s, p, d, w, c) for s in range(self.pp)]
+        return stages, lat.transfer_time(lat.activation_bytes(p + d))
 
     def _dispatch(self, batch: MicroBatch, t: float) -> float | None:
         """`batch` enters stage 0 at `t`. With `resources`, start its process; else fix its

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 import pytest
 
 from core.request import Request
 from profiles import ProfileError
-from sim import ConstantLatency, SimConfig, default_workload, simulate
+import sim.run
+from sim import ConstantLatency, PipelineSim, SimConfig, default_workload, simulate
 
 PROFILE = "qwen2.5-32b_a100-80gb_pp4"
 
@@ -105,6 +107,74 @@ def test_simpy_resources_and_recursion_give_the_same_trace():
     assert ta.shape == tb.shape and ta == pytest.approx(tb)
     assert a.trace.tokens["time"].to_numpy() == pytest.approx(b.trace.tokens["time"].to_numpy())
 
+
+
+class ProcessScheduler(PipelineSim):
+    """Reference: the scheduler actor as the plain SimPy process, one event per wake-up and
+    one per overhead. PipelineSim runs it as callbacks and skips those events when nothing
+    else is due; the traces must not change at all, same-instant order included."""
+
+    def start(self, requests):
+        self._wake = self.env.event()
+        self.env.process(self._arrivals(requests))
+        self.env.process(self._process())
+
+    def _process(self):
+        env, sched, overhead = self.env, self.sched, self.latency.sched_overhead
+        while True:
+            yield self._wake
+            self._wake = env.event()
+            while (batch := sched.next_batch(env.now)) is not None:
+                if overhead > 0:
+                    yield env.timeout(overhead)
+                self._dispatch_now(batch)
+
+    def _complete(self, batch):
+        self.sched.complete(batch, self.env.now)
+        self._poke()
+
+
+def tie_specs(seed, n=60):
+    """Arrivals on a 1/8 s grid with stage times in 1/8 s: exact floats, so arrivals,
+    completions and overhead ends often fall on one instant."""
+    rng = random.Random(seed)
+    return sorted((rng.randrange(0, 160) * 0.125, rng.randrange(1, 300), rng.randrange(1, 25)) for _ in range(n))
+
+
+@pytest.mark.parametrize("policy", ["token_throttling", "sarathi", "vllm"])
+@pytest.mark.parametrize("lat, pp, time_limit", [
+    (ConstantLatency(stage=0.25, transfer=0.0625, sched_overhead=0.125, token_return=0.125), 4, None),
+    (ConstantLatency(stage=0.25, sched_overhead=0.25), 2, 12.0),
+    (ConstantLatency(stage=0.125), 1, None),
+    (TokenLatency(per_token=2 ** -10, sched_overhead=0.0625), 3, None),
+])
+def test_skipped_scheduler_events_leave_the_trace_unchanged(monkeypatch, policy, lat, pp, time_limit):
+    cfg = SimConfig(policy=policy, num_pages=120, time_limit=time_limit)
+    for seed in range(2):
+        fast = simulate(cfg, latency=lat, pp=pp, requests=reqs(tie_specs(seed))).trace
+        with monkeypatch.context() as m:
+            m.setattr(sim.run, "PipelineSim", ProcessScheduler)
+            ref = simulate(cfg, latency=lat, pp=pp, requests=reqs(tie_specs(seed))).trace
+        for table in ("batches", "requests", "tokens", "samples"):
+            assert getattr(fast, table).equals(getattr(ref, table)), (seed, table)
+
+
+def test_overhead_paid_without_an_event_gives_simpy_timeout_times_exactly():
+    # pp=1: the window is full after every decision, so the overhead event is skipped and
+    # the completion is created at the decision; its time must still be the float that a
+    # timeout created after the overhead gets. At 0.1 + 0.01 + 0.3 the delay from the
+    # decision rounds differently (the fallback path); request 1 arrives much later, so
+    # nothing else is due when request 0 is decided.
+    overhead, stage = 0.01, 0.3
+    res = simulate(sarathi(), latency=ConstantLatency(stage=stage, sched_overhead=overhead), pp=1,
+                   requests=reqs([(0.1, 1, 4), (100.0, 1, 1)]))
+    t, expected = 0.1, []
+    for _ in range(4):
+        paid = t + overhead                    # timeout(overhead) at t
+        t = paid + ((paid + stage) - paid)     # timeout(end - now) at paid
+        expected.append(t)
+    assert 0.1 + (expected[0] - 0.1) != expected[0]  # the naive delay would be off by a bit
+    assert res.trace.tokens["time"].tolist()[:4] == expected
 
 def small_workload(rate, n=150, **over):
     w = default_workload()

@@ -9,10 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.request import Request
-from core.workloads import (
-    Arrival, Empirical, Fixed, LogNormal, Uniform, Workload, all_at_once, constant_arrivals,
-    default_workload, gamma_arrivals, length_from_dict, poisson_arrivals, read_trace,
+from core.distributions import (
+    Arrival, Empirical, Fixed, LogNormal, Uniform, all_at_once, constant_arrivals, gamma_arrivals,
+    length_from_dict, poisson_arrivals,
 )
+from core.trace_file import read_trace
+from core.workloads import Workload, default_workload
 
 CONV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "traces" / "azure_conv_2023.csv"
 if not CONV.exists():

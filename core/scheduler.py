@@ -235,24 +235,39 @@ class Scheduler:
                 self._preempt(ready.pop())
                 want = min(want, len(ready))
         decodes = batch.decodes
-        take, popleft = decodes.append, ready.popleft
-        context = count = 0
-        while count < want:  # hot path (millions of decode tokens per trace); want <= count + len(ready)
-            r = ready[0]
-            n = r.num_scheduled
-            if not n % page_size:  # pages hold exactly ceil(n / page_size): the next token opens one
-                while not kv.num_free and len(ready) > 1:
-                    self._preempt(ready.pop())  # newest-ready first, so the oldest keep going
-                    want = min(want, count + len(ready))
-                if not kv.num_free:
-                    break
-                r.pages.append(kv.allocate_one())
-            popleft()
-            r.num_scheduled = n = n + 1
-            r.in_flight = 1  # ready requests are never in flight; the batch is dispatched below
-            context += n
-            take(r)
-            count += 1
+        context = 0
+        if kv.num_free >= want:
+            # Hot path (millions of decode tokens per trace): a free page for every decode,
+            # so none can need a preemption; take them all at once, then add pages.
+            popleft = ready.popleft
+            taken = [popleft() for _ in range(want)]
+            allocate_one = kv.allocate_one
+            for r in taken:
+                n = r.num_scheduled
+                if not n % page_size:  # pages hold exactly ceil(n / page_size): the next token opens one
+                    r.pages.append(allocate_one())
+                r.num_scheduled = n = n + 1
+                r.in_flight = 1  # ready requests are never in flight; the batch is dispatched below
+                context += n
+            decodes += taken
+        else:  # short of pages: decode by decode, preempting as pages run out
+            count = 0
+            while count < want:  # want <= count + len(ready)
+                r = ready[0]
+                n = r.num_scheduled
+                if not n % page_size:
+                    while not kv.num_free and len(ready) > 1:
+                        self._preempt(ready.pop())  # newest-ready first, so the oldest keep going
+                        want = min(want, count + len(ready))
+                    if not kv.num_free:
+                        break
+                    r.pages.append(kv.allocate_one())
+                ready.popleft()
+                r.num_scheduled = n = n + 1
+                r.in_flight = 1
+                context += n
+                decodes.append(r)
+                count += 1
         batch.decode_tokens += len(decodes)
         batch.decode_context += context
         batch.num_samples += len(decodes)

@@ -15,7 +15,6 @@ import json
 import math
 from array import array
 from dataclasses import dataclass, field
-from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -31,30 +30,35 @@ SAMPLE_COLUMNS = ["time", "kv_used", "kv_total", "kv_util", "waiting", "ready", 
 
 
 class TraceRecorder:
-    """Append-only recorder. Rows go into typed column arrays (8 bytes a cell): a long
-    simulation records millions of cells, and tuples would cost ~10x the memory."""
-    __slots__ = ("_stage_cols", "_sample_cols")
+    """Append-only recorder. Rows go into typed arrays (8 bytes a cell): a long simulation
+    records millions of cells, and tuples would cost ~10x the memory. Stage rows are kept
+    in blocks, one per call: the rows of one micro-batch's consecutive stages share its id
+    and sizes, so `stages` stores those once (the simulator's hot path) and `build` expands
+    them."""
+    __slots__ = ("_blocks", "_times", "_sample_cols")
 
     def __init__(self) -> None:
-        self._stage_cols = tuple(array("d" if c in ("start", "end") else "q") for c in BATCH_COLUMNS)
+        # per block: batch_id, first stage, rows, prefill_tokens, decode_tokens, num_requests
+        self._blocks = tuple(array("q") for _ in range(6))
+        self._times = (array("d"), array("d"))  # per row: start, end
         self._sample_cols = tuple(array("q" if c in ("kv_used", "kv_total", "waiting", "ready", "in_flight", "running")
                                         else "d") for c in SAMPLE_COLUMNS)
 
     def stage(self, batch_id: int, stage: int, start: float, end: float,
               prefill_tokens: int, decode_tokens: int, num_requests: int) -> None:
-        c = self._stage_cols
-        c[0].append(batch_id); c[1].append(stage); c[2].append(start); c[3].append(end)
-        c[4].append(prefill_tokens); c[5].append(decode_tokens); c[6].append(num_requests)
+        b, t = self._blocks, self._times
+        b[0].append(batch_id); b[1].append(stage); b[2].append(1)
+        b[3].append(prefill_tokens); b[4].append(decode_tokens); b[5].append(num_requests)
+        t[0].append(start); t[1].append(end)
 
     def stages(self, batch_id: int, starts: Sequence[float], ends: Sequence[float],
                prefill_tokens: int, decode_tokens: int, num_requests: int) -> None:
-        """One micro-batch's rows for stages 0..len(starts)-1 in one call: the same rows as
-        `stage` per stage, at a fraction of the cost (the simulator records ~10^5 batches)."""
-        n = len(starts)
-        c = self._stage_cols
-        c[0].extend(repeat(batch_id, n)); c[1].extend(range(n)); c[2].extend(starts); c[3].extend(ends)
-        c[4].extend(repeat(prefill_tokens, n)); c[5].extend(repeat(decode_tokens, n))
-        c[6].extend(repeat(num_requests, n))
+        """One micro-batch's rows for stages 0..len(starts)-1: the rows `stage` would
+        record stage by stage, in one call."""
+        b, t = self._blocks, self._times
+        b[0].append(batch_id); b[1].append(0); b[2].append(len(starts))
+        b[3].append(prefill_tokens); b[4].append(decode_tokens); b[5].append(num_requests)
+        t[0].extend(starts); t[1].extend(ends)
 
     def sample(self, time: float, kv_used: int, kv_total: int, waiting: int, ready: int,
                in_flight: int, running: int) -> None:
@@ -64,11 +68,17 @@ class TraceRecorder:
 
     @property
     def num_stage_rows(self) -> int:
-        return len(self._stage_cols[0])
+        return len(self._times[0])
 
     def stage_rows(self) -> list[tuple]:
         """Rows as tuples (e.g. to ship a worker's rows to stage 0)."""
-        return list(zip(*self._stage_cols))
+        starts, ends = self._times
+        rows, i = [], 0
+        for batch_id, first, n, prefill, decode, requests in zip(*self._blocks):
+            for stage in range(first, first + n):
+                rows.append((batch_id, stage, starts[i], ends[i], prefill, decode, requests))
+                i += 1
+        return rows
 
     def add_stage_rows(self, rows: Iterable[tuple]) -> None:
         for row in rows:
@@ -97,12 +107,22 @@ class TraceRecorder:
                 pos += n
         tokens = pd.DataFrame({"request_id": ids, "index": index, "time": times}, copy=False)
         return Trace(
-            batches=_frame(BATCH_COLUMNS, self._stage_cols),
+            batches=self._batches_frame(),
             requests=pd.DataFrame(req_rows, columns=REQUEST_COLUMNS),
             tokens=tokens,
             samples=_frame(SAMPLE_COLUMNS, self._sample_cols),
             meta=dict(meta or {}),
         )
+
+    def _batches_frame(self) -> "pd.DataFrame":
+        import numpy as np
+        import pandas as pd
+        batch_id, first, rows, prefill, decode, requests = (np.array(a, dtype=np.int64) for a in self._blocks)
+        row_in_block = np.arange(int(rows.sum()), dtype=np.int64) - np.repeat(np.cumsum(rows) - rows, rows)
+        columns = (np.repeat(batch_id, rows), np.repeat(first, rows) + row_in_block,
+                   np.array(self._times[0], dtype=np.float64), np.array(self._times[1], dtype=np.float64),
+                   np.repeat(prefill, rows), np.repeat(decode, rows), np.repeat(requests, rows))
+        return pd.DataFrame(dict(zip(BATCH_COLUMNS, columns)), copy=False)
 
 
 def _frame(columns: list[str], arrays: tuple[array, ...]) -> "pd.DataFrame":

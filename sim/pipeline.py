@@ -185,14 +185,16 @@ class PipelineSim:
         if self.stage_model == "resources":
             self.env.process(self._run_with_resources(batch))
             return None
-        stages, transfer = self._durations(batch)
-        stage_free, link_free, last = self._stage_free, self._link_free, self.pp - 1
+        lat, stage_free, link_free, last = self.latency, self._stage_free, self._link_free, self.pp - 1
+        stage_time = lat.stage_time
+        p, d, w, c = batch.prefill_tokens, batch.decode_tokens, batch.prefill_attention_work, batch.decode_context
+        transfer = lat.transfer_time(lat.activation_bytes(p + d))
         entered = t
         starts, ends = [], []
-        for s, duration in enumerate(stages):
+        for s in range(last + 1):
             free = stage_free[s]
             start = t if t > free else free
-            t = start + duration
+            t = start + stage_time(s, p, d, w, c)
             stage_free[s] = t
             starts.append(start)
             ends.append(t)

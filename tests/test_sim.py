@@ -176,6 +176,21 @@ def test_overhead_paid_without_an_event_gives_simpy_timeout_times_exactly():
     assert 0.1 + (expected[0] - 0.1) != expected[0]  # the naive delay would be off by a bit
     assert res.trace.tokens["time"].tolist()[:4] == expected
 
+
+def test_recorder_stage_blocks_give_the_rows_of_row_by_row_recording():
+    from core.trace import TraceRecorder
+    rows = [(7, 2, 0.5, 0.75, 3, 4, 5), (8, 0, 1.0, 1.5, 10, 20, 30), (8, 1, 2.0, 2.5, 10, 20, 30),
+            (8, 2, 3.0, 3.5, 10, 20, 30), (9, 1, 4.0, 4.5, 1, 2, 3)]
+    bulk, single = TraceRecorder(), TraceRecorder()
+    bulk.stage(*rows[0])
+    bulk.stages(8, [1.0, 2.0, 3.0], [1.5, 2.5, 3.5], 10, 20, 30)
+    bulk.add_stage_rows(rows[4:])
+    single.add_stage_rows(rows)
+    assert bulk.stage_rows() == single.stage_rows() == rows and bulk.num_stage_rows == 5
+    frame = bulk.build([]).batches
+    assert frame.equals(single.build([]).batches)
+    assert [tuple(r) for r in frame.itertuples(index=False)] == rows
+
 def small_workload(rate, n=150, **over):
     w = default_workload()
     w.update(num_requests=n, arrival={"kind": "gamma", "rate": rate, "burstiness": 1.0}, **over)

@@ -1,7 +1,8 @@
 """`pipetwin validate FILE.yaml`: the simulator against the real runtime, same workloads.
 
 For every policy and load level, the SAME requests (lengths and arrival times, one seed)
-run through the simulator (the measured profile, num_pages = the runtime's page count)
+run through the simulator (the measured profile, num_pages = the runtime's page count,
+the scheduler on stage 0's thread as in the runtime: SimConfig.driver_on_stage0)
 and through the runtime (requests injected at their arrival instants, fixed output
 lengths). Written under `out`:
 
@@ -305,9 +306,10 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
                 label, rl = pol["label"], rate_label(rate)
                 wl = cfg.workload_for(rate)
                 seed = wl.pop("seed")
+                # driver_on_stage0: the runtime's scheduler shares stage 0's thread (runtime.driver)
                 sim_cfg = SimConfig(profile=profile, policy=pol["name"], policy_params=dict(pol["params"]),
                                     workload=wl, seed=seed, pp=cfg.pp, num_pages=num_pages,
-                                    page_size=bench.page_size)
+                                    page_size=bench.page_size, driver_on_stage0=True)
                 sim_res = simulate(sim_cfg, requests=workload_requests(wl, seed))
                 load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
                 real = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed)

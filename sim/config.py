@@ -33,6 +33,10 @@ class SimConfig:
     page_size: int = 16
     time_limit: float | None = None              # simulated seconds; unfinished are reported
     stage_model: str = "recursion"               # "resources": SimPy resources (reference)
+    # The scheduler shares stage 0's thread, as in pipetwin's runtime: it sees completions
+    # and decides only between stage-0 computes (see sim/pipeline.py). False: a scheduler
+    # on its own core that reacts at once.
+    driver_on_stage0: bool = False
     slo: dict[str, float | None] = field(default_factory=dict)  # ttft / tpot / e2e seconds
 
     def __post_init__(self) -> None:
@@ -63,6 +67,11 @@ class SimConfig:
             raise bad("time_limit", "a number of seconds > 0 or null", self.time_limit)
         if self.stage_model not in STAGE_MODELS:
             raise bad("stage_model", f"one of {list(STAGE_MODELS)}", self.stage_model)
+        if not isinstance(self.driver_on_stage0, bool):
+            raise bad("driver_on_stage0", "true or false", self.driver_on_stage0)
+        if self.driver_on_stage0 and self.stage_model != "recursion":
+            raise ValueError("driver_on_stage0 needs stage_model 'recursion' (it reads when stage 0 "
+                             "is next free, which the recursion knows at dispatch)")
         SLO.of(self.slo)  # validates keys
 
     def workload_spec(self) -> dict[str, Any]:

@@ -13,6 +13,13 @@ Arrivals and completions wake the scheduler through an event, which SimPy queues
 every event already due at that instant; so the decision at time t sees every arrival and
 completion at t, whatever their order.
 
+Driver on stage 0 (`driver_on_stage0`, as in pipetwin's runtime, where stage 0's process
+runs the scheduler and stage 0's forward in one thread): the scheduler takes completions
+and decides only while stage 0 is not computing. A completion that arrives while stage 0
+computes is taken when it finishes (that is also when its tokens are timestamped), and a
+decision waits for stage 0 likewise. Without it the scheduler reacts at once and a batch
+formed while stage 0 is busy queues in front of it.
+
 Stage timing: each stage and link is a single FIFO server, and a micro-batch's service
 times are known when it is dispatched, so its whole path is fixed at dispatch by the
 tandem-queue (Lindley) recursion start = max(ready, server free). That is exactly what
@@ -65,7 +72,8 @@ class ConstantLatency:
 
 class PipelineSim:
     def __init__(self, env: simpy.Environment, scheduler: Scheduler, latency: StageLatency,
-                 recorder: TraceRecorder, stage_model: str = "recursion") -> None:
+                 recorder: TraceRecorder, stage_model: str = "recursion", *,
+                 driver_on_stage0: bool = False) -> None:
         self.env = env
         self.sched = scheduler
         self.latency = latency
@@ -73,6 +81,9 @@ class PipelineSim:
         self.pp = scheduler.pp
         self.stage_model = stage_model
         self._stage_free = [0.0] * self.pp
+        if driver_on_stage0 and stage_model != "recursion":
+            raise ValueError("driver_on_stage0 needs the recursion stage model")
+        self.driver_on_stage0 = driver_on_stage0
         self._link_free = [0.0] * max(0, self.pp - 1)
         self._token_return_s = (latency.token_return if isinstance(latency, ConstantLatency) else None) \
             if self.pp > 1 else 0.0
@@ -125,6 +136,9 @@ class PipelineSim:
         env, sched, overhead = self.env, self.sched, self.latency.sched_overhead
         self._idle = False
         while True:
+            if self.driver_on_stage0 and self._stage_free[0] > now:
+                self._wait_for_stage0(now)
+                return
             batch = sched.next_batch(now)
             if batch is None:
                 if self._wake.callbacks is not None:  # not processed yet: sleep until it is
@@ -153,6 +167,16 @@ class PipelineSim:
                 return
             env.timeout(overhead, batch).callbacks.append(self._overhead_paid)
             return
+
+    def _wait_for_stage0(self, now: float) -> None:
+        """Driver on stage 0: sleep until stage 0 finishes its compute, then decide."""
+        if self._wake.callbacks is None:  # a wake-up already used: the timer below replaces it
+            self._new_wake()
+        self._idle = True
+        self.env.timeout(self._stage_free[0] - now).callbacks.append(self._poke_event)
+
+    def _poke_event(self, _event: simpy.Event) -> None:
+        self._poke()
 
     def _overhead_paid(self, event: simpy.Event) -> None:
         self._dispatch_now(event.value)
@@ -228,6 +252,10 @@ class PipelineSim:
 
     def _complete(self, batch: MicroBatch) -> None:
         env = self.env
+        if self.driver_on_stage0 and self._stage_free[0] > env.now:
+            # stage 0 is computing: the driver takes the tokens when it is done
+            env.timeout(self._stage_free[0] - env.now, batch).callbacks.append(self._completed)
+            return
         self.sched.complete(batch, env.now)
         if self._wake.triggered:
             return

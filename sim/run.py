@@ -66,13 +66,15 @@ def simulate(config: SimConfig, *, latency: StageLatency | None = None, pp: int 
     policy = make_policy(config.policy, config.policy_params)
     scheduler = Scheduler(SchedulerConfig(pp, num_pages, config.page_size), policy, recorder)
     env = simpy.Environment()
-    model = PipelineSim(env, scheduler, latency, recorder, config.stage_model)
+    model = PipelineSim(env, scheduler, latency, recorder, config.stage_model,
+                       driver_on_stage0=config.driver_on_stage0)
     model.start(requests)
     env.run(until=config.time_limit)
 
     meta.update(pp=pp, policy=config.policy, policy_params=dict(config.policy_params), seed=config.seed,
                 num_pages=num_pages, page_size=config.page_size, sim_time=env.now,
                 time_limit=config.time_limit, forced_batches=scheduler.forced_batches,
+                driver_on_stage0=config.driver_on_stage0,
                 source="sim")
     trace = recorder.build(scheduler.requests if config.time_limit is None else requests, meta)
     if config.time_limit is not None:

@@ -127,8 +127,8 @@ class DistPipe:
         hidden, residual = r.forward(x, r.build_meta(m))
         x = torch.stack((hidden, residual))  # one message, not two: see runtime.comm
         r.sync()  # on GPU: the busy interval ends when the kernels are done
+        end = time.perf_counter()  # before posting the send, as the other stages (runtime.worker)
         self.sends.add(torch.distributed.isend(x, 1, group=self.g.next), x)
-        end = time.perf_counter()  # handed off: stage 1 may start from here
         self.sends.close_launch()
         return end
 

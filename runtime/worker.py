@@ -178,15 +178,20 @@ def serve(runner: StageRunner, g: Groups, events: Any = None) -> None:
             start = runner.now()
             runner.check_fault(m.batch_id)
             out = runner.forward((acts[0], acts[1]), meta)
+            # The busy interval ends when the result is ready, before the send is posted: on a
+            # shared CPU the process can be descheduled right after posting it (seen: the
+            # token reached stage 0 ~3 ms before this stage got to read its clock).
             if last:
                 ids = runner.sample(out, m)  # .tolist() waits for the GPU
                 msg = torch.tensor([m.batch_id, *ids], dtype=torch.long)
+                end = runner.now()
                 sends.add(dist.isend(msg, 0, group=g.tokens), msg)
             else:
                 x = torch.stack(out)  # one message, not two: see runtime.comm
                 runner.sync()
+                end = runner.now()
                 sends.add(dist.isend(x, s + 1, group=g.next), x)
-            runner.record(m, start, runner.now())
+            runner.record(m, start, end)
             sends.close_launch()
             if stream_rows and start - last_push > 0.5:
                 events.put(("rows", runner.rows))

@@ -177,21 +177,22 @@ def group_decodes(lens: Sequence[int], mode: str = "auto",
     srt = [lens[r] for r in order]
     if srt[0] == srt[-1]:
         return [list(range(n))]
-    # best[j]: cost of rows order[:j]; a group order[i:j] costs overhead + (j - i) * srt[j-1]
-    best = [0] + [0] * n
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        top = srt[j - 1]
-        bj, cj = None, 0
-        for i in range(j):
-            c = best[i] + overhead + (j - i) * top
-            if bj is None or c < bj:
-                bj, cj = c, i
-        best[j], cut[j] = bj, cj
+    # DP over units of consecutive sorted rows (single rows up to 32; bounded work for
+    # big batches): best[j] = cost of units[:j]; a group units[i:j] costs overhead +
+    # (its rows) x (its longest). cum[j] = rows in units[:j].
+    size = -(-n // 32)
+    cum = list(range(0, n, size)) + [n]
+    m = len(cum) - 1
+    best = [0] * (m + 1)
+    cut = [0] * (m + 1)
+    for j in range(1, m + 1):
+        top, end = srt[cum[j] - 1], cum[j]
+        best[j] = min(best[i] + overhead + (end - cum[i]) * top for i in range(j))
+        cut[j] = next(i for i in range(j) if best[i] + overhead + (end - cum[i]) * top == best[j])
     groups = []
-    j = n
+    j = m
     while j > 0:
-        groups.append(sorted(order[cut[j]:j]))  # a lone group's rows are in order
+        groups.append(sorted(order[cum[cut[j]]:cum[j]]))  # a lone group's rows are in order
         j = cut[j]
     return groups[::-1]
 

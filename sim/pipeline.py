@@ -1,10 +1,12 @@
 """SimPy model of one pipeline-parallel replica around the core Scheduler.
 
-Actors (one generator each, as in SimPy's examples):
-  arrivals   injects requests at their arrival instants;
+Actors:
+  arrivals   a SimPy process that injects requests at their arrival instants;
   scheduler  the core Scheduler on stage 0's host: woken by arrivals and completions, it
              forms micro-batches while fewer than `pp` are in flight, paying the profiled
-             scheduling overhead per micro-batch;
+             scheduling overhead per micro-batch (callbacks that behave exactly like the
+             plain SimPy process, minus the events nothing can fall between; see
+             PipelineSim._decide and tests/test_sim.py);
   pipeline   `pp` FIFO stages joined by FIFO links; the last stage returns sampled tokens
              to stage 0, and then the batch completes in the scheduler.
 

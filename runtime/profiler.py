@@ -12,8 +12,8 @@ on GPU it ends at `torch.cuda.synchronize`.
 
 Conventions of the grid:
 - a decode row's context is its KV length after the token (`start + 1`), and all the
-  decodes of one shape share it: the runtime pads single-token attention to the longest
-  context of the batch, so uneven contexts cost the max, not the sum;
+  decodes of one shape share it (decode attention costs about the sum of the contexts,
+  runtime/attention.py, as the latency model's `decode_context` feature assumes);
 - every prefill item samples (as the last chunk of its prompt would): one LM-head row per
   prefill item, the conservative choice for the last stage;
 - page ids come from a seeded permutation of the cache (fragmented, like a live page
@@ -60,7 +60,8 @@ from runtime.profile_timing import measure_sched_overhead, measure_transfers, pr
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
-ATTENTION_BACKEND = "torch-sdpa (runtime.attention.paged_attention: page gather + F.scaled_dot_product_attention)"
+ATTENTION_BACKEND = ("torch (runtime.attention: decode rows read runs of consecutive pages in place + "
+                     "length-grouped gathered tails, merged by log-sum-exp; prefill chunks by SDPA)")
 
 # The runtime benchmarks' model (benchmarks/runtime_cpu.py): a 32M random Llama.
 PRESETS: dict[str, dict[str, Any]] = {

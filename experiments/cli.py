@@ -43,6 +43,15 @@ def _formats(text: str) -> tuple[str, ...]:
     return fmts
 
 
+def add_workload_flags(p: argparse.ArgumentParser, rate_help: str) -> None:
+    """The workload flags `sim`, `bench` and `bench serve` share."""
+    p.add_argument("--trace", help="replay a trace CSV (arrived_at, num_prefill_tokens, num_decode_tokens)")
+    p.add_argument("--rate", help=rate_help)
+    p.add_argument("--burstiness", type=float, help="gamma shape of the arrival gaps (1 = Poisson)")
+    p.add_argument("--num-requests", type=int, help="number of requests (with --trace: the first N rows)")
+    p.add_argument("--seed", type=int)
+
+
 def add_sim(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML file of SimConfig fields (flags override it)")
     p.add_argument("--profile", help="shipped table name (see `pipetwin profiles`) or a table folder")
@@ -50,12 +59,8 @@ def add_sim(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", help="token_throttling | sarathi | vllm | dotted.path.Class")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
                    help="policy parameter (repeatable); values parsed as YAML")
-    p.add_argument("--trace", help="replay a trace CSV (arrived_at, num_prefill_tokens, num_decode_tokens)")
-    p.add_argument("--rate", help="request rate in req/s, or inf (with --trace: synthetic arrivals "
-                                  "at this rate replace the trace's, lengths stay real)")
-    p.add_argument("--burstiness", type=float, help="gamma shape of the arrival gaps (1 = Poisson)")
-    p.add_argument("--num-requests", type=int, help="number of requests (with --trace: the first N rows)")
-    p.add_argument("--seed", type=int)
+    add_workload_flags(p, "request rate in req/s, or inf (with --trace: synthetic arrivals "
+                          "at this rate replace the trace's, lengths stay real)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--num-pages", type=int, help="KV pages (default: from the profile's GPU memory)")
     g.add_argument("--memory-fraction", type=float, help="GPU memory share for weights + KV, (0, 1]")
@@ -254,11 +259,7 @@ def add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", help="token_throttling | sarathi | vllm | dotted.path.Class")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
                    help="policy parameter (repeatable); values parsed as YAML")
-    p.add_argument("--trace", help="replay a trace CSV (arrived_at, num_prefill_tokens, num_decode_tokens)")
-    p.add_argument("--rate", help="request rate in req/s, or inf")
-    p.add_argument("--burstiness", type=float, help="gamma shape of the arrival gaps (1 = Poisson)")
-    p.add_argument("--num-requests", type=int, help="number of requests (with --trace: the first N rows)")
-    p.add_argument("--seed", type=int)
+    add_workload_flags(p, "request rate in req/s, or inf")
     p.add_argument("--num-pages", type=int, help="KV pages (default: the runtime's, 1 GiB per stage on CPU)")
     p.add_argument("--page-size", type=int, help="tokens per KV page (default 16)")
     p.add_argument("--layer-split", help="layers per stage, e.g. 5,3")
@@ -372,11 +373,7 @@ def add_bench_serve(p: argparse.ArgumentParser) -> None:
                                              "works; its other keys are the server's business)")
     p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", help="model name to request (default: the first of GET /v1/models)")
-    p.add_argument("--trace", help="replay a trace CSV (arrived_at, num_prefill_tokens, num_decode_tokens)")
-    p.add_argument("--rate", help="request rate in req/s, or inf (all at once)")
-    p.add_argument("--burstiness", type=float, help="gamma shape of the arrival gaps (1 = Poisson)")
-    p.add_argument("--num-requests", type=int, help="number of requests (with --trace: the first N rows)")
-    p.add_argument("--seed", type=int)
+    add_workload_flags(p, "request rate in req/s, or inf (all at once)")
     p.add_argument("--input-len", type=int, help="synthetic prompt length (mean with --range-ratio)")
     p.add_argument("--output-len", type=int, help="synthetic output length (mean with --range-ratio)")
     p.add_argument("--range-ratio", type=float, default=0.0,

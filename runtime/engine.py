@@ -17,6 +17,7 @@ makes `generate` raise an error naming the stage within about a second, never ha
 """
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import socket
@@ -361,3 +362,8 @@ class Engine:
         for q in (self._events, self._cmd):
             q.close()
             q.cancel_join_thread()
+        # Drop the queues now: their semaphores unregister from multiprocessing's resource
+        # tracker when collected, and a server killed by SIGTERM right after this would
+        # otherwise leave the tracker warning about "leaked semaphore objects".
+        self._events = self._cmd = None
+        gc.collect()

@@ -402,6 +402,7 @@ class AsyncLLM:
         self._thread.join(5.0)
         if self._error is None:
             self._die("the engine is shut down")
+        self._channel = None  # holds the engine's queues, which shutdown releases
         self.engine.shutdown()
 
     def __enter__(self) -> "AsyncLLM":

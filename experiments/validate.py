@@ -20,7 +20,9 @@ Config keys (YAML):
   calibrate (optional): {seed, loads} -- before validating, run the runtime on OTHER
   requests (workload seed `seed`, default seed + 1) at `loads` (default: all) with every
   policy, and time the simulator by an in-situ table fitted on those runs' stage rows
-  (profiles.in_situ: stages measured while the pipeline runs) instead of `profile` alone.
+  (profiles.in_situ: stages measured while the pipeline runs) instead of `profile` alone;
+  repeats (default 1): real runs per policy and load, the same requests each time; errors
+  are against their mean, and the report shows how far they spread.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ DEFAULT_GOALS: dict[str, float] = {"throughput_err_pct": 3.0, "tpot_p50_err_pct"
                                    "ttft_p50_err_pct": 10.0, "ttft_p99_err_pct": 20.0,
                                    "bubble_diff_pts": 2.0}
 _KEYS = ("name", "description", "model", "pp", "profile", "layer_split", "threads", "num_pages",
-         "page_size", "seed", "workload", "loads", "policies", "out", "goals", "calibrate")
+         "page_size", "seed", "workload", "loads", "policies", "out", "goals", "calibrate", "repeats")
 _CALIBRATE_KEYS = ("seed", "loads")
 
 
@@ -77,6 +79,7 @@ class ValidationConfig:
     out: str | None = None
     goals: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GOALS))
     calibrate: dict[str, Any] | None = None
+    repeats: int = 1
     source: str | None = None
 
     def __post_init__(self) -> None:
@@ -114,6 +117,8 @@ class ValidationConfig:
         for r in self.loads:
             Workload.from_dict(self.workload_for(r))
         self.goals = {**DEFAULT_GOALS, **(self.goals or {})}
+        if not (isinstance(self.repeats, int) and not isinstance(self.repeats, bool) and self.repeats >= 1):
+            raise ValueError(f"repeats must be an int >= 1 (real runs per policy and load), got {self.repeats!r}")
         if self.calibrate is not None:
             from core.validation import check_keys
 
@@ -184,6 +189,29 @@ def same_requests(sim: Trace, real: Trace) -> bool:
         return False
     return bool((a[cols[:3]].to_numpy() == b[cols[:3]].to_numpy()).all()
                 and np.allclose(a["arrival"].to_numpy(float), b["arrival"].to_numpy(float), atol=1e-9))
+
+
+SPREAD_METRICS = ("output_tps", "ttft_p50", "tpot_p50")
+
+
+def mean_summary(summaries: list[dict]) -> dict:
+    """Numeric summary values averaged over repeated real runs (others from the first)."""
+    out = dict(summaries[0])
+    for k, v in out.items():
+        vals = [s.get(k) for s in summaries]
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in vals):
+            out[k] = float(np.mean(vals))
+    return out
+
+
+def real_spread(summaries: list[dict]) -> dict[str, float]:
+    """How much the repeated real runs disagree: (max - min) / mean in %, bubble in points."""
+    row = {}
+    for k in SPREAD_METRICS:
+        vals = np.array([s[k] for s in summaries], dtype=float)
+        row[f"real_spread_{k}_pct"] = 100.0 * float(np.ptp(vals) / np.mean(vals)) if np.mean(vals) else math.nan
+    row["real_spread_bubble_pts"] = 100.0 * float(np.ptp([s["bubble_ratio"] for s in summaries]))
+    return row
 
 
 def compare(sim_summary: dict, real_summary: dict, sim: Trace, real: Trace) -> dict[str, float]:
@@ -312,18 +340,24 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
                                     page_size=bench.page_size, driver_on_stage0=True)
                 sim_res = simulate(sim_cfg, requests=workload_requests(wl, seed))
                 load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
-                real = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed)
-                load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
-                real_sum = summarize(real)
-                real_sum["wall_s"] = real.meta["wall_s"]
                 run_dir = out / "runs" / f"{_slug(label)}_r{rl}"
                 write_results(run_dir / "sim", sim_res.trace, sim_res.summary, sim_cfg.to_dict())
-                write_results(run_dir / "real", real, real_sum,
-                              {"model": cfg.model, "pp": cfg.pp, "policy": pol["name"],
-                               "policy_params": dict(pol["params"]), "workload": wl, "seed": seed,
-                               "num_pages": num_pages, "page_size": bench.page_size,
-                               "layer_split": cfg.layer_split, "threads": cfg.threads})
-                row = {"policy": label, "load": rl, "requests": len(real.requests),
+                reals, real_sums = [], []
+                for k in range(cfg.repeats):  # the same requests again: the runtime's own spread
+                    t = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed)
+                    t_sum = summarize(t)
+                    t_sum["wall_s"] = t.meta["wall_s"]
+                    write_results(run_dir / ("real" if k == 0 else f"real_{k + 1}"), t, t_sum,
+                                  {"model": cfg.model, "pp": cfg.pp, "policy": pol["name"],
+                                   "policy_params": dict(pol["params"]), "workload": wl, "seed": seed,
+                                   "num_pages": num_pages, "page_size": bench.page_size,
+                                   "layer_split": cfg.layer_split, "threads": cfg.threads})
+                    reals.append(t)
+                    real_sums.append(t_sum)
+                load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+                real, real_sum = reals[0], mean_summary(real_sums)
+                row = {"policy": label, "load": rl, "requests": len(real.requests), "repeats": cfg.repeats,
+                       **real_spread(real_sums),
                        "same_requests": same_requests(sim_res.trace, real),
                        **compare(sim_res.summary, real_sum, sim_res.trace, real),
                        "sim_output_tps": sim_res.summary["output_tps"], "real_output_tps": real_sum["output_tps"],
@@ -476,6 +510,14 @@ def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking
           f"{r.sim_tpot_p50 * 1e3:.1f} / {r.real_tpot_p50 * 1e3:.1f} | "
           f"{r.sim_bubble:.2f} / {r.real_bubble:.2f} | {r.real_wall_s:.1f} |" for r in errors.itertuples()],
         "",
+        *(["## Runtime spread", "",
+            f"Each cell ran {cfg.repeats} times on the runtime (the same requests); errors above are against "
+            "their mean. Spread = (max - min) / mean in %, bubble in points: differences of this size "
+            "between simulator and runtime are within the runtime's own noise.", "",
+            "| policy | load | thru % | TTFT p50 % | TPOT p50 % | bubble pts |", "|---|---|---|---|---|---|",
+            *[f"| {r.policy} | {r.load} | {r.real_spread_output_tps_pct:.1f} | {r.real_spread_ttft_p50_pct:.1f} | "
+              f"{r.real_spread_tpot_p50_pct:.1f} | {r.real_spread_bubble_pts:.1f} |" for r in errors.itertuples()],
+            ""] if cfg.repeats > 1 else []),
         "## Diagnostics",
         "",
         "Stage busy time summed over stages and batches (the same tokens on both sides, so its error is "

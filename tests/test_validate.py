@@ -50,7 +50,7 @@ def validated(standin_profile, tmp_path_factory):
     cfg = {"name": "tiny", "model": MODEL, "pp": 2, "profile": str(standin_profile), "num_pages": 128,
            "page_size": 16, "seed": SEED, "workload": WORKLOAD, "loads": [RATE],
            "policies": [{"name": "token_throttling", "label": "tt"}], "out": str(d / "out"),
-           "calibrate": {"loads": [RATE]}}
+           "calibrate": {"loads": [RATE]}, "repeats": 2}
     (d / "v.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["validate", str(d / "v.yaml")]) == 0
     return d / "out"
@@ -100,6 +100,21 @@ def test_error_table_report_and_plots(validated):
     for stem in ("timeline_tt_r25", "cdf_tt_r25", "bubble_sim_vs_real"):
         assert (plots / f"{stem}.png").stat().st_size > 0
         assert f"plots/{stem}.png" in report
+
+
+def test_repeats_run_the_same_requests_again_and_report_their_spread(validated):
+    run = validated / "runs" / "tt_r25"
+    first, second = Trace.load(run / "real"), Trace.load(run / "real_2")
+    for col in ("request_id", "prompt_len", "output_len"):
+        assert first.requests[col].tolist() == second.requests[col].tolist()
+    row = pd.read_csv(validated / "errors.csv").iloc[0]
+    s1 = json.loads((run / "real" / "summary.json").read_text())
+    s2 = json.loads((run / "real_2" / "summary.json").read_text())
+    assert row["repeats"] == 2
+    assert row["real_output_tps"] == pytest.approx((s1["output_tps"] + s2["output_tps"]) / 2)
+    mean = (s1["tpot_p50"] + s2["tpot_p50"]) / 2
+    assert row["real_spread_tpot_p50_pct"] == pytest.approx(100 * abs(s1["tpot_p50"] - s2["tpot_p50"]) / mean)
+    assert "## Runtime spread" in (validated / "report.md").read_text()
 
 
 def test_simulator_is_timed_by_an_in_situ_table_from_other_requests(validated):
@@ -175,3 +190,13 @@ def test_bad_validation_config_names_the_key(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["validate", str(tmp_path / "w.yaml")])
     assert e.value.code == 2 and "loads[0]" in capsys.readouterr().err
+
+
+def test_bad_repeats_and_calibrate_are_named(tmp_path, capsys):
+    base = {"model": MODEL, "profile": "x", "workload": WORKLOAD, "loads": [1.0], "policies": ["vllm"]}
+    for extra, named in (({"repeats": 0}, "repeats"), ({"calibrate": {"seed": 0}}, "calibrate.seed"),
+                         ({"calibrate": {"lods": [1.0]}}, "lods")):
+        (tmp_path / "v.yaml").write_text(yaml.safe_dump({**base, **extra}))
+        with pytest.raises(SystemExit) as e:
+            main(["validate", str(tmp_path / "v.yaml")])
+        assert e.value.code == 2 and named in capsys.readouterr().err, named

@@ -210,7 +210,7 @@ class Driver:
                 batch = sched.next_batch(start)
                 if batch is not None:
                     launched[batch.id] = batch
-                    m, ids = self._meta(batch, job.params, greedy, release)
+                    m, ids = self.step_meta(batch, job.params, greedy, release)
                     release = []
                     end = self.pipe.launch(m, ids) - t0
                     recorder.stage(batch.id, 0, start, end, batch.prefill_tokens,
@@ -240,7 +240,7 @@ class Driver:
                 "forced_batches": sched.forced_batches, "torch": torch.__version__}
         return GenerateResult(requests, recorder, meta, extras)
 
-    def _meta(self, batch: MicroBatch, params: Sequence[SamplingParams], greedy: bool,
+    def step_meta(self, batch: MicroBatch, params: Sequence[SamplingParams], greedy: bool,
               release: list[int]) -> tuple[StepMeta, list[int]]:
         """The metadata every stage gets, and the packed token ids stage 0 embeds."""
         its, ps = batch.items, self.opts.page_size  # decodes first, then chunks: token order

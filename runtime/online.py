@@ -140,7 +140,7 @@ def serve_online(driver: Any, inbox: Any, outbox: Any, policy: str, policy_param
             batch = sched.next_batch(start)
             if batch is not None:
                 launched[batch.id] = batch
-                m, ids = driver._meta(batch, params, non_greedy == 0, release)
+                m, ids = driver.step_meta(batch, params, non_greedy == 0, release)
                 release = []
                 end = pipe.launch(m, ids) - t0
                 rows.append((batch.id, 0, epoch0 + start, epoch0 + end, batch.prefill_tokens,
@@ -213,6 +213,8 @@ class AsyncLLM:
 
         if not (isinstance(bubble_window_s, (int, float)) and bubble_window_s > 0):
             raise ValueError(f"bubble_window_s must be a number > 0, got {bubble_window_s!r}")
+        if not (isinstance(max_rows, int) and not isinstance(max_rows, bool) and max_rows >= 1):
+            raise ValueError(f"max_rows must be an int >= 1 (stage rows kept for stats), got {max_rows!r}")
         make_policy(policy, policy_params)  # fail here, not in a stage process
         self.policy, self.policy_params = policy, dict(policy_params or {})
         self.config, self.eos_token_ids, self.tokenizer = build_engine_config(model, pp=pp, **engine_kwargs)

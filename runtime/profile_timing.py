@@ -292,7 +292,7 @@ def measure_sched_overhead(opts: ProfileOptions, decisions: int = 400, warm: int
             t0 = time.perf_counter()
             batch = sched.next_batch(now)
             if batch is not None:
-                m, ids = Driver._meta(driver, batch, (), True, [])
+                m, ids = Driver.step_meta(driver, batch, (), True, [])
                 if opts.pp > 1:
                     pickle.dumps(("batch", m), protocol=pickle.HIGHEST_PROTOCOL)
                 BatchMeta.build(m.starts, m.lens, m.pages, m.samples, ps, device)

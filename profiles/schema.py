@@ -22,8 +22,11 @@ STAGE_COLUMNS = ("stage", "num_layers", "prefill_tokens", "decode_tokens",
 TRANSFER_COLUMNS = ("bytes", "latency_median", "samples")
 # Shapes are counts (tokens, token x context products, bytes): integers, which also
 # keeps a lossy float_format on save from rounding them.
-INT_COLUMNS = frozenset({"stage", "num_layers", "samples", "prefill_tokens", "decode_tokens",
+INT_COLUMNS = frozenset({"stage", "samples", "prefill_tokens", "decode_tokens",
                          "prefill_attention_work", "decode_context", "bytes"})
+# Layers per stage may end in .5 (a stage boundary between a layer's attention and its
+# MLP); a column whose values are all whole stays int64, as in tables from before halves.
+HALF_COLUMNS = frozenset({"num_layers"})
 META_KEYS = ("device", "model", "dtype", "pp", "layer_split", "torch_version",
              "attention_backend", "date", "source", "sched_overhead_s",
              "kv_bytes_per_token_per_stage", "gpu_memory_bytes", "weight_bytes_per_stage")
@@ -60,8 +63,19 @@ def _numeric(df: pd.DataFrame, columns: tuple[str, ...], label: str) -> pd.DataF
             for i in num.index[num != num.round()]:
                 raise ProfileError(f"{_cell(label, i, col)}: {raw[i]!r} is not an integer")
             num = num.astype("int64")
+        elif col in HALF_COLUMNS:
+            for i in num.index[2 * num != (2 * num).round()]:
+                raise ProfileError(f"{_cell(label, i, col)}: {raw[i]!r} is not a multiple of 0.5")
+            if (num == num.round()).all():
+                num = num.astype("int64")
         out[col] = num
     return out
+
+
+def _is_half_count(v: object) -> bool:
+    """A non-negative multiple of 0.5 (an int, or a float such as 4.5 or 4.0)."""
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and v >= 0 and float(2 * v).is_integer())
 
 
 def _check_meta(meta: dict, label: str) -> None:
@@ -85,14 +99,20 @@ def _check_meta(meta: dict, label: str) -> None:
     pp = meta["pp"]
     if not isinstance(pp, int) or pp < 1:
         raise ProfileError(f"{label}: key 'pp' must be a positive integer, got {pp!r}")
-    for key in ("layer_split", "kv_bytes_per_token_per_stage", "weight_bytes_per_stage"):
+    split = meta["layer_split"]
+    if (not isinstance(split, list) or len(split) != pp
+            or not all(_is_half_count(v) for v in split)):
+        raise ProfileError(f"{label}: key 'layer_split' must be a list of {pp} non-negative "
+                           f"multiples of 0.5 (layers per stage; .5 where a boundary falls "
+                           f"between a layer's attention and its MLP), got {split!r}")
+    for key in ("kv_bytes_per_token_per_stage", "weight_bytes_per_stage"):
         val = meta[key]
         if (not isinstance(val, list) or len(val) != pp
                 or not all(isinstance(v, int) and v >= 0 for v in val)):
             raise ProfileError(f"{label}: key {key!r} must be a list of {pp} non-negative "
                                f"integers (one per stage), got {val!r}")
     if sum(meta["layer_split"]) != model["config"]["num_hidden_layers"]:
-        raise ProfileError(f"{label}: key 'layer_split' sums to {sum(meta['layer_split'])}, "
+        raise ProfileError(f"{label}: key 'layer_split' sums to {sum(meta['layer_split']):g}, "
                            f"model has {model['config']['num_hidden_layers']} layers")
     for key in ("sched_overhead_s", "gpu_memory_bytes"):
         if not isinstance(meta[key], (int, float)) or meta[key] < 0:
@@ -105,8 +125,8 @@ def _check_stages(df: pd.DataFrame, meta: dict, label: str) -> None:
         if row.stage >= pp:
             raise ProfileError(f"{_cell(label, i, 'stage')}: stage {row.stage} outside 0..{pp - 1}")
         if row.num_layers != split[row.stage]:
-            raise ProfileError(f"{_cell(label, i, 'num_layers')}: {row.num_layers} but "
-                               f"layer_split gives stage {row.stage} {split[row.stage]} layers")
+            raise ProfileError(f"{_cell(label, i, 'num_layers')}: {row.num_layers:g} but "
+                               f"layer_split gives stage {row.stage} {split[row.stage]:g} layers")
         if row.latency_median <= 0:
             raise ProfileError(f"{_cell(label, i, 'latency_median')}: must be positive")
         if not row.latency_p10 <= row.latency_median * (1 + 1e-9) <= row.latency_p90 * (1 + 2e-9):

@@ -8,6 +8,7 @@ scaling) is refused with an error that names the field.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -154,9 +155,45 @@ def _check_rope_scaling(s: dict | None) -> None:
             raise ValueError(f"rope_scaling ({kind}) is missing field {key!r}")
 
 
-def layer_split(num_layers: int, pp: int, split: str | Sequence[int] | None = None) -> list[int]:
+Number = int | float   # a layer count: an int when whole, a float when it ends in .5
+
+def _as_number(value: Any) -> float | None:
+    """`value` as a finite float, or None (bools and NaN/inf are not layer counts)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def parse_split(split: str | Sequence[Any], want: str = "") -> list[Number]:
+    """Entries of a split, each a positive multiple of 0.5: ints when whole, floats for
+    halves (so [4, 4] stays [4, 4]). Count and sum are checked by `layer_split`."""
+    text = split if isinstance(split, str) else ",".join(str(x) for x in split)
+    need = f" (need {want})" if want else " (need positive multiples of 0.5)"
+    out: list[Number] = []
+    for tok in text.split(","):
+        x = _as_number(tok.strip())
+        if x is None:
+            raise ValueError(f"layer split {text!r}: entry {tok.strip()!r} is not a number{need}")
+        if x <= 0:
+            raise ValueError(f"layer split {text!r}: entry {tok.strip()!r} is not positive; every "
+                             f"stage holds at least half a layer{need}")
+        if not (2 * x).is_integer():
+            raise ValueError(f"layer split {text!r}: entry {tok.strip()!r} is not a multiple of 0.5; "
+                             f"a stage boundary falls between layers or between a layer's "
+                             f"attention and its MLP{need}")
+        out.append(int(x) if x.is_integer() else x)
+    return out
+
+
+def layer_split(num_layers: int, pp: int, split: str | Sequence[Any] | None = None) -> list[Number]:
     """Layers per stage. Even by default; the remainder goes to the earlier stages so the
-    last stage, which also runs the final norm, LM head and sampling, is the lighter one."""
+    last stage, which also runs the final norm, LM head and sampling, is the lighter one.
+    An explicit split may use halves: 4.5,3.5 gives stage 0 layers 0-3 and the attention
+    of layer 4, stage 1 the MLP of layer 4 and layers 5-7 (see `stage_blocks`)."""
     if pp < 1:
         raise ValueError(f"pp must be >= 1, got {pp}")
     if split is None:
@@ -164,25 +201,39 @@ def layer_split(num_layers: int, pp: int, split: str | Sequence[int] | None = No
             raise ValueError(f"cannot split {num_layers} layers over pp={pp} stages")
         base, extra = divmod(num_layers, pp)
         return [base + (1 if s < extra else 0) for s in range(pp)]
+    want = (f"pp={pp} entries, each a positive multiple of 0.5, summing to "
+            f"num_layers={num_layers}")
     text = split if isinstance(split, str) else ",".join(str(x) for x in split)
-    want = f"pp={pp} positive entries summing to num_layers={num_layers}"
-    try:
-        parts = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"layer split {text!r} is not a comma-separated list of integers "
-                         f"(need {want})") from None
-    if len(parts) != pp or any(p < 1 for p in parts) or sum(parts) != num_layers:
-        raise ValueError(f"layer split {text!r} must have {want} "
-                         f"(got {len(parts)} entries summing to {sum(parts)})")
+    parts = parse_split(text, want)
+    if len(parts) != pp:
+        raise ValueError(f"layer split {text!r} has {len(parts)} "
+                         f"entr{'y' if len(parts) == 1 else 'ies'} (need {want})")
+    total = sum(parts)
+    if total != num_layers:
+        total = int(total) if float(total).is_integer() else total
+        raise ValueError(f"layer split {text!r} sums to {total} (need {want})")
     return parts
 
 
-def stage_layers(split: Sequence[int], stage: int) -> range:
-    """Global layer indices held by `stage`."""
+def stage_blocks(split: Sequence[Number], stage: int) -> range:
+    """Half-layer blocks held by `stage`: block 2i is layer i's attention half (input norm,
+    self-attention, its KV), block 2i + 1 its MLP half (post-attention norm, MLP)."""
     if not 0 <= stage < len(split):
         raise ValueError(f"stage {stage} out of range for pp={len(split)}")
-    start = sum(split[:stage])
-    return range(start, start + split[stage])
+    start = round(2 * sum(split[:stage]))
+    return range(start, start + round(2 * split[stage]))
+
+
+def stage_layers(split: Sequence[Number], stage: int) -> range:
+    """Global indices of the layers `stage` holds whole or in part."""
+    blocks = stage_blocks(split, stage)
+    return range(blocks.start // 2, (blocks.stop + 1) // 2)
+
+
+def kv_layers(split: Sequence[Number], stage: int) -> int:
+    """Layers whose attention (and so KV cache) `stage` holds; an MLP half has no KV."""
+    blocks = stage_blocks(split, stage)
+    return len(range(blocks.start + blocks.start % 2, blocks.stop, 2))
 
 
 def read_config_json(file: Path, hint: str = "") -> dict:

@@ -41,7 +41,10 @@ class EngineConfig:
     model_cfg: ModelConfig
     load_format: str = "safetensors"  # "safetensors" | "dummy"
     pp: int = 1
-    layer_split: tuple[int, ...] = ()  # layers per stage (filled from pp when empty)
+    # layers per stage (filled from pp when empty): ints, or x.5 floats where a boundary
+    # falls between a layer's attention and its MLP, e.g. (4.5, 3.5); a string such as
+    # "4.5,3.5" is parsed into that tuple
+    layer_split: tuple[int | float, ...] = ()
     num_pages: int | None = None      # KV pages; None: sized from memory on every stage
     page_size: int = 16
     kv_cache_gib: float | None = None  # KV memory per stage; None: 1 GiB on CPU, see below on GPU
@@ -63,7 +66,12 @@ class EngineConfig:
             raise ValueError("load_format 'safetensors' needs a model directory")
         if not (isinstance(self.pp, int) and self.pp >= 1):
             raise bad("pp", "an int >= 1", self.pp)
-        split = layer_split(self.model_cfg.num_layers, self.pp, list(self.layer_split) or None)
+        raw: Any = self.layer_split
+        if isinstance(raw, str):   # "4.5,3.5" from the API or a command line; "" means even
+            raw = raw if raw.strip() else None
+        else:
+            raw = list(raw) or None
+        split = layer_split(self.model_cfg.num_layers, self.pp, raw)
         object.__setattr__(self, "layer_split", tuple(split))
         if self.num_pages is not None and not (isinstance(self.num_pages, int) and self.num_pages >= 1):
             raise bad("num_pages", "an int >= 1 (or None to size the KV cache from memory)", self.num_pages)

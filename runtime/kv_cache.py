@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import torch
 
+# Pages "fitting" a stage that holds no attention (only an MLP half, e.g. the middle stage
+# of 1.5,0.5,2): it stores no KV, so the other stages decide (stage 0 always holds some).
+NO_KV_LIMIT = 2**31 - 1
+
 
 def kv_bytes_per_page(page_size: int, num_layers: int, num_kv_heads: int, head_dim: int,
                       dtype: torch.dtype) -> int:
-    """Bytes one page takes on a stage holding `num_layers` layers (K and V)."""
+    """Bytes one page takes on a stage holding the attention (K and V) of `num_layers`
+    layers; with half-layer splits that is not the stage's split entry (see
+    runtime.config.kv_layers)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return 2 * num_layers * page_size * num_kv_heads * head_dim * itemsize
 
@@ -21,6 +27,8 @@ def pages_that_fit(memory_bytes: int, page_size: int, num_layers: int, num_kv_he
     """Pages a stage can hold in `memory_bytes`. The pipeline uses the minimum over stages
     so that one page table fits every stage."""
     per_page = kv_bytes_per_page(page_size, num_layers, num_kv_heads, head_dim, dtype)
+    if per_page == 0:   # only an MLP half on this stage: no KV, so no limit from it
+        return NO_KV_LIMIT
     return max(0, int(memory_bytes) // per_page)
 
 

@@ -105,7 +105,7 @@ class RequestOutput:
 class LLM:
     def __init__(self, model: str | Path | dict, pp: int = 1, policy: str = "token_throttling",
                  policy_params: dict[str, Any] | None = None,
-                 layer_split: str | Sequence[int] | None = None, num_pages: int | None = None,
+                 layer_split: str | Sequence[float] | None = None, num_pages: int | None = None,
                  page_size: int = 16, device: str = "cpu", dtype: str | torch.dtype | None = None,
                  seed: int = 0, load_format: str = "auto", *, kv_cache_gib: float | None = None,
                  gpu_memory_utilization: float = 0.9, num_threads: int | None = None) -> None:
@@ -253,7 +253,7 @@ class LLM:
             pass
 
 
-def build_engine_config(model: Any, pp: int = 1, layer_split: str | Sequence[int] | None = None,
+def build_engine_config(model: Any, pp: int = 1, layer_split: str | Sequence[float] | None = None,
                         num_pages: int | None = None, page_size: int = 16, device: str = "cpu",
                         dtype: str | torch.dtype | None = None, seed: int = 0, load_format: str = "auto",
                         kv_cache_gib: float | None = None, gpu_memory_utilization: float = 0.9,
@@ -264,11 +264,11 @@ def build_engine_config(model: Any, pp: int = 1, layer_split: str | Sequence[int
         dtype = str(dtype).removeprefix("torch.")
     if dtype == "auto":
         dtype = None
-    if isinstance(layer_split, str):
-        layer_split = [int(x) for x in layer_split.split(",")] if layer_split.strip() else None
     opts = EngineConfig(
         model_path=None if path is None else str(path), model_cfg=cfg, load_format=fmt, pp=pp,
-        layer_split=tuple(layer_split or ()), num_pages=num_pages, page_size=page_size,
+        # a string ("5,3", "4.5,3.5") is parsed by EngineConfig, whose errors name pp and num_layers
+        layer_split=layer_split if isinstance(layer_split, str) else tuple(layer_split or ()),
+        num_pages=num_pages, page_size=page_size,
         kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization,
         device=str(device), dtype=dtype, seed=seed, num_threads=num_threads)
     return opts, eos, _load_tokenizer(path)

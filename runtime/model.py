@@ -3,7 +3,9 @@
 Stage 0 embeds token ids; every stage runs its decoder layers; the last stage applies
 the final norm and the LM head, only at the positions that sample. Between stages the
 activations are (hidden, residual): the residual add is folded into the next RMSNorm
-(as vLLM does), so a stage boundary is just a layer boundary with two tensors.
+(as vLLM does), so a stage boundary is just a layer boundary with two tensors. A boundary
+may also fall inside a layer, between its attention and its MLP (a split like 4.5,3.5):
+the attention half ends with the same (hidden, residual) pair, so nothing else changes.
 q/k/v and gate/up are fused into one matmul each; the loader fills the shards.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.attention import BatchMeta, paged_attention
-from runtime.config import ModelConfig, layer_split, stage_layers
+from runtime.config import ModelConfig, layer_split, stage_blocks, stage_layers
 from runtime.kv_cache import KVCache
 
 
@@ -117,6 +119,43 @@ class DecoderLayer(nn.Module):
         return self.mlp(self.post_attention_layernorm(residual)), residual
 
 
+class AttentionHalf(nn.Module):
+    """The first half of a layer, the last thing on a stage whose boundary falls inside
+    the layer. Same attribute names as DecoderLayer, so weights load by the same names."""
+
+    def __init__(self, cfg: ModelConfig, **kw) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.self_attn = Attention(cfg, **kw)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                meta: BatchMeta) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = hidden if residual is None else hidden + residual
+        return self.self_attn(self.input_layernorm(residual), cos, sin, kv, meta), residual
+
+
+class MLPHalf(nn.Module):
+    """The second half of a layer, the first thing on the next stage. Never on stage 0
+    (block 0 is layer 0's attention), so `residual` is always given; holds no KV."""
+
+    def __init__(self, cfg: ModelConfig, **kw) -> None:
+        super().__init__()
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = MLP(cfg, **kw)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, kv: None, meta: BatchMeta) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = hidden + residual
+        return self.mlp(self.post_attention_layernorm(residual)), residual
+
+
+def _layer_module(cfg: ModelConfig, has_attn: bool, has_mlp: bool, **kw) -> nn.Module:
+    if has_attn and has_mlp:
+        return DecoderLayer(cfg, **kw)
+    return AttentionHalf(cfg, **kw) if has_attn else MLPHalf(cfg, **kw)
+
+
 class StageModel(nn.Module):
     """Stage `stage` of `pp`. forward(inputs, meta, kv_cache):
     - inputs: stage 0 a LongTensor [T] of token ids; other stages (hidden, residual),
@@ -125,18 +164,30 @@ class StageModel(nn.Module):
       float32 logits [S, vocab], one row per sampling item, in item order."""
 
     def __init__(self, cfg: ModelConfig, stage: int = 0, pp: int = 1,
-                 split: str | Sequence[int] | None = None, dtype: torch.dtype | None = None,
+                 split: str | Sequence[float] | None = None, dtype: torch.dtype | None = None,
                  device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.cfg = cfg
         self.stage, self.pp = stage, pp
         self.split = layer_split(cfg.num_layers, pp, split)
-        self.layer_ids = stage_layers(self.split, stage)
+        self.layer_ids = stage_layers(self.split, stage)   # layers held whole or in part
+        blocks = stage_blocks(self.split, stage)
         self.is_first, self.is_last = stage == 0, stage == pp - 1
         self.dtype = dtype or cfg.torch_dtype
         kw = {"dtype": self.dtype, "device": device}
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **kw) if self.is_first else None
-        self.layers = nn.ModuleList(DecoderLayer(cfg, **kw) for _ in self.layer_ids)
+        self.layers = nn.ModuleList(_layer_module(cfg, 2 * i in blocks, 2 * i + 1 in blocks, **kw)
+                                    for i in self.layer_ids)
+        # KV slot of each layer module: one per layer whose attention this stage holds
+        slots: list[int | None] = []
+        self.num_kv_layers = 0
+        for i in self.layer_ids:
+            if 2 * i in blocks:
+                slots.append(self.num_kv_layers)
+                self.num_kv_layers += 1
+            else:
+                slots.append(None)   # an MLP half
+        self.kv_slots: tuple[int | None, ...] = tuple(slots)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw) if self.is_last else None
         self.lm_head = None
         if self.is_last:
@@ -148,7 +199,7 @@ class StageModel(nn.Module):
 
     def make_kv_cache(self, num_pages: int, page_size: int) -> KVCache:
         dev = next(self.parameters()).device
-        return KVCache(num_pages, page_size, len(self.layers), self.cfg.num_kv_heads,
+        return KVCache(num_pages, page_size, self.num_kv_layers, self.cfg.num_kv_heads,
                        self.cfg.head_dim, self.dtype, dev)
 
     @torch.inference_mode()
@@ -161,8 +212,9 @@ class StageModel(nn.Module):
         if self._inv_freq is None or self._inv_freq.device != hidden.device:
             self._inv_freq = rope_inv_freq(self.cfg).to(hidden.device)
         cos, sin = rope_cos_sin(self._inv_freq, meta.positions, hidden.dtype)
-        for i, layer in enumerate(self.layers):
-            hidden, residual = layer(hidden, residual, cos, sin, kv_cache.layer(i), meta)
+        for layer, slot in zip(self.layers, self.kv_slots):
+            kv = None if slot is None else kv_cache.layer(slot)
+            hidden, residual = layer(hidden, residual, cos, sin, kv, meta)
         if not self.is_last:
             return hidden, residual
         idx = meta.sample_idx

@@ -154,7 +154,7 @@ def profile_stages(opts: ProfileOptions, shapes: list[Shape], deadline: float,
                     bar.update(1)
         for i, shape, ts, n in best:
             med = statistics.median(ts)
-            rows.append(dict(stage=stage, num_layers=len(model.layers), prefill_tokens=shape.prefill_tokens,
+            rows.append(dict(stage=stage, num_layers=opts.split[stage], prefill_tokens=shape.prefill_tokens,
                              decode_tokens=shape.decodes, prefill_attention_work=shape.prefill_attention_work,
                              decode_context=shape.decode_context, latency_median=med,
                              latency_p10=min(_percentile(ts, 10), med),

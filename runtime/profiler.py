@@ -82,7 +82,7 @@ class ProfilerError(ValueError):
 class ProfileOptions:
     model: str                           # DIR (config.json) or dummy:<preset|config.json|inline JSON>
     pp: int = 1
-    layer_split: str | Sequence[int] | None = None
+    layer_split: str | Sequence[float] | None = None   # e.g. "5,3" or "4.5,3.5"
     device: str = "cpu"
     dtype: str | None = None             # None: the config's torch_dtype
     page_size: int = 16
@@ -102,7 +102,7 @@ class ProfileOptions:
     # filled by validate()
     name: str = ""
     hf_config: dict = field(default_factory=dict)
-    split: list[int] = field(default_factory=list)
+    split: list[int | float] = field(default_factory=list)   # ints, x.5 for half layers
 
     def validate(self) -> "ProfileOptions":
         self.name, self.hf_config = resolve_model(self.model)
@@ -270,8 +270,10 @@ def profile(opts: ProfileOptions) -> ProfileResult:
     cfg = opts.hf_config
     from profiles.specs import head_dim
     dbytes = {"float32": 4, "bfloat16": 2, "float16": 2}[opts.dtype]
-    kv_tok = [n * 2 * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head_dim(cfg) * dbytes
-              for n in opts.split]
+    from runtime.config import kv_layers
+    # KV per stage counts the layers whose attention it holds, not its split entry (4.5)
+    kv_tok = [kv_layers(opts.split, s) * 2 * cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+              * head_dim(cfg) * dbytes for s in range(opts.pp)]
     meta: dict[str, Any] = {
         "device": (f"cpu: {cpu_name()}, {opts.threads} thread{'s' if opts.threads != 1 else ''}"
                    if opts.device == "cpu" else f"cuda: {torch.cuda.get_device_name(0)}"),
@@ -362,7 +364,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model directory (its config.json; weights are dummy), or dummy:<preset | "
                         f"config.json | inline JSON> (presets: {', '.join(PRESETS)})")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages (default 1)")
-    p.add_argument("--layer-split", help="layers per stage, e.g. 5,3 (default: even, remainder first)")
+    p.add_argument("--layer-split", help="layers per stage, e.g. 5,3 or 4.5,3.5 (a .5 puts the boundary "
+                                         "between a layer's attention and its MLP; default: even, "
+                                         "remainder first)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     p.add_argument("--dtype", help=f"{' | '.join(DTYPES)} (default: the config's torch_dtype)")
     p.add_argument("--page-size", type=int, default=16, help="KV page size in tokens (default 16)")

@@ -1,8 +1,11 @@
 """Load one stage's weights from a Hugging Face directory, or make seeded dummy ones.
 
 A stage reads only the tensors it owns (safetensors opens lazily, so a stage of a big
-sharded checkpoint never touches the other stages' bytes). Dummy weights are seeded
-per Hugging Face tensor name, so a model split 1, 2 or 3 ways computes the same thing.
+sharded checkpoint never touches the other stages' bytes); a stage holding half a layer
+has only that half's modules, so it reads only input_layernorm + self_attn.* (attention
+half) or post_attention_layernorm + mlp.* (MLP half). Dummy weights are seeded per
+Hugging Face tensor name, so a model split 1, 2 or 3 ways, on whole or half layers,
+computes the same thing.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ def hf_sources(model: StageModel) -> dict[str, list[tuple[str, int, int]]]:
             hf = name if name == "lm_head.weight" else f"model.{name}"
             out[name] = [(hf, 0, param.shape[0])]
             continue
-        _, local, rest = name.split(".", 2)
+        _, local, rest = name.split(".", 2)   # a half layer has only its half's params
         prefix = f"model.layers.{model.layer_ids[int(local)]}."
         module, kind = rest.rsplit(".", 1)
         if module in _FUSED:
@@ -110,7 +113,7 @@ def dummy_weights(model: StageModel, seed: int = 0, std: float = 0.02) -> None:
 
 
 def load_stage(path: str | Path | None, stage: int = 0, pp: int = 1,
-               split: str | Sequence[int] | None = None, load_format: str = "safetensors",
+               split: str | Sequence[float] | None = None, load_format: str = "safetensors",
                dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                cfg: ModelConfig | None = None, seed: int = 0) -> StageModel:
     """Build stage `stage` of `pp` and fill it. `load_format` is "safetensors" (read from

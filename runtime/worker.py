@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from runtime.attention import BatchMeta
 from runtime.comm import Groups, Inbox, SendQueue, StepMeta, destroy_groups, init_groups, recv_obj, send_obj
-from runtime.kv_cache import KVCache, kv_bytes_per_page
+from runtime.kv_cache import NO_KV_LIMIT, KVCache, kv_bytes_per_page
 from runtime.model import StageModel
 from runtime.sampling import Sampler
 from runtime.weights import load_stage
@@ -95,7 +95,8 @@ class StageRunner:
     # ---- KV sizing ----
     def bytes_per_page(self) -> int:
         cfg = self.model.cfg
-        return kv_bytes_per_page(self.opts.page_size, len(self.model.layers), cfg.num_kv_heads,
+        # layers whose attention is here, not len(layers): an MLP half holds no KV
+        return kv_bytes_per_page(self.opts.page_size, self.model.num_kv_layers, cfg.num_kv_heads,
                                  cfg.head_dim, self.model.dtype)
 
     def pages_that_fit(self) -> tuple[int, str]:
@@ -104,6 +105,8 @@ class StageRunner:
         if o.num_pages is not None:
             return o.num_pages, "num_pages"
         per = self.bytes_per_page()
+        if per == 0:
+            return NO_KV_LIMIT, "no attention on this stage (only an MLP half), so no KV"
         if o.kv_cache_gib is not None:
             budget, how = o.kv_cache_gib * 2**30, f"kv_cache_gib={o.kv_cache_gib:g}"
         elif self.device.type == "cuda":

@@ -45,6 +45,7 @@ def test_table_loads_and_is_measured(pp2_table):
     prof = load_profile(out)
     meta = prof.meta
     assert meta["source"] == "measured" and meta["pp"] == 2 and meta["layer_split"] == [2, 1]
+    assert all(type(x) is int for x in meta["layer_split"]) and prof.stages["num_layers"].dtype == "int64"
     assert meta["model"]["config"]["hidden_size"] == 64 and meta["dtype"] == "float32"
     assert meta["device"].startswith("cpu:") and meta["torch_version"] == str(torch.__version__)
     assert meta["sched_overhead_s"] > 0 and meta["kv_pages_16"] > 0 and prof.kv_pages() > 0
@@ -81,6 +82,23 @@ def test_pp1_api_has_no_transfer_rows(tmp_path):
     assert not isinstance(res.error, str)  # so the table can be fitted
 
 
+def test_half_layer_split_table(tmp_path, monkeypatch):
+    """--layer-split 1.5,1.5: rows say 1.5 layers; the KV per token counts the attentions a
+    stage holds (stage 0: layers 0 and 1, stage 1: layer 2), not its split entry."""
+    from runtime import profiler
+    # a stand-in for the two-process ping-pong, which has its own test above
+    monkeypatch.setattr(profiler, "measure_transfers",
+                        lambda opts: ([dict(bytes=1024, latency_median=1e-5, samples=1)], "stub"))
+    res = profile(ProfileOptions(model=MODEL, pp=2, layer_split="1.5,1.5", grid="small", time_budget=1.0,
+                                 repeats=1, visits=1, out=tmp_path / "t", progress=False))
+    prof = load_profile(res.path)
+    assert prof.meta["layer_split"] == [1.5, 1.5]
+    assert set(prof.stages["num_layers"]) == {1.5}
+    per_layer = 2 * TINY["num_key_value_heads"] * (TINY["hidden_size"] // TINY["num_attention_heads"]) * 4
+    assert prof.meta["kv_bytes_per_token_per_stage"] == [2 * per_layer, per_layer]
+    assert not isinstance(res.error, str)
+
+
 def test_grid_shapes_are_valid_and_unique():
     for name in GRIDS:
         shapes = grid_shapes(name)
@@ -95,6 +113,7 @@ def test_grid_shapes_are_valid_and_unique():
 @pytest.mark.parametrize("flags,named", [
     (["--layer-split", "2,2"], "--layer-split"),       # sums to 4, the model has 3 layers
     (["--layer-split", "3"], "--layer-split"),         # one entry for pp=2
+    (["--layer-split", "1.25,1.75"], "--layer-split"),  # not a multiple of 0.5
     (["--dtype", "float64"], "--dtype"),
     (["--time-budget", "0"], "--time-budget"),
     (["--repeats", "0"], "--repeats"),

@@ -45,6 +45,48 @@ def _raises(path: Path, *needles: str) -> str:
 def test_valid_table_loads(table):
     prof = load_profile(table)
     assert prof.pp == 2 and set(prof.stages["stage"]) == {0, 1}
+    # whole-layer splits keep integer layer counts
+    assert prof.stages["num_layers"].dtype == "int64"
+    assert all(type(x) is int for x in prof.meta["layer_split"])
+
+
+def _half_split(table: Path, split=(4.5, 3.5), rows=None) -> None:
+    """Make `table` an 8-layer model split `split` (stage boundary inside a layer)."""
+    def meta(m):
+        m["model"]["config"]["num_hidden_layers"] = 8
+        m["layer_split"] = list(split)
+
+    def csv(df):
+        per_stage = rows or split
+        df["num_layers"] = [str(per_stage[int(st)]) for st in df["stage"]]
+
+    _edit_meta(table, meta)
+    _edit_csv(table / "stages.csv", csv)
+
+
+def test_half_layer_split_loads(table, tmp_path):
+    _half_split(table)
+    prof = load_profile(table)
+    assert prof.meta["layer_split"] == [4.5, 3.5]
+    assert sorted(set(prof.stages["num_layers"])) == [3.5, 4.5]
+    again = load_profile(save_profile(prof, tmp_path / "copy", float_format="%.6g"))
+    pd.testing.assert_frame_equal(prof.stages, again.stages)
+    assert again.meta["layer_split"] == [4.5, 3.5]
+
+
+def test_half_layer_split_rejects_disagreeing_rows(table):
+    _half_split(table, rows=(4, 3.5))
+    _raises(table, "stages.csv", "'num_layers'", "4 but layer_split gives stage 0 4.5 layers")
+
+
+@pytest.mark.parametrize("split, rows, needles", [
+    ((4.25, 3.75), None, ("meta.yaml", "'layer_split'", "multiples of 0.5")),
+    ((5.5, 3.5), None, ("meta.yaml", "'layer_split' sums to 9")),
+    ((4.5, 3.5), (4.25, 3.5), ("stages.csv", "'num_layers'", "not a multiple of 0.5")),
+])
+def test_half_layer_split_rejects_bad_values(table, split, rows, needles):
+    _half_split(table, split, rows)
+    _raises(table, *needles)
 
 
 def test_rejects_missing_column(table):

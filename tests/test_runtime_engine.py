@@ -1,7 +1,8 @@
 """The real runtime end to end: stage processes around the core scheduler, the LLM API.
 
 Greedy outputs must equal Hugging Face `generate(do_sample=False)` for the same weights
-(tiny Llama and Qwen2), at pp = 1, 2 and 3 (uneven split), under every policy, with
+(tiny Llama and Qwen2), at pp = 1, 2 and 3 (uneven split, and a split with both stage
+boundaries inside layers, between attention and MLP), under every policy, with
 prefill chunking and with preemption forced by a tiny KV cache. Spawning stage processes
 costs seconds, so each pipeline is started once (module fixtures) and serves several
 checks; policies are switched with `LLM.set_policy` between generate calls.
@@ -22,7 +23,7 @@ pytest.importorskip("safetensors")
 
 from core.metrics import summarize  # noqa: E402
 from runtime.engine import StageFailure  # noqa: E402
-from runtime.llm import LLM, SamplingParams  # noqa: E402
+from runtime.llm import LLM, SamplingParams, build_engine_config  # noqa: E402
 from runtime.worker import FAULT_ENV  # noqa: E402
 
 PROMPTS = [[5, 17, 99, 3, 200, 41, 7], [1, 2, 3],
@@ -107,6 +108,32 @@ def test_pp2_matches_hf(models, llama_pp2, policy):
 def test_pp3_uneven_split_matches_hf(models, qwen_pp3, policy):
     assert qwen_pp3.config.layer_split == (2, 1, 1)
     _check_greedy(qwen_pp3, models["qwen2"][2], policy)
+
+
+def test_pp3_half_layer_split_matches_hf(models):
+    """1.5,1,1.5: both boundaries fall between a layer's attention and its MLP. Stage
+    processes size their KV caches from memory; stage 0 (two attentions) sets the count."""
+    path, _, ref = models["qwen2"]
+    page_bytes = 2 * 4 * COMMON["num_key_value_heads"] * 16 * 4   # K+V, page 4, head_dim 16, fp32
+    with LLM(path, pp=3, layer_split="1.5,1,1.5", page_size=4,
+             kv_cache_gib=100 * 2 * page_bytes / 2**30) as llm:
+        assert llm.config.layer_split == (1.5, 1, 1.5) and type(llm.config.layer_split[1]) is int
+        assert llm.engine.num_pages == 100
+        _check_greedy(llm, ref, "token_throttling")
+        assert llm.trace().meta["layer_split"] == [1.5, 1, 1.5]
+
+
+def test_engine_config_split_values(models):
+    """Whole splits stay ints (as configs, traces and tables had them); halves are floats."""
+    path = models["llama"][0]
+    for split in ("2,2", [2, 2], (2.0, 2.0), None, ""):
+        opts = build_engine_config(path, pp=2, layer_split=split)[0]
+        assert opts.layer_split == (2, 2) and all(type(x) is int for x in opts.layer_split), split
+    assert build_engine_config(path, pp=2, layer_split=[2.5, 1.5])[0].layer_split == (2.5, 1.5)
+    for bad, problem in (("2.25,1.75", "multiple of 0.5"), ("0,4", "not positive"),
+                         ("2.5,2.5", "sums to 5"), ("a,b", "not a number"), ("1.5,1.5,1", "3 entries")):
+        with pytest.raises(ValueError, match=rf"layer split.*{problem}.*num_layers=4"):
+            build_engine_config(path, pp=2, layer_split=bad)
 
 
 def test_preemption_with_tiny_kv_cache(models):

@@ -1,8 +1,9 @@
 """The stage model against Hugging Face transformers on tiny random models.
 
 Greedy tokens must match `generate(do_sample=False)` exactly and logits within 1e-4
-(float32), for pp = 1, 2, 3 (uneven split), with chunked prefill mixed with decodes and
-pages handed out by the shared allocator.
+(float32), for pp = 1, 2, 3 (uneven split, and half-layer splits whose stage boundary
+falls between a layer's attention and its MLP), with chunked prefill mixed with decodes
+and pages handed out by the shared allocator.
 """
 from __future__ import annotations
 
@@ -20,11 +21,14 @@ from core.batch import BatchItem, MicroBatch  # noqa: E402
 from core.kv_cache import PageAllocator  # noqa: E402
 from core.request import Request  # noqa: E402
 from runtime import attention  # noqa: E402
-from runtime.config import ModelConfig, layer_split  # noqa: E402
-from runtime.kv_cache import KVCache, kv_bytes_per_page, pages_that_fit  # noqa: E402
+from runtime.config import ModelConfig, kv_layers, layer_split  # noqa: E402
+from runtime.engine import EngineConfig  # noqa: E402
+from runtime.kv_cache import NO_KV_LIMIT, KVCache, kv_bytes_per_page, pages_that_fit  # noqa: E402
 from runtime.local import LocalPipeline  # noqa: E402
 from runtime.sampling import Sampler, SamplingParams  # noqa: E402
-from runtime.weights import load_stage  # noqa: E402
+from runtime.model import AttentionHalf, DecoderLayer, MLPHalf  # noqa: E402
+from runtime.weights import hf_sources, load_stage  # noqa: E402
+from runtime.worker import StageRunner  # noqa: E402
 
 PROMPTS = [[5, 17, 99, 3, 200, 41, 7], [1, 2, 3],
            [250, 9, 14, 88, 120, 66, 31, 12, 190, 45, 77, 23, 8], [42]]
@@ -95,14 +99,22 @@ def run_greedy(pipe: LocalPipeline, prompts, new_tokens, chunk, num_pages=64):
 
 
 CASES = [("llama", 1, None, 4, 4), ("llama", 2, None, 5, 3), ("llama", 3, "2,1,1", 4, 5),
-         ("qwen2", 1, None, 3, 4), ("qwen2", 2, "3,1", 4, 2), ("qwen2", 3, None, 16, 6)]
+         ("qwen2", 1, None, 3, 4), ("qwen2", 2, "3,1", 4, 2), ("qwen2", 3, None, 16, 6),
+         # half layers: one boundary, both boundaries, and a stage holding only an MLP half
+         ("llama", 2, "1.5,2.5", 4, 5), ("llama", 3, "1.5,1,1.5", 2, 4),
+         ("qwen2", 2, "2.5,1.5", 4, 3), ("qwen2", 3, "1.5,0.5,2", 4, 16)]
+
+
+def _held_layers(model) -> float:
+    """Layers a stage model holds, counting an attention or MLP half as 0.5."""
+    return sum(1 if isinstance(layer, DecoderLayer) else 0.5 for layer in model.layers)
 
 
 @pytest.mark.parametrize("name,pp,split,page_size,chunk", CASES)
 def test_greedy_matches_hf(models, name, pp, split, page_size, chunk):
     path, hf = models[name]
     pipe = LocalPipeline(path, pp=pp, split=split, page_size=page_size, num_pages=64)
-    assert [len(m.layers) for m in pipe.stages] == layer_split(4, pp, split)
+    assert [_held_layers(m) for m in pipe.stages] == layer_split(4, pp, split)
     outs, logits = run_greedy(pipe, PROMPTS, NEW_TOKENS, chunk)
     with torch.no_grad():
         for i, prompt in enumerate(PROMPTS):
@@ -181,10 +193,17 @@ def test_dummy_weights_same_for_any_split(models):
     cfg = ModelConfig.from_dir(models["qwen2"][0])
     one = LocalPipeline(None, pp=1, load_format="dummy", cfg=cfg, page_size=4)
     three = LocalPipeline(None, pp=3, split="1,2,1", load_format="dummy", cfg=cfg, page_size=4)
+    halves = LocalPipeline(None, pp=3, split="0.5,2,1.5", load_format="dummy", cfg=cfg, page_size=4)
     a, la = run_greedy(one, PROMPTS[:2], 3, chunk=4)
-    b, lb = run_greedy(three, PROMPTS[:2], 3, chunk=4)
-    assert a == b
-    torch.testing.assert_close(torch.stack(la[0]), torch.stack(lb[0]))
+    for pipe in (three, halves):
+        b, lb = run_greedy(pipe, PROMPTS[:2], 3, chunk=4)
+        assert a == b
+        torch.testing.assert_close(torch.stack(la[0]), torch.stack(lb[0]))
+    # the same tensors, bit for bit, whichever stage holds which half
+    assert torch.equal(halves.stages[0].layers[0].self_attn.qkv_proj.weight,
+                       one.stages[0].layers[0].self_attn.qkv_proj.weight)
+    assert torch.equal(halves.stages[1].layers[0].mlp.down_proj.weight,
+                       one.stages[0].layers[0].mlp.down_proj.weight)
 
 
 def test_stage_interfaces(models):
@@ -196,6 +215,64 @@ def test_stage_interfaces(models):
     assert torch.equal(last.lm_head.weight, first.embed_tokens.weight)
     solo = load_stage(path, 0, 1)
     assert solo.lm_head.weight is solo.embed_tokens.weight
+
+
+def _hf_layer_tensors(model) -> set[str]:
+    return {hf for sources in hf_sources(model).values() for hf, _, _ in sources
+            if hf.startswith("model.layers.")}
+
+
+def test_half_split_stage_contents(models):
+    """1.5,2.5: stage 0 holds layer 0 and layer 1's attention half (and its KV), stage 1
+    layer 1's MLP half (no KV) and layers 2-3; between them they read every layer tensor
+    of the checkpoint exactly once, equal to the HF model's."""
+    path, hf = models["llama"]
+    first, last = load_stage(path, 0, 2, "1.5,2.5"), load_stage(path, 1, 2, [1.5, 2.5])
+    assert first.split == [1.5, 2.5] and list(first.layer_ids) == [0, 1] and list(last.layer_ids) == [1, 2, 3]
+    assert [type(x) for x in first.layers] == [DecoderLayer, AttentionHalf]
+    assert [type(x) for x in last.layers] == [MLPHalf, DecoderLayer, DecoderLayer]
+    assert {n for n, _ in first.layers[1].named_parameters()} == {
+        "input_layernorm.weight", "self_attn.qkv_proj.weight", "self_attn.o_proj.weight"}
+    assert {n for n, _ in last.layers[0].named_parameters()} == {
+        "post_attention_layernorm.weight", "mlp.gate_up_proj.weight", "mlp.down_proj.weight"}
+    a, b = _hf_layer_tensors(first), _hf_layer_tensors(last)
+    assert not a & b and a | b == {k for k in load_file(path / "model.safetensors") if k.startswith("model.layers.")}
+    assert {k for k in a if k.startswith("model.layers.1.")} == {
+        "model.layers.1.input_layernorm.weight", "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight",
+        "model.layers.1.self_attn.o_proj.weight"}
+    ref = hf.model.layers[1]
+    assert torch.equal(first.layers[1].self_attn.o_proj.weight, ref.self_attn.o_proj.weight)
+    assert torch.equal(last.layers[0].mlp.down_proj.weight, ref.mlp.down_proj.weight)
+    assert torch.equal(last.layers[0].post_attention_layernorm.weight, ref.post_attention_layernorm.weight)
+    # no weight beyond what a whole-layer split of the same model holds
+    whole = [load_stage(path, s, 2, "2,2") for s in range(2)]
+    count = lambda ms: sum(p.numel() for m in ms for p in m.parameters())  # noqa: E731
+    assert count([first, last]) == count(whole)
+    # KV: one slot per layer whose attention the stage holds
+    assert (first.num_kv_layers, last.num_kv_layers) == (2, 2) and last.kv_slots == (None, 0, 1)
+    assert first.make_kv_cache(8, 4).num_layers == 2 and last.make_kv_cache(8, 4).num_layers == 2
+    assert [kv_layers([1.5, 2.5], s) for s in range(2)] == [2, 2]
+    assert [kv_layers([1, 0.5, 2.5], s) for s in range(3)] == [1, 1, 2]
+
+
+def test_half_split_kv_sizing(models):
+    """bytes_per_page counts the layers whose attention a stage holds; a stage with only
+    an MLP half holds no KV and leaves the page count to the others."""
+    path, _ = models["qwen2"]
+    cfg = ModelConfig.from_dir(path)
+    opts = EngineConfig(model_path=str(path), model_cfg=cfg, pp=3, layer_split="1.5,0.5,2",
+                        page_size=4, kv_cache_gib=0.001)
+    assert opts.layer_split == (1.5, 0.5, 2)
+    runners = [StageRunner(opts, s) for s in range(3)]
+    assert [r.model.num_kv_layers for r in runners] == [2, 0, 2]
+    per_layer = kv_bytes_per_page(4, 1, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+    assert [r.bytes_per_page() for r in runners] == [2 * per_layer, 0, 2 * per_layer]
+    fits = [r.pages_that_fit()[0] for r in runners]
+    assert fits[1] == NO_KV_LIMIT and min(fits) == fits[0] == int(0.001 * 2**30 // (2 * per_layer))
+    assert pages_that_fit(10**6, 4, 0, cfg.num_kv_heads, cfg.head_dim, torch.float32) == NO_KV_LIMIT
+    runners[1].allocate(min(fits))
+    assert runners[1].cache.num_layers == 0 and runners[1].cache.nbytes == 0
 
 
 def test_config_from_hf_fields(models):
@@ -267,6 +344,26 @@ def test_layer_split():
         layer_split(24, 3, "12,12")
     with pytest.raises(ValueError):
         layer_split(2, 3)
+
+
+def test_layer_split_halves():
+    assert layer_split(8, 2, "4.5,3.5") == [4.5, 3.5]
+    assert layer_split(8, 3, [2.5, 3, 2.5]) == [2.5, 3, 2.5]
+    # whole entries stay ints, however they were written
+    for whole in ("4,4", [4, 4], [4.0, 4.0], " 4 , 4.0 "):
+        split = layer_split(8, 2, whole)
+        assert split == [4, 4] and all(type(x) is int for x in split), whole
+    assert [type(x) for x in layer_split(8, 2, "4.5,3.5")] == [float, float]
+    assert [type(x) for x in layer_split(8, 3, "2.5,3,2.5")] == [float, int, float]
+    for bad, problem in [("4.25,3.75", "'4.25' is not a multiple of 0.5"),
+                         ("0,8", "'0' is not positive"), ("-0.5,8.5", "'-0.5' is not positive"),
+                         ("4.5,4.5", "sums to 9"), ("3.5,4", "sums to 7.5"),
+                         ("a,b", "'a' is not a number"), ("4,", "'' is not a number"),
+                         ("nan,8", "'nan' is not a number"), ([True, 7], "'True' is not a number"),
+                         ("8", "has 1 entry"), ("2.5,2.5,3", "has 3 entries")]:
+        with pytest.raises(ValueError, match="layer split") as e:
+            layer_split(8, 2, bad)
+        assert problem in str(e.value) and "pp=2" in str(e.value) and "num_layers=8" in str(e.value), bad
 
 
 def test_kv_sizing():

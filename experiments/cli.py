@@ -336,6 +336,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def add_validate(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="validation YAML (see experiments/twin_cpu.yaml)")
     p.add_argument("--out", help="results folder (default: the file's out, else results/<file stem>)")
+    p.add_argument("--reuse-real", action="store_true",
+                   help="run only the simulator, against the real runs (and in-situ table) an earlier run of "
+                        "this config left in the results folder: iterate on the model without the hardware")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -344,7 +347,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_validation(args.file)
     if args.out:
         cfg.out = args.out
-    res = run_validation(cfg, log=print)
+    res = run_validation(cfg, log=print, reuse_real=args.reuse_real)
     print(res.table_text)
     print(f"report: {res.report}")
     return 0

@@ -26,6 +26,7 @@ Config keys (YAML):
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import math
 import os
@@ -309,7 +310,49 @@ def calibrate(cfg: ValidationConfig, bench: Any, folder: Path, log: Callable[[st
     return str(path)
 
 
-def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: None) -> ValidationResult:
+def recorded_real_runs(run_dir: Path, repeats: int, policy: str, sim: Trace) -> list[Trace]:
+    """The real runs an earlier `validate` of this config left in `run_dir` (real, real_2,
+    ...), checked to be the policy and requests the config asks for now."""
+    reals = []
+    for k in range(repeats):
+        folder = run_dir / ("real" if k == 0 else f"real_{k + 1}")
+        if not (folder / "meta.json").is_file():
+            raise FileNotFoundError(f"--reuse-real: {folder} has no recorded real run (repeats: {repeats}); "
+                                    "run `pipetwin validate` without --reuse-real first")
+        t = Trace.load(folder)
+        if t.meta.get("policy") != policy:
+            raise ValueError(f"--reuse-real: {folder} ran policy {t.meta.get('policy')!r}, the config asks for "
+                             f"{policy!r}")
+        if not same_requests(sim, t):
+            raise ValueError(f"--reuse-real: {folder} ran other requests than the config's workload now gives "
+                             "(lengths or arrival times changed?)")
+        reals.append(t)
+    return reals
+
+
+def _recorded_setup(cfg: ValidationConfig, out: Path) -> tuple[str, int, int]:
+    """(profile, num_pages, page_size) of the real runs recorded under `out`."""
+    pol, rate = cfg.policies[0], cfg.loads[0]
+    first = out / "runs" / f"{_slug(pol['label'])}_r{rate_label(rate)}" / "real" / "meta.json"
+    if not first.is_file():
+        raise FileNotFoundError(f"--reuse-real: {first} not found; run `pipetwin validate` without "
+                                "--reuse-real first (or give the --out it wrote to)")
+    meta = Trace.load(first.parent).meta
+    profile = cfg.profile
+    if cfg.calibrate is not None:
+        profile = str(out / "calibration" / "profile")
+        if not (Path(profile) / "meta.yaml").is_file():
+            raise FileNotFoundError(f"--reuse-real: the config calibrates, but {profile} (the in-situ table "
+                                    "of the earlier run) is missing")
+    return profile, int(meta["num_pages"]), int(meta["page_size"])
+
+
+def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: None,
+                   reuse_real: bool = False) -> ValidationResult:
+    """Run every (policy, load) cell through the simulator and the runtime and compare.
+    reuse_real: run only the simulator, against the real runs (and in-situ table) an
+    earlier run of this config recorded in `out`: for iterating on the latency model
+    or the simulator without the hardware."""
     from core.metrics import summarize
     from experiments.bench import Bench, model_name, workload_requests, write_results
     from sim import SimConfig, fitted_model, simulate
@@ -317,17 +360,23 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
     out = Path(cfg.out or Path("results") / cfg.name)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    profile = cfg.profile
     rows: list[dict[str, Any]] = []
     traces: dict[tuple[str, str], tuple[Trace, Trace]] = {}
-    first = cfg.policies[0]
-    with Bench(cfg.model, cfg.pp, first["name"], first["params"], num_pages=cfg.num_pages,
-               page_size=cfg.page_size, layer_split=cfg.layer_split, num_threads=cfg.threads,
-               seed=cfg.seed) as bench:
-        num_pages = bench.num_pages
-        log(f"runtime up: pp={cfg.pp}, {num_pages} KV pages of {bench.page_size} tokens")
-        if cfg.calibrate is not None:
-            profile = calibrate(cfg, bench, out / "calibration", log)
+    with contextlib.ExitStack() as stack:
+        bench = None
+        if reuse_real:
+            profile, num_pages, page_size = _recorded_setup(cfg, out)
+            log(f"reusing the real runs in {out}/runs (simulator only); profile {profile}")
+        else:
+            first = cfg.policies[0]
+            bench = stack.enter_context(Bench(
+                cfg.model, cfg.pp, first["name"], first["params"], num_pages=cfg.num_pages,
+                page_size=cfg.page_size, layer_split=cfg.layer_split, num_threads=cfg.threads, seed=cfg.seed))
+            num_pages, page_size = bench.num_pages, bench.page_size
+            log(f"runtime up: pp={cfg.pp}, {num_pages} KV pages of {page_size} tokens")
+            profile = cfg.profile
+            if cfg.calibrate is not None:
+                profile = calibrate(cfg, bench, out / "calibration", log)
         latency = fitted_model(profile)[0]
         for pol in cfg.policies:
             for rate in cfg.loads:
@@ -337,24 +386,21 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
                 # driver_on_stage0: the runtime's scheduler shares stage 0's thread (runtime.driver)
                 sim_cfg = SimConfig(profile=profile, policy=pol["name"], policy_params=dict(pol["params"]),
                                     workload=wl, seed=seed, pp=cfg.pp, num_pages=num_pages,
-                                    page_size=bench.page_size, driver_on_stage0=True)
+                                    page_size=page_size, driver_on_stage0=True)
                 sim_res = simulate(sim_cfg, requests=workload_requests(wl, seed))
-                load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+                load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") and bench else math.nan
                 run_dir = out / "runs" / f"{_slug(label)}_r{rl}"
                 write_results(run_dir / "sim", sim_res.trace, sim_res.summary, sim_cfg.to_dict())
-                reals, real_sums = [], []
-                for k in range(cfg.repeats):  # the same requests again: the runtime's own spread
-                    t = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed)
+                if bench is None:
+                    reals = recorded_real_runs(run_dir, cfg.repeats, pol["name"], sim_res.trace)
+                else:
+                    reals = _real_runs(cfg, bench, pol, wl, seed, run_dir, num_pages)
+                real_sums = []
+                for t in reals:
                     t_sum = summarize(t)
                     t_sum["wall_s"] = t.meta["wall_s"]
-                    write_results(run_dir / ("real" if k == 0 else f"real_{k + 1}"), t, t_sum,
-                                  {"model": cfg.model, "pp": cfg.pp, "policy": pol["name"],
-                                   "policy_params": dict(pol["params"]), "workload": wl, "seed": seed,
-                                   "num_pages": num_pages, "page_size": bench.page_size,
-                                   "layer_split": cfg.layer_split, "threads": cfg.threads})
-                    reals.append(t)
                     real_sums.append(t_sum)
-                load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+                load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") and bench else math.nan
                 real, real_sum = reals[0], mean_summary(real_sums)
                 row = {"policy": label, "load": rl, "requests": len(real.requests), "repeats": cfg.repeats,
                        **real_spread(real_sums),
@@ -381,8 +427,28 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
     plots = make_plots(out / "plots", traces, errors)
     text = format_table(errors)
     report = write_report(out, cfg, errors, ranking, plots, text, num_pages,
-                          time.perf_counter() - t_start, model_name(cfg.model), profile)
+                          time.perf_counter() - t_start, model_name(cfg.model), profile, reuse_real)
     return ValidationResult(errors, ranking, report, text, out)
+
+
+def _real_runs(cfg: ValidationConfig, bench: Any, pol: dict[str, Any], wl: dict[str, Any], seed: int,
+               run_dir: Path, num_pages: int) -> list[Trace]:
+    """`cfg.repeats` runtime runs of the cell (the same requests each time), written to run_dir."""
+    from experiments.bench import workload_requests, write_results
+    from core.metrics import summarize
+
+    reals = []
+    for k in range(cfg.repeats):  # the same requests again: the runtime's own spread
+        t = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed)
+        t_sum = summarize(t)
+        t_sum["wall_s"] = t.meta["wall_s"]
+        write_results(run_dir / ("real" if k == 0 else f"real_{k + 1}"), t, t_sum,
+                      {"model": cfg.model, "pp": cfg.pp, "policy": pol["name"],
+                       "policy_params": dict(pol["params"]), "workload": wl, "seed": seed,
+                       "num_pages": num_pages, "page_size": bench.page_size,
+                       "layer_split": cfg.layer_split, "threads": cfg.threads})
+        reals.append(t)
+    return reals
 
 
 # ---------------------------------------------------------------- plots
@@ -460,7 +526,7 @@ def goal_lines(errors: pd.DataFrame, ranking: pd.DataFrame, goals: dict[str, flo
 
 def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking: pd.DataFrame,
                  plots: list[Path], table: str, num_pages: int, wall_s: float, model: str,
-                 profile: str | None = None) -> Path:
+                 profile: str | None = None, reuse_real: bool = False) -> Path:
     try:
         from runtime.profiler import cpu_name
         cpu = cpu_name()
@@ -478,6 +544,8 @@ def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking
            f"requests (workload seed {cfg.calibrate['seed']}, loads {cfg.calibrate['loads']} req/s, every "
            f"policy) fitted with the latency model; base table `{cfg.profile}` (see profiles/in_situ.py)"]
           if cfg.calibrate is not None and profile is not None else []),
+        *([f"- simulator re-run (`--reuse-real`) against the real runs recorded earlier in `{out}/runs`; "
+           "wall time and load averages are the simulator's re-run"] if reuse_real else []),
         f"- KV pages: {num_pages} (the runtime's count, given to the simulator too), page size {cfg.page_size}",
         f"- workload: {len(errors) and int(errors['requests'].iloc[0])} requests, seed {cfg.seed}; "
         f"`{yaml.safe_dump(cfg.workload, default_flow_style=True).strip()}`; loads {cfg.loads} req/s",

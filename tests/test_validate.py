@@ -134,6 +134,36 @@ def test_simulator_is_timed_by_an_in_situ_table_from_other_requests(validated):
     assert "in-situ table" in (validated / "report.md").read_text()
 
 
+def test_reuse_real_reruns_only_the_simulator_against_the_recorded_runs(validated, tmp_path, capsys):
+    """--reuse-real: the real runs are read back, not run again; with the same table the
+    simulator gives the same rows, so the whole error table comes out the same."""
+    out = tmp_path / "out"
+    shutil.copytree(validated, out)
+    real_rows = (out / "runs" / "tt_r25" / "real" / "batches.csv").read_bytes()
+    cfg = yaml.safe_load((validated / "runs" / "tt_r25" / "sim" / "config.yaml").read_text())
+    assert cfg["profile"] == str(validated / "calibration" / "profile")
+    v = {"name": "tiny", "model": MODEL, "pp": 2, "profile": "no-such-table-needed", "num_pages": 128,
+         "page_size": 16, "seed": SEED, "workload": WORKLOAD, "loads": [RATE],
+         "policies": [{"name": "token_throttling", "label": "tt"}], "calibrate": {"loads": [RATE]}, "repeats": 2}
+    (tmp_path / "v.yaml").write_text(yaml.safe_dump(v))
+    assert main(["validate", str(tmp_path / "v.yaml"), "--out", str(out), "--reuse-real"]) == 0
+    assert (out / "runs" / "tt_r25" / "real" / "batches.csv").read_bytes() == real_rows
+    before, after = pd.read_csv(validated / "errors.csv"), pd.read_csv(out / "errors.csv")
+    same = [c for c in before.columns if not c.startswith("loadavg")]
+    pd.testing.assert_frame_equal(before[same], after[same])
+    assert "--reuse-real" in (out / "report.md").read_text()
+    # a config that now asks for other requests, or for more runs than were recorded, is refused
+    for change, named in (({"seed": SEED + 5, "calibrate": {"loads": [RATE], "seed": 99}}, "other requests"),
+                          ({"repeats": 3}, "real_3")):
+        (tmp_path / "w.yaml").write_text(yaml.safe_dump({**v, **change}))
+        with pytest.raises(SystemExit) as e:
+            main(["validate", str(tmp_path / "w.yaml"), "--out", str(out), "--reuse-real"])
+        assert e.value.code == 2 and named in capsys.readouterr().err, named
+    with pytest.raises(SystemExit) as e:
+        main(["validate", str(tmp_path / "v.yaml"), "--out", str(tmp_path / "empty"), "--reuse-real"])
+    assert e.value.code == 2 and "without --reuse-real first" in capsys.readouterr().err
+
+
 def test_bench_writes_the_sim_results_folder(standin_profile, tmp_path, capsys):
     cfg = {"model": MODEL, "pp": 2, "workload": {**WORKLOAD, "num_requests": 6}}
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))

@@ -124,13 +124,14 @@ class EngineRunner:
     """Our LLM, started once (start-up is not timed), warmed up."""
 
     def __init__(self, path: Path, pp: int, policy: str, threads: int | None, num_pages: int,
-                 split: str | None) -> None:
+                 split: str | None, policy_params: dict | None = None) -> None:
         from runtime.llm import LLM, SamplingParams
 
         self.SamplingParams = SamplingParams
         self.pp, self.policy = pp, policy
+        self.policy_params = dict(policy_params or {})
         self.llm = LLM(path, pp=pp, policy=policy, num_pages=num_pages, page_size=16, num_threads=threads,
-                       layer_split=split)
+                       layer_split=split, policy_params=self.policy_params)
         self.llm.generate([[1] * 16] * 2, SamplingParams(max_tokens=4, ignore_eos=True))
 
     def run(self, reqs: list[tuple[list[int], int]]) -> dict:
@@ -154,6 +155,7 @@ class EngineRunner:
                 "stage_busy_s": [float(x) for x in busy.tolist()], "micro_batches": int(b["batch_id"].nunique()),
                 "preemptions": s["preemptions"], "ttft_mean_s": s["ttft_mean"], "tpot_mean_s": s["tpot_mean"],
                 "pp": pp, "layer_split": list(llm.config.layer_split), "policy": self.policy,
+                "policy_params": self.policy_params,
                 "threads_per_stage": trace.meta["threads_per_stage"], "num_pages": llm.num_pages}
 
     def close(self) -> None:
@@ -191,6 +193,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--pp", type=int, default=2)
     ap.add_argument("--policy", default="token_throttling")
+    ap.add_argument("--policy-params", type=json.loads, default={},
+                    help='policy parameters as JSON, e.g. \'{"maxp": 256}\' (see core/policies.py)')
     ap.add_argument("--split", default=None, help="layers per stage, e.g. 5,3 (default: even)")
     ap.add_argument("--threads-per-stage", type=int, default=None, help="default: 1 on CPU")
     ap.add_argument("--hf-threads", default=None,
@@ -222,7 +226,8 @@ def main() -> None:
     hf_threads = ([int(x) for x in args.hf_threads.split(",")] if args.hf_threads
                   else sorted({os.cpu_count() or 1, 1}, reverse=True))
     hf = HFRunner(args.model_dir)
-    engine = EngineRunner(args.model_dir, args.pp, args.policy, args.threads_per_stage, args.num_pages, args.split)
+    engine = EngineRunner(args.model_dir, args.pp, args.policy, args.threads_per_stage, args.num_pages, args.split,
+                          args.policy_params)
     try:
         for name, reqs in workloads(args.quick).items():
             if args.only and name != args.only:
@@ -253,7 +258,7 @@ def main() -> None:
         print(f"{name:<8} {r['requests']:>4} {r['prompt_tokens']:>7} {r['output_tokens']:>7} | "
               f"{e['output_tps']:>12.1f} {h['output_tps']:>9.1f} {r['speedup']:>5.2f} {r['speedup_median']:>5.2f} | "
               f"{e['bubble_ratio']:>6.1%} {e['bubble_ratio_saturated']:>6.1%} {e['micro_batches']:>7}")
-    print(f"engine: pp={args.pp} split {e['layer_split']} {args.policy}, {e['threads_per_stage']} thread(s) "
+    print(f"engine: pp={args.pp} split {e['layer_split']} {args.policy} {args.policy_params or ''}, {e['threads_per_stage']} thread(s) "
           f"per stage; HF: best of {hf_threads} threads, batch {args.hf_batch}; load avg "
           f"{results['machine']['load_avg_at_start'][0]:.1f} -> {results['machine']['load_avg_at_end'][0]:.1f}, "
           f"CPUs really available {results['machine']['cpu_parallelism_at_start']:.2f} -> "

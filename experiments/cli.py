@@ -262,7 +262,7 @@ def add_bench(p: argparse.ArgumentParser) -> None:
     add_workload_flags(p, "request rate in req/s, or inf")
     p.add_argument("--num-pages", type=int, help="KV pages (default: the runtime's, 1 GiB per stage on CPU)")
     p.add_argument("--page-size", type=int, help="tokens per KV page (default 16)")
-    p.add_argument("--layer-split", help="layers per stage, e.g. 5,3")
+    p.add_argument("--layer-split", help="layers per stage, e.g. 5,3 or 4.5,3.5 (a .5 puts the boundary between a layer's attention and its MLP)")
     p.add_argument("--threads", type=int, help="torch threads per stage process (default 1 on CPU)")
     p.add_argument("--out", help="results folder (default results/bench/<policy>_<model>)")
     p.add_argument("--formats", type=_formats, default=("csv",), help="trace tables: csv,parquet (default csv)")

@@ -107,6 +107,11 @@ def make_profile(model: str, gpu: str | GpuSpec, pp: int, layer_split: list[int]
     split = list(layer_split) if layer_split else specs.even_split(cfg["num_hidden_layers"], pp)
     if len(split) != pp or sum(split) != cfg["num_hidden_layers"] or min(split) < 1:
         raise ValueError(f"layer_split {split} does not split {cfg['num_hidden_layers']} layers in {pp}")
+    if any(int(n) != n for n in split):
+        # the roofline has no attention/MLP breakdown of a layer (and KV bytes would be wrong)
+        raise ValueError(f"layer_split {split}: analytical tables need whole layers per stage; "
+                         "profile a half-layer split with `pipetwin profile --layer-split`")
+    split = [int(n) for n in split]
     rows = []
     for s, n in enumerate(split):
         for p, d, paw, dc in shape_grid():

@@ -33,7 +33,7 @@ FEATURES = ("prefill_tokens", "decode_tokens", "prefill_attention_work", "decode
 NEEDED = ("batch_id", "stage", "start", "end", *FEATURES)
 
 
-def stage_rows(batches: pd.DataFrame, layer_split: Sequence[int]) -> pd.DataFrame:
+def stage_rows(batches: pd.DataFrame, layer_split: Sequence[float]) -> pd.DataFrame:
     missing = [c for c in NEEDED if c not in batches.columns]
     if missing:
         raise ProfileError(f"runtime trace batches lack column(s) {missing}; in-situ tables need a "
@@ -44,7 +44,7 @@ def stage_rows(batches: pd.DataFrame, layer_split: Sequence[int]) -> pd.DataFram
     b, lat = b[keep], lat[keep]
     out = pd.DataFrame({
         "stage": b["stage"].astype("int64").to_numpy(),
-        "num_layers": [int(layer_split[s]) for s in b["stage"].astype(int)],
+        "num_layers": [layer_split[s] for s in b["stage"].astype(int)],   # 4.5: half-layer splits
         **{f: b[f].astype("int64").to_numpy() for f in FEATURES},
         "latency_median": lat, "latency_p10": lat, "latency_p90": lat, "samples": 1})
     # one token attends at least to itself: rows violating that are malformed, not shapes

@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser, param_type: Any) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--num-pages", type=int, help="KV pages (default: the runtime's, 1 GiB per stage on CPU)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
-    p.add_argument("--layer-split", help="layers per stage, e.g. 5,3")
+    p.add_argument("--layer-split", help="layers per stage, e.g. 5,3 or 4.5,3.5 (a .5 puts the boundary between a layer's attention and its MLP)")
     p.add_argument("--threads", type=int, help="torch threads per stage process (default 1 on CPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: the model's)")

@@ -34,6 +34,8 @@ def test_stage_rows_keep_features_and_durations():
     assert (st["num_layers"] == 4).all() and (st["samples"] == 1).all()
     with pytest.raises(ProfileError, match="decode_context"):
         stage_rows(b.drop(columns=["decode_context"]), [4, 4])
+    # a half-layer split (runtime layer_split 4.5,3.5) keeps its halves
+    assert stage_rows(b, [4.5, 3.5])["num_layers"].tolist() == [4.5, 3.5]
 
 
 def test_profile_fits_and_recovers_a_linear_cost():

@@ -270,3 +270,9 @@ def test_uneven_split_and_skips(tmp_path):
     written, skipped = analytical.generate_all(tmp_path, models=["qwen2.5-72b"], gpus=["h200"], pps=[1, 2])
     assert written == ["qwen2.5-72b_h200_pp2"] and skipped[0].startswith("qwen2.5-72b_h200_pp1")
     assert load_profile(tmp_path / written[0]).pp == 2
+
+
+def test_analytical_tables_refuse_half_layer_splits():
+    """The roofline has no attention/MLP breakdown: a half split is refused, by name."""
+    with pytest.raises(ValueError, match="whole layers"):
+        analytical.make_profile("llama-3-8b", "h100-80gb", 2, layer_split=[16.5, 15.5])

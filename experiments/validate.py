@@ -21,6 +21,8 @@ Config keys (YAML):
   requests (workload seed `seed`, default seed + 1) at `loads` (default: all) with every
   policy, and time the simulator by an in-situ table fitted on those runs' stage rows
   (profiles.in_situ: stages measured while the pipeline runs) instead of `profile` alone;
+  each cell's calibration run goes just before its validation runs, so slow drift of the
+  machine's speed reaches the table and the runs it is compared with alike;
   repeats (default 1): real runs per policy and load, the same requests each time; errors
   are against their mean, and the report shows how far they spread.
 """
@@ -282,32 +284,68 @@ def _ranking(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def calibrate(cfg: ValidationConfig, bench: Any, folder: Path, log: Callable[[str], Any]) -> str:
-    """Runtime runs on calibration requests -> an in-situ table (path) for the simulator."""
+def calibration_run(cfg: ValidationConfig, bench: Any, pol: dict[str, Any], rate: Any, folder: Path,
+                    log: Callable[[str], Any]) -> tuple[pd.DataFrame, str]:
+    """One runtime run on calibration requests (workload seed calibrate.seed): its stage rows."""
     from core.metrics import summarize
     from experiments.bench import workload_requests, write_results
+
+    wl = cfg.workload_for(rate, cfg.calibrate["seed"])
+    seed = wl.pop("seed")
+    real = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed)
+    run_dir = folder / "runs" / f"{_slug(pol['label'])}_r{rate_label(rate)}"
+    write_results(run_dir, real, summarize(real), {"policy": pol["name"], "workload": wl, "seed": seed})
+    log(f"calibration: {pol['label']} @ {rate_label(rate)} req/s, seed {seed}: "
+        f"{len(real.batches)} stage rows in {real.meta['wall_s']:.1f} s")
+    return real.batches, str(run_dir)
+
+
+def calibration_table(cfg: ValidationConfig, runs: list[tuple[pd.DataFrame, str]], folder: Path,
+                      log: Callable[[str], Any]) -> str:
+    """The calibration runs' stage rows -> an in-situ table (path) for the simulator."""
     from profiles.in_situ import in_situ_profile
     from profiles.latency_model import fit
     from profiles.schema import load_profile, save_profile
 
-    c = cfg.calibrate
-    batches, sources = [], []
-    for pol in cfg.policies:
-        for rate in c["loads"]:
-            wl = cfg.workload_for(rate, c["seed"])
-            seed = wl.pop("seed")
-            real = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed)
-            run_dir = folder / "runs" / f"{_slug(pol['label'])}_r{rate_label(rate)}"
-            write_results(run_dir, real, summarize(real), {"policy": pol["name"], "workload": wl, "seed": seed})
-            batches.append(real.batches)
-            sources.append(str(run_dir))
-            log(f"calibration: {pol['label']} @ {rate_label(rate)} req/s, seed {seed}: "
-                f"{len(real.batches)} stage rows in {real.meta['wall_s']:.1f} s")
-    table = in_situ_profile(load_profile(cfg.profile), batches, sources)
+    table = in_situ_profile(load_profile(cfg.profile), [b for b, _ in runs], [src for _, src in runs])
     path = save_profile(table, folder / "profile")
     err = fit(str(path))[1]
     log(f"in-situ table {path}: {len(table.stages)} stage rows; fit held-out {err}")
     return str(path)
+
+
+def run_runtime_side(cfg: ValidationConfig, bench: Any, out: Path, num_pages: int,
+                     log: Callable[[str], Any]
+                     ) -> tuple[dict[tuple[str, str], tuple[list[Trace], float, float]], str]:
+    """Every real run of the validation: per cell `repeats` runs of its requests, each cell
+    preceded by its calibration run (same policy and load, other requests) when the config
+    calibrates. Interleaved so that the machine's slow drift (several % over minutes on a
+    shared VM) reaches the table and the runs it is compared with alike. Returns the real
+    runs per (label, rate label) with the load average before and after them, and the
+    simulator's table."""
+    reals: dict[tuple[str, str], tuple[list[Trace], float, float]] = {}
+    cal_runs: list[tuple[pd.DataFrame, str]] = []
+    cal = cfg.calibrate
+    cal_labels = {rate_label(r) for r in cal["loads"]} if cal is not None else set()
+    val_labels = {rate_label(r) for r in cfg.loads}
+    for pol in cfg.policies:
+        for rate in (cal["loads"] if cal is not None else []):   # calibration-only loads first
+            if rate_label(rate) not in val_labels:
+                cal_runs.append(calibration_run(cfg, bench, pol, rate, out / "calibration", log))
+        for rate in cfg.loads:
+            rl = rate_label(rate)
+            if rl in cal_labels:
+                cal_runs.append(calibration_run(cfg, bench, pol, rate, out / "calibration", log))
+            wl = cfg.workload_for(rate)
+            seed = wl.pop("seed")
+            run_dir = out / "runs" / f"{_slug(pol['label'])}_r{rl}"
+            load0 = _loadavg()
+            runs = _real_runs(cfg, bench, pol, wl, seed, run_dir, num_pages)
+            reals[(pol["label"], rl)] = (runs, load0, _loadavg())
+            walls = ", ".join(f"{t.meta['wall_s']:.1f}" for t in runs)
+            log(f"{pol['label']} @ {rl} req/s: {len(runs)} real run(s) of {walls} s")
+    profile = calibration_table(cfg, cal_runs, out / "calibration", log) if cal is not None else cfg.profile
+    return reals, profile
 
 
 def recorded_real_runs(run_dir: Path, repeats: int, policy: str, sim: Trace) -> list[Trace]:
@@ -374,9 +412,7 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
                 page_size=cfg.page_size, layer_split=cfg.layer_split, num_threads=cfg.threads, seed=cfg.seed))
             num_pages, page_size = bench.num_pages, bench.page_size
             log(f"runtime up: pp={cfg.pp}, {num_pages} KV pages of {page_size} tokens")
-            profile = cfg.profile
-            if cfg.calibrate is not None:
-                profile = calibrate(cfg, bench, out / "calibration", log)
+            recorded, profile = run_runtime_side(cfg, bench, out, num_pages, log)
         latency = fitted_model(profile)[0]
         for pol in cfg.policies:
             for rate in cfg.loads:
@@ -388,19 +424,18 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
                                     workload=wl, seed=seed, pp=cfg.pp, num_pages=num_pages,
                                     page_size=page_size, driver_on_stage0=True)
                 sim_res = simulate(sim_cfg, requests=workload_requests(wl, seed))
-                load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") and bench else math.nan
                 run_dir = out / "runs" / f"{_slug(label)}_r{rl}"
                 write_results(run_dir / "sim", sim_res.trace, sim_res.summary, sim_cfg.to_dict())
                 if bench is None:
                     reals = recorded_real_runs(run_dir, cfg.repeats, pol["name"], sim_res.trace)
+                    load0 = load1 = math.nan
                 else:
-                    reals = _real_runs(cfg, bench, pol, wl, seed, run_dir, num_pages)
+                    reals, load0, load1 = recorded[(label, rl)]
                 real_sums = []
                 for t in reals:
                     t_sum = summarize(t)
                     t_sum["wall_s"] = t.meta["wall_s"]
                     real_sums.append(t_sum)
-                load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") and bench else math.nan
                 real, real_sum = reals[0], mean_summary(real_sums)
                 row = {"policy": label, "load": rl, "requests": len(real.requests), "repeats": cfg.repeats,
                        **real_spread(real_sums),
@@ -429,6 +464,10 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
     report = write_report(out, cfg, errors, ranking, plots, text, num_pages,
                           time.perf_counter() - t_start, model_name(cfg.model), profile, reuse_real)
     return ValidationResult(errors, ranking, report, text, out)
+
+
+def _loadavg() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
 
 
 def _real_runs(cfg: ValidationConfig, bench: Any, pol: dict[str, Any], wl: dict[str, Any], seed: int,

@@ -4,6 +4,7 @@ Per stage:  latency ~ c0 + c1*prefill_tokens + c2*decode_tokens
                       + c3*prefill_attention_work + c4*decode_context
                       + c5*max(0, knee_tokens - prefill_tokens - decode_tokens)
                       + c6*max(0, knee_decode - decode_tokens)
+                      + c7*[prefill_tokens > 0]
 Why these features: linear layers (and KV writes, activations) cost per token, and a
 prefill token costs what a decode token costs there except on the last stage, where only
 decodes (and one row per prefill request) go through the LM head, hence two token
@@ -13,7 +14,12 @@ The hinges are the max(compute, memory) terms: below `knee_tokens` tokens the li
 layers are bound by reading their weights, so time stops falling with fewer tokens;
 max(aT, W) = aT + a*max(0, W/a - T) exactly, so a hinge is linear in its coefficient once
 its knee is fixed, and knees are found by 1-D searches. `knee_decode` is the same floor
-for the LM head on the last stage (its rows are the decodes). All coefficients are
+for the LM head on the last stage (its rows are the decodes). c7 is a fixed cost of a
+micro-batch that holds a prefill chunk, measured on CPU: in a running pipeline a stage's
+forward of a 32-token chunk took 12.3-15.6 ms against 9.6-11.9 ms for the same shape
+repeated alone, while decode batches matched (docs/benchmarks.md, "What the errors are
+made of"); fitted, it is 3-4 ms on the CPU tables and ~0 on the analytical GPU ones. All
+coefficients are
 non-negative (no feature makes a batch faster), fitted by NNLS on relative error, because
 the simulator cares about a 1 ms decode step as much as a 1 s prefill.
 """
@@ -78,8 +84,9 @@ def _design(df, knee_tokens: float, knee_decode: float) -> np.ndarray:
     dec = df["decode_tokens"].to_numpy(float)
     tokens = df["prefill_tokens"].to_numpy(float) + dec
     cols = [np.ones(len(df))] + [df[f].to_numpy(float) for f in FEATURES]
+    has_chunk = (df["prefill_tokens"].to_numpy(float) > 0).astype(float)
     return np.column_stack(cols + [np.maximum(0.0, knee_tokens - tokens),
-                                   np.maximum(0.0, knee_decode - dec)])
+                                   np.maximum(0.0, knee_decode - dec), has_chunk])
 
 
 def _fit_relative(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
@@ -109,7 +116,7 @@ def _search_knee(df, y: np.ndarray, knees: list[float], which: int) -> tuple[flo
 
 
 def fit_stage(df) -> tuple[float, ...]:
-    """(c0..c6, knee_tokens, knee_decode) for one stage's rows. The second hinge, on
+    """(c0..c6, knee_tokens, knee_decode, c7) for one stage's rows. The second hinge, on
     decode tokens, is the LM head's weight-read floor on the last stage (logit rows are
     decodes, not all tokens); coordinate search: tokens knee, decode knee, tokens again."""
     y = df["latency_median"].to_numpy(float)
@@ -117,17 +124,17 @@ def fit_stage(df) -> tuple[float, ...]:
     for which in (0, 1, 0):
         knees[which] = _search_knee(df, y, knees, which)[0]
     coef = _fit_relative(_design(df, *knees), y)[0]
-    knees = [k if c > 0 else 0.0 for k, c in zip(knees, coef[5:])]
-    return tuple(float(c) for c in coef) + tuple(knees)
+    knees = [k if c > 0 else 0.0 for k, c in zip(knees, coef[5:7])]
+    return tuple(float(c) for c in coef[:7]) + tuple(knees) + (float(coef[7]),)
 
 
 def _predict(coefs: tuple[float, ...], df) -> np.ndarray:
-    return _design(df, *coefs[7:]) @ np.array(coefs[:7])
+    return _design(df, *coefs[7:9]) @ np.array(coefs[:7] + coefs[9:])
 
 
 @dataclass(slots=True)
 class LatencyModel:
-    coefs: tuple[tuple[float, ...], ...]   # per stage: c0..c6, knee_tokens, knee_decode
+    coefs: tuple[tuple[float, ...], ...]   # per stage: c0..c6, knee_tokens, knee_decode, c7
     transfer_base_s: float
     transfer_s_per_byte: float
     sched_overhead: float                  # seconds per micro-batch (CPU scheduling)
@@ -136,8 +143,8 @@ class LatencyModel:
     error: FitError | None = None
 
     def __post_init__(self) -> None:
-        if not self.coefs or any(len(c) != 9 for c in self.coefs):
-            raise ValueError("coefs needs one (c0..c6, knee_tokens, knee_decode) per stage")
+        if not self.coefs or any(len(c) != 10 for c in self.coefs):
+            raise ValueError("coefs needs one (c0..c6, knee_tokens, knee_decode, c7) per stage")
         if min(min(c) for c in self.coefs) < 0 or self.transfer_base_s < 0 \
                 or self.transfer_s_per_byte < 0 or self.sched_overhead < 0:
             raise ValueError("latency model coefficients must be non-negative")
@@ -150,9 +157,11 @@ class LatencyModel:
     def stage_time(self, stage: int, prefill_tokens: float, decode_tokens: float,
                    prefill_attention_work: float, decode_context: float) -> float:
         # Plain float math: the simulator calls this ~10^6 times per sweep.
-        c0, c1, c2, c3, c4, c5, c6, knee_tokens, knee_decode = self.coefs[stage]
+        c0, c1, c2, c3, c4, c5, c6, knee_tokens, knee_decode, c7 = self.coefs[stage]
         t = (c0 + c1 * prefill_tokens + c2 * decode_tokens
              + c3 * prefill_attention_work + c4 * decode_context)
+        if prefill_tokens > 0:
+            t += c7
         gap = knee_tokens - prefill_tokens - decode_tokens
         if gap > 0.0:
             t += c5 * gap
@@ -197,9 +206,9 @@ def fit(profile: Profile | str, holdout: float = 0.2, seed: int = 0) -> tuple[La
     for stage in range(profile.pp):
         rows = profile.stages[profile.stages["stage"] == stage].reset_index(drop=True)
         n_test = max(1, round(holdout * len(rows))) if holdout > 0 else 0
-        if len(rows) - n_test < 9:
+        if len(rows) - n_test < 10:
             raise ProfileError(f"{profile.name}: stage {stage} has {len(rows)} rows, too few "
-                               f"to fit 9 parameters with holdout={holdout}")
+                               f"to fit 10 parameters with holdout={holdout}")
         perm = rng.permutation(len(rows))
         test = rows.iloc[perm[:n_test]] if n_test else rows
         c = fit_stage(rows.iloc[perm[n_test:]])

@@ -86,6 +86,8 @@ class _SamplingFields(_Base):
                 allowed = ", ".join(repr(v) for v in neutral if v is not None) or "null"
                 raise APIError(400, f"'{name}' = {extra[name]!r} is not supported by this server "
                                     f"(allowed: {allowed}, or leave it out)", param=name)
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
         if self.temperature is not None and not 0 <= self.temperature <= 2:
             raise APIError(400, f"temperature must be in [0, 2], got {self.temperature}", "temperature")
         if self.top_p is not None and not 0 < self.top_p <= 1:

@@ -155,8 +155,9 @@ def test_round_trip(table, tmp_path):
     np.testing.assert_allclose(a.stages["latency_median"], c.stages["latency_median"], rtol=5e-3)
 
 
-def _synthetic(noise: float, seed: int = 0) -> tuple[Profile, list[tuple[float, ...]]]:
-    """Two stages, latency an exact linear function of the features (times noise)."""
+def _synthetic(noise: float, seed: int = 0, chunk_cost: float = 0.0) -> tuple[Profile, list[tuple[float, ...]]]:
+    """Two stages, latency an exact linear function of the features (times noise), plus
+    `chunk_cost` for every row holding prefill tokens."""
     base = analytical.make_profile("llama-3-8b", "h100-80gb", 2, date="2025-01-01")
     rng = np.random.default_rng(seed)
     truth = [(1e-3, 5e-5, 8e-5, 2e-9, 4e-8), (2e-3, 6e-5, 9e-5, 3e-9, 5e-8)]
@@ -164,13 +165,27 @@ def _synthetic(noise: float, seed: int = 0) -> tuple[Profile, list[tuple[float, 
     for s, c in enumerate(truth):
         for _ in range(80):
             p, d = int(rng.integers(0, 4096)), int(rng.integers(0, 256))
+            if chunk_cost and rng.random() < 0.5:
+                p = 0   # decode-only rows, so the chunk cost is not just the intercept
             paw, dc = p * int(rng.integers(max(p, 1), 16384)), d * int(rng.integers(1, 8192))
-            lat = (c[0] + c[1] * p + c[2] * d + c[3] * paw + c[4] * dc) * rng.lognormal(0, noise)
+            lat = (c[0] + c[1] * p + c[2] * d + c[3] * paw + c[4] * dc
+                   + (chunk_cost if p > 0 else 0.0)) * rng.lognormal(0, noise)
             rows.append((s, base.meta["layer_split"][s], p, d, paw, dc, lat, lat, lat, 1))
     stages = pd.DataFrame(rows, columns=base.stages.columns)
     sizes = np.array([1e3, 1e5, 1e6, 1e7, 1e8])
     transfer = pd.DataFrame({"bytes": sizes, "latency_median": 2e-5 + sizes / 1e11, "samples": 1})
     return Profile(base.meta, stages, transfer, name="synthetic"), truth
+
+
+def test_fit_recovers_a_fixed_cost_of_batches_holding_a_prefill_chunk():
+    prof, truth = _synthetic(noise=0.0, chunk_cost=3e-3)
+    model, err = fit(prof, holdout=0.2, seed=1)
+    for s, c in enumerate(truth):
+        np.testing.assert_allclose(model.coefs[s][:5], c, rtol=1e-6)
+        assert model.coefs[s][9] == pytest.approx(3e-3, rel=1e-6)
+    assert model.stage_time(0, 1, 4, 2, 40) - model.stage_time(0, 0, 4, 0, 40) == pytest.approx(
+        3e-3 + truth[0][1] + 2 * truth[0][3], rel=1e-6)
+    assert err.mape < 1e-9
 
 
 def test_fit_recovers_linear_coefficients():
@@ -179,6 +194,7 @@ def test_fit_recovers_linear_coefficients():
     for s, c in enumerate(truth):
         np.testing.assert_allclose(model.coefs[s][:5], c, rtol=1e-6)
         assert model.coefs[s][5] * model.coefs[s][7] < 1e-12     # no spurious hinge
+        assert model.coefs[s][9] < 1e-12                          # nor a chunk cost
     assert err.held_out and err.mape < 1e-9 and err.max_ape < 1e-8
     assert err.rows_evaluated == 32 and len(err.stage_mape) == 2
     assert model.transfer_time(1e8) == pytest.approx(2e-5 + 1e-3, rel=1e-9)

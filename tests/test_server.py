@@ -215,6 +215,8 @@ BAD = [
     ("completions", {"model": NAME, "prompt": "x", "best_of": 2}, 400, "best_of"),
     ("completions", {"model": NAME, "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("completions", {"model": NAME, "prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("completions", {"model": NAME, "prompt": "x", "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
     ("completions", {"model": NAME, "prompt": ["a", "b"]}, 400, "prompt"),
     ("completions", {"model": NAME, "prompt": []}, 400, "prompt"),
     ("completions", {"model": NAME, "prompt": [1, 999]}, 400, "prompt"),

@@ -23,8 +23,9 @@ Config keys (YAML):
   (profiles.in_situ: stages measured while the pipeline runs) instead of `profile` alone;
   each cell's calibration run goes just before its validation runs, so slow drift of the
   machine's speed reaches the table and the runs it is compared with alike;
-  repeats (default 1): real runs per policy and load, the same requests each time; errors
-  are against their mean, and the report shows how far they spread.
+  repeats (default 1): real runs per policy and load, the same requests each time, in
+  passes over all cells (so a cell's runs sample the whole run); errors are against their
+  mean, and the report shows how far they spread.
 """
 from __future__ import annotations
 
@@ -317,35 +318,37 @@ def calibration_table(cfg: ValidationConfig, runs: list[tuple[pd.DataFrame, str]
 def run_runtime_side(cfg: ValidationConfig, bench: Any, out: Path, num_pages: int,
                      log: Callable[[str], Any]
                      ) -> tuple[dict[tuple[str, str], tuple[list[Trace], float, float]], str]:
-    """Every real run of the validation: per cell `repeats` runs of its requests, each cell
-    preceded by its calibration run (same policy and load, other requests) when the config
-    calibrates. Interleaved so that the machine's slow drift (several % over minutes on a
-    shared VM) reaches the table and the runs it is compared with alike. Returns the real
-    runs per (label, rate label) with the load average before and after them, and the
-    simulator's table."""
-    reals: dict[tuple[str, str], tuple[list[Trace], float, float]] = {}
+    """Every real run of the validation, in `repeats` passes over the cells (odd passes in
+    reverse order), each cell's first run preceded by its calibration run (same policy and
+    load, other requests) when the config calibrates. The machine's speed drifts by several
+    % over minutes on a shared VM: interleaving lets the drift reach the table and the runs
+    it is compared with alike, and spreading a cell's repeats over the whole run (early and
+    late) averages it instead of charging it to whichever policy runs last. Returns the real
+    runs per (label, rate label) with the load average before the first and after the last,
+    and the simulator's table."""
+    runs: dict[tuple[str, str], list[Trace]] = {}
+    loads: dict[tuple[str, str], list[float]] = {}
     cal_runs: list[tuple[pd.DataFrame, str]] = []
     cal = cfg.calibrate
     cal_labels = {rate_label(r) for r in cal["loads"]} if cal is not None else set()
     val_labels = {rate_label(r) for r in cfg.loads}
-    for pol in cfg.policies:
-        for rate in (cal["loads"] if cal is not None else []):   # calibration-only loads first
+    cells = [(pol, rate) for pol in cfg.policies for rate in cfg.loads]
+    for pol in cfg.policies:   # calibration-only loads first
+        for rate in (cal["loads"] if cal is not None else []):
             if rate_label(rate) not in val_labels:
                 cal_runs.append(calibration_run(cfg, bench, pol, rate, out / "calibration", log))
-        for rate in cfg.loads:
-            rl = rate_label(rate)
-            if rl in cal_labels:
+    for k in range(cfg.repeats):
+        for pol, rate in (cells if k % 2 == 0 else cells[::-1]):
+            key = (pol["label"], rate_label(rate))
+            if k == 0 and key[1] in cal_labels:
                 cal_runs.append(calibration_run(cfg, bench, pol, rate, out / "calibration", log))
-            wl = cfg.workload_for(rate)
-            seed = wl.pop("seed")
-            run_dir = out / "runs" / f"{_slug(pol['label'])}_r{rl}"
             load0 = _loadavg()
-            runs = _real_runs(cfg, bench, pol, wl, seed, run_dir, num_pages)
-            reals[(pol["label"], rl)] = (runs, load0, _loadavg())
-            walls = ", ".join(f"{t.meta['wall_s']:.1f}" for t in runs)
-            log(f"{pol['label']} @ {rl} req/s: {len(runs)} real run(s) of {walls} s")
+            t = _real_run(cfg, bench, pol, rate, k, out, num_pages)
+            runs.setdefault(key, []).append(t)
+            loads.setdefault(key, []).extend((load0, _loadavg()))
+            log(f"{key[0]} @ {key[1]} req/s: real run {k + 1} of {cfg.repeats}, {t.meta['wall_s']:.1f} s")
     profile = calibration_table(cfg, cal_runs, out / "calibration", log) if cal is not None else cfg.profile
-    return reals, profile
+    return {key: (ts, loads[key][0], loads[key][-1]) for key, ts in runs.items()}, profile
 
 
 def recorded_real_runs(run_dir: Path, repeats: int, policy: str, sim: Trace) -> list[Trace]:
@@ -470,24 +473,25 @@ def _loadavg() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
 
 
-def _real_runs(cfg: ValidationConfig, bench: Any, pol: dict[str, Any], wl: dict[str, Any], seed: int,
-               run_dir: Path, num_pages: int) -> list[Trace]:
-    """`cfg.repeats` runtime runs of the cell (the same requests each time), written to run_dir."""
-    from experiments.bench import workload_requests, write_results
+def _real_run(cfg: ValidationConfig, bench: Any, pol: dict[str, Any], rate: Any, k: int, out: Path,
+              num_pages: int) -> Trace:
+    """Runtime run number k of a cell (the same requests every time), written to
+    runs/<cell>/real (k = 0), real_2, ..."""
     from core.metrics import summarize
+    from experiments.bench import workload_requests, write_results
 
-    reals = []
-    for k in range(cfg.repeats):  # the same requests again: the runtime's own spread
-        t = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed)
-        t_sum = summarize(t)
-        t_sum["wall_s"] = t.meta["wall_s"]
-        write_results(run_dir / ("real" if k == 0 else f"real_{k + 1}"), t, t_sum,
-                      {"model": cfg.model, "pp": cfg.pp, "policy": pol["name"],
-                       "policy_params": dict(pol["params"]), "workload": wl, "seed": seed,
-                       "num_pages": num_pages, "page_size": bench.page_size,
-                       "layer_split": cfg.layer_split, "threads": cfg.threads})
-        reals.append(t)
-    return reals
+    wl = cfg.workload_for(rate)
+    seed = wl.pop("seed")
+    t = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed)
+    t_sum = summarize(t)
+    t_sum["wall_s"] = t.meta["wall_s"]
+    run_dir = out / "runs" / f"{_slug(pol['label'])}_r{rate_label(rate)}"
+    write_results(run_dir / ("real" if k == 0 else f"real_{k + 1}"), t, t_sum,
+                  {"model": cfg.model, "pp": cfg.pp, "policy": pol["name"],
+                   "policy_params": dict(pol["params"]), "workload": wl, "seed": seed,
+                   "num_pages": num_pages, "page_size": bench.page_size,
+                   "layer_split": cfg.layer_split, "threads": cfg.threads})
+    return t
 
 
 # ---------------------------------------------------------------- plots

@@ -164,14 +164,16 @@ def test_reuse_real_reruns_only_the_simulator_against_the_recorded_runs(validate
     assert e.value.code == 2 and "without --reuse-real first" in capsys.readouterr().err
 
 
-def test_calibration_runs_interleave_with_the_validation_runs(standin_profile, tmp_path):
-    """Each cell's calibration run comes just before its real runs (so slow drift of the
-    machine reaches both alike); a calibration-only load runs first."""
+def test_calibration_interleaves_and_repeats_spread_over_the_run(standin_profile, tmp_path):
+    """Each cell's calibration run comes just before its first real run, and repeats go
+    in passes over the cells (the second in reverse), so slow drift of the machine reaches
+    table and runs alike and no cell gets only the end of the run; a calibration-only load
+    runs first."""
     out = tmp_path / "out"
     v = {"model": MODEL, "pp": 2, "profile": str(standin_profile), "num_pages": 128, "seed": SEED,
          "workload": {**WORKLOAD, "num_requests": 4}, "loads": [RATE, 2 * RATE],
          "policies": [{"name": "sarathi", "label": "s"}], "out": str(out),
-         "calibrate": {"loads": [RATE / 2, RATE, 2 * RATE]}}
+         "calibrate": {"loads": [RATE / 2, RATE, 2 * RATE]}, "repeats": 2}
     (tmp_path / "v.yaml").write_text(yaml.safe_dump(v))
     assert main(["validate", str(tmp_path / "v.yaml")]) == 0
     r1, r2, r0 = (f"s_r{RATE:g}", f"s_r{2 * RATE:g}", f"s_r{RATE / 2:g}")
@@ -180,12 +182,17 @@ def test_calibration_runs_interleave_with_the_validation_runs(standin_profile, t
         ("cal1", out / "calibration" / "runs" / r1 / "summary.json"),
         ("real1", out / "runs" / r1 / "real" / "summary.json"),
         ("cal2", out / "calibration" / "runs" / r2 / "summary.json"),
-        ("real2", out / "runs" / r2 / "real" / "summary.json"))}
-    assert sorted(written, key=written.get) == ["cal0", "cal1", "real1", "cal2", "real2"]
+        ("real2", out / "runs" / r2 / "real" / "summary.json"),
+        ("real2_again", out / "runs" / r2 / "real_2" / "summary.json"),
+        ("real1_again", out / "runs" / r1 / "real_2" / "summary.json"))}
+    assert sorted(written, key=written.get) == ["cal0", "cal1", "real1", "cal2", "real2", "real2_again",
+                                                "real1_again"]
     stages = pd.read_csv(out / "calibration" / "profile" / "stages.csv")
     cal_rows = sum(int((Trace.load(out / "calibration" / "runs" / r).batches.eval("end > start")).sum())
                    for r in (r0, r1, r2))
     assert len(stages) == cal_rows   # the table holds every calibration run's rows
+    a, b = Trace.load(out / "runs" / r1 / "real"), Trace.load(out / "runs" / r1 / "real_2")
+    assert a.requests["prompt_len"].tolist() == b.requests["prompt_len"].tolist()
 
 
 def test_bench_writes_the_sim_results_folder(standin_profile, tmp_path, capsys):

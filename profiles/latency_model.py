@@ -5,6 +5,7 @@ Per stage:  latency ~ c0 + c1*prefill_tokens + c2*decode_tokens
                       + c5*max(0, knee_tokens - prefill_tokens - decode_tokens)
                       + c6*max(0, knee_decode - decode_tokens)
                       + c7*[prefill_tokens > 0]
+                      + c8*min(prefill_tokens + decode_tokens, knee_small)
 Why these features: linear layers (and KV writes, activations) cost per token, and a
 prefill token costs what a decode token costs there except on the last stage, where only
 decodes (and one row per prefill request) go through the LM head, hence two token
@@ -18,10 +19,13 @@ for the LM head on the last stage (its rows are the decodes). c7 is a fixed cost
 micro-batch that holds a prefill chunk, measured on CPU: in a running pipeline a stage's
 forward of a 32-token chunk took 12.3-15.6 ms against 9.6-11.9 ms for the same shape
 repeated alone, while decode batches matched (docs/benchmarks.md, "What the errors are
-made of"); fitted, it is 3-4 ms on the CPU tables and ~0 on the analytical GPU ones. All
-coefficients are
-non-negative (no feature makes a batch faster), fitted by NNLS on relative error, because
-the simulator cares about a 1 ms decode step as much as a 1 s prefill.
+made of"); fitted, it is 3-4 ms on the CPU tables and ~0 on the analytical GPU ones. c8
+makes the cost concave in tokens: the first `knee_small` tokens of a micro-batch cost c8
+more each (small matrix products run less efficiently than big ones, beyond the weight-read
+floor); measured on CPU in situ, small decode batches ran up to 9% over a model without it
+and big mixed batches 6-14% under it. All coefficients are non-negative (no feature makes a
+batch faster), fitted by NNLS on relative error, because the simulator cares about a 1 ms
+decode step as much as a 1 s prefill.
 """
 from __future__ import annotations
 
@@ -80,13 +84,14 @@ def nnls(a: np.ndarray, b: np.ndarray, max_iter: int = 100) -> np.ndarray:
     return x
 
 
-def _design(df, knee_tokens: float, knee_decode: float) -> np.ndarray:
+def _design(df, knee_tokens: float, knee_decode: float, knee_small: float = 0.0) -> np.ndarray:
     dec = df["decode_tokens"].to_numpy(float)
     tokens = df["prefill_tokens"].to_numpy(float) + dec
     cols = [np.ones(len(df))] + [df[f].to_numpy(float) for f in FEATURES]
     has_chunk = (df["prefill_tokens"].to_numpy(float) > 0).astype(float)
     return np.column_stack(cols + [np.maximum(0.0, knee_tokens - tokens),
-                                   np.maximum(0.0, knee_decode - dec), has_chunk])
+                                   np.maximum(0.0, knee_decode - dec), has_chunk,
+                                   np.minimum(tokens, knee_small)])
 
 
 def _fit_relative(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
@@ -101,7 +106,7 @@ def _fit_relative(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
 def _search_knee(df, y: np.ndarray, knees: list[float], which: int) -> tuple[float, float]:
     """Best value for knees[which] (grid, then refined between the grid neighbours);
     returns (knee, sse). Ties go to the smallest knee, so data without a memory-bound
-    floor gets knee 0, i.e. a plain linear model."""
+    floor (or without small-batch inefficiency) gets knee 0: that term is off."""
     def sse(k: float) -> float:
         trial = list(knees)
         trial[which] = k
@@ -116,25 +121,27 @@ def _search_knee(df, y: np.ndarray, knees: list[float], which: int) -> tuple[flo
 
 
 def fit_stage(df) -> tuple[float, ...]:
-    """(c0..c6, knee_tokens, knee_decode, c7) for one stage's rows. The second hinge, on
-    decode tokens, is the LM head's weight-read floor on the last stage (logit rows are
-    decodes, not all tokens); coordinate search: tokens knee, decode knee, tokens again."""
+    """(c0..c6, knee_tokens, knee_decode, c7, c8, knee_small) for one stage's rows. The
+    second hinge, on decode tokens, is the LM head's weight-read floor on the last stage
+    (logit rows are decodes, not all tokens); coordinate search: tokens knee, decode knee,
+    tokens again, small-batch knee, tokens again."""
     y = df["latency_median"].to_numpy(float)
-    knees = [0.0, 0.0]
-    for which in (0, 1, 0):
+    knees = [0.0, 0.0, 0.0]
+    for which in (0, 1, 0, 2, 0):
         knees[which] = _search_knee(df, y, knees, which)[0]
     coef = _fit_relative(_design(df, *knees), y)[0]
-    knees = [k if c > 0 else 0.0 for k, c in zip(knees, coef[5:7])]
-    return tuple(float(c) for c in coef[:7]) + tuple(knees) + (float(coef[7]),)
+    knees = [k if c > 0 else 0.0 for k, c in zip(knees, (coef[5], coef[6], coef[8]))]
+    return (tuple(float(c) for c in coef[:7]) + (knees[0], knees[1])
+            + (float(coef[7]), float(coef[8]), knees[2]))
 
 
 def _predict(coefs: tuple[float, ...], df) -> np.ndarray:
-    return _design(df, *coefs[7:9]) @ np.array(coefs[:7] + coefs[9:])
+    return _design(df, coefs[7], coefs[8], coefs[11]) @ np.array(coefs[:7] + coefs[9:11])
 
 
 @dataclass(slots=True)
 class LatencyModel:
-    coefs: tuple[tuple[float, ...], ...]   # per stage: c0..c6, knee_tokens, knee_decode, c7
+    coefs: tuple[tuple[float, ...], ...]   # per stage: c0..c6, knee_tokens, knee_decode, c7, c8, knee_small
     transfer_base_s: float
     transfer_s_per_byte: float
     sched_overhead: float                  # seconds per micro-batch (CPU scheduling)
@@ -143,8 +150,8 @@ class LatencyModel:
     error: FitError | None = None
 
     def __post_init__(self) -> None:
-        if not self.coefs or any(len(c) != 10 for c in self.coefs):
-            raise ValueError("coefs needs one (c0..c6, knee_tokens, knee_decode, c7) per stage")
+        if not self.coefs or any(len(c) != 12 for c in self.coefs):
+            raise ValueError("coefs needs one (c0..c6, knee_tokens, knee_decode, c7, c8, knee_small) per stage")
         if min(min(c) for c in self.coefs) < 0 or self.transfer_base_s < 0 \
                 or self.transfer_s_per_byte < 0 or self.sched_overhead < 0:
             raise ValueError("latency model coefficients must be non-negative")
@@ -157,11 +164,13 @@ class LatencyModel:
     def stage_time(self, stage: int, prefill_tokens: float, decode_tokens: float,
                    prefill_attention_work: float, decode_context: float) -> float:
         # Plain float math: the simulator calls this ~10^6 times per sweep.
-        c0, c1, c2, c3, c4, c5, c6, knee_tokens, knee_decode, c7 = self.coefs[stage]
+        c0, c1, c2, c3, c4, c5, c6, knee_tokens, knee_decode, c7, c8, knee_small = self.coefs[stage]
         t = (c0 + c1 * prefill_tokens + c2 * decode_tokens
              + c3 * prefill_attention_work + c4 * decode_context)
         if prefill_tokens > 0:
             t += c7
+        tokens = prefill_tokens + decode_tokens
+        t += c8 * (tokens if tokens < knee_small else knee_small)
         gap = knee_tokens - prefill_tokens - decode_tokens
         if gap > 0.0:
             t += c5 * gap
@@ -206,9 +215,9 @@ def fit(profile: Profile | str, holdout: float = 0.2, seed: int = 0) -> tuple[La
     for stage in range(profile.pp):
         rows = profile.stages[profile.stages["stage"] == stage].reset_index(drop=True)
         n_test = max(1, round(holdout * len(rows))) if holdout > 0 else 0
-        if len(rows) - n_test < 10:
+        if len(rows) - n_test < 9:   # the linear coefficients; knees are 1-D searches
             raise ProfileError(f"{profile.name}: stage {stage} has {len(rows)} rows, too few "
-                               f"to fit 10 parameters with holdout={holdout}")
+                               f"to fit 9 coefficients with holdout={holdout}")
         perm = rng.permutation(len(rows))
         test = rows.iloc[perm[:n_test]] if n_test else rows
         c = fit_stage(rows.iloc[perm[n_test:]])

@@ -155,9 +155,11 @@ def test_round_trip(table, tmp_path):
     np.testing.assert_allclose(a.stages["latency_median"], c.stages["latency_median"], rtol=5e-3)
 
 
-def _synthetic(noise: float, seed: int = 0, chunk_cost: float = 0.0) -> tuple[Profile, list[tuple[float, ...]]]:
+def _synthetic(noise: float, seed: int = 0, chunk_cost: float = 0.0,
+               small: tuple[float, float] = (0.0, 0.0)) -> tuple[Profile, list[tuple[float, ...]]]:
     """Two stages, latency an exact linear function of the features (times noise), plus
-    `chunk_cost` for every row holding prefill tokens."""
+    `chunk_cost` for every row holding prefill tokens, plus small[0] per token for the first
+    small[1] tokens of a batch (a concave, small-batch cost)."""
     base = analytical.make_profile("llama-3-8b", "h100-80gb", 2, date="2025-01-01")
     rng = np.random.default_rng(seed)
     truth = [(1e-3, 5e-5, 8e-5, 2e-9, 4e-8), (2e-3, 6e-5, 9e-5, 3e-9, 5e-8)]
@@ -167,9 +169,11 @@ def _synthetic(noise: float, seed: int = 0, chunk_cost: float = 0.0) -> tuple[Pr
             p, d = int(rng.integers(0, 4096)), int(rng.integers(0, 256))
             if chunk_cost and rng.random() < 0.5:
                 p = 0   # decode-only rows, so the chunk cost is not just the intercept
+            if small[1] and rng.random() < 0.5:
+                p, d = 0, int(rng.integers(1, 48))   # small batches, where the concave part shows
             paw, dc = p * int(rng.integers(max(p, 1), 16384)), d * int(rng.integers(1, 8192))
             lat = (c[0] + c[1] * p + c[2] * d + c[3] * paw + c[4] * dc
-                   + (chunk_cost if p > 0 else 0.0)) * rng.lognormal(0, noise)
+                   + (chunk_cost if p > 0 else 0.0) + small[0] * min(p + d, small[1])) * rng.lognormal(0, noise)
             rows.append((s, base.meta["layer_split"][s], p, d, paw, dc, lat, lat, lat, 1))
     stages = pd.DataFrame(rows, columns=base.stages.columns)
     sizes = np.array([1e3, 1e5, 1e6, 1e7, 1e8])
@@ -188,6 +192,19 @@ def test_fit_recovers_a_fixed_cost_of_batches_holding_a_prefill_chunk():
     assert err.mape < 1e-9
 
 
+def test_fit_recovers_a_concave_small_batch_cost():
+    """The first 24 tokens of a batch cost 40 us more each: the fit finds the knee and the
+    extra cost, and predicts unseen rows, small and big, within 1%."""
+    prof, truth = _synthetic(noise=0.0, small=(4e-5, 24))
+    model, err = fit(prof, holdout=0.2, seed=1)
+    for s in range(2):
+        assert model.coefs[s][10] == pytest.approx(4e-5, rel=0.05)
+        assert model.coefs[s][11] == pytest.approx(24, rel=0.05)
+    assert err.held_out and err.max_ape < 0.01
+    assert model.stage_time(0, 0, 8, 0, 800) - model.stage_time(0, 0, 4, 0, 400) == pytest.approx(
+        4 * (truth[0][2] + 4e-5) + 400 * truth[0][4], rel=0.02)
+
+
 def test_fit_recovers_linear_coefficients():
     prof, truth = _synthetic(noise=0.0)
     model, err = fit(prof, holdout=0.2, seed=1)
@@ -195,6 +212,7 @@ def test_fit_recovers_linear_coefficients():
         np.testing.assert_allclose(model.coefs[s][:5], c, rtol=1e-6)
         assert model.coefs[s][5] * model.coefs[s][7] < 1e-12     # no spurious hinge
         assert model.coefs[s][9] < 1e-12                          # nor a chunk cost
+        assert model.coefs[s][10] < 1e-12                         # nor a small-batch cost
     assert err.held_out and err.mape < 1e-9 and err.max_ape < 1e-8
     assert err.rows_evaluated == 32 and len(err.stage_mape) == 2
     assert model.transfer_time(1e8) == pytest.approx(2e-5 + 1e-3, rel=1e-9)

@@ -134,6 +134,11 @@ class EngineRunner:
                        layer_split=split, policy_params=self.policy_params)
         self.llm.generate([[1] * 16] * 2, SamplingParams(max_tokens=4, ignore_eos=True))
 
+    def set_policy_params(self, params: dict) -> None:
+        """Parameters of the same policy for the next runs (the stage processes stay up)."""
+        self.policy_params = dict(params)
+        self.llm.set_policy(self.policy, self.policy_params)
+
     def run(self, reqs: list[tuple[list[int], int]]) -> dict:
         from core.metrics import summarize
 
@@ -188,12 +193,23 @@ def _best(runs: list[dict]) -> dict:
     return best
 
 
+def _json_object(text: str) -> dict:
+    """--policy-params: a JSON object of policy parameters."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"maxp\": 256}}', got {text!r}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--pp", type=int, default=2)
     ap.add_argument("--policy", default="token_throttling")
-    ap.add_argument("--policy-params", type=json.loads, default={},
+    ap.add_argument("--policy-params", type=_json_object, default={},
                     help='policy parameters as JSON, e.g. \'{"maxp": 256}\' (see core/policies.py)')
     ap.add_argument("--split", default=None, help="layers per stage, e.g. 5,3 (default: even)")
     ap.add_argument("--threads-per-stage", type=int, default=None, help="default: 1 on CPU")

@@ -60,8 +60,7 @@ def main() -> None:
             try:
                 for _ in range(args.repeats):
                     for m in values:   # alternate settings: each sees the same machine state
-                        engine.policy_params = {"maxp": m}
-                        engine.llm.set_policy("token_throttling", engine.policy_params)
+                        engine.set_policy_params({"maxp": m})
                         rows[m]["real"].append(engine.run(reqs))
             finally:
                 engine.close()

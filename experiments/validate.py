@@ -180,6 +180,11 @@ def _slug(x: Any) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(x))
 
 
+def cell_dir(root: Path, label: str, rate: Any) -> Path:
+    """Folder of one (policy label, load) cell under `root` (runs/ of out or of calibration/)."""
+    return root / "runs" / f"{_slug(label)}_r{rate_label(rate)}"
+
+
 def rate_label(rate: Any) -> str:
     return "inf" if rate == "inf" or (isinstance(rate, float) and math.isinf(rate)) else f"{float(rate):g}"
 
@@ -294,7 +299,7 @@ def calibration_run(cfg: ValidationConfig, bench: Any, pol: dict[str, Any], rate
     wl = cfg.workload_for(rate, cfg.calibrate["seed"])
     seed = wl.pop("seed")
     real = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed)
-    run_dir = folder / "runs" / f"{_slug(pol['label'])}_r{rate_label(rate)}"
+    run_dir = cell_dir(folder, pol["label"], rate)
     write_results(run_dir, real, summarize(real), {"policy": pol["name"], "workload": wl, "seed": seed})
     log(f"calibration: {pol['label']} @ {rate_label(rate)} req/s, seed {seed}: "
         f"{len(real.batches)} stage rows in {real.meta['wall_s']:.1f} s")
@@ -374,7 +379,7 @@ def recorded_real_runs(run_dir: Path, repeats: int, policy: str, sim: Trace) -> 
 def _recorded_setup(cfg: ValidationConfig, out: Path) -> tuple[str, int, int]:
     """(profile, num_pages, page_size) of the real runs recorded under `out`."""
     pol, rate = cfg.policies[0], cfg.loads[0]
-    first = out / "runs" / f"{_slug(pol['label'])}_r{rate_label(rate)}" / "real" / "meta.json"
+    first = cell_dir(out, pol["label"], rate) / "real" / "meta.json"
     if not first.is_file():
         raise FileNotFoundError(f"--reuse-real: {first} not found; run `pipetwin validate` without "
                                 "--reuse-real first (or give the --out it wrote to)")
@@ -427,7 +432,7 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
                                     workload=wl, seed=seed, pp=cfg.pp, num_pages=num_pages,
                                     page_size=page_size, driver_on_stage0=True)
                 sim_res = simulate(sim_cfg, requests=workload_requests(wl, seed))
-                run_dir = out / "runs" / f"{_slug(label)}_r{rl}"
+                run_dir = cell_dir(out, label, rate)
                 write_results(run_dir / "sim", sim_res.trace, sim_res.summary, sim_cfg.to_dict())
                 if bench is None:
                     reals = recorded_real_runs(run_dir, cfg.repeats, pol["name"], sim_res.trace)
@@ -485,7 +490,7 @@ def _real_run(cfg: ValidationConfig, bench: Any, pol: dict[str, Any], rate: Any,
     t = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed)
     t_sum = summarize(t)
     t_sum["wall_s"] = t.meta["wall_s"]
-    run_dir = out / "runs" / f"{_slug(pol['label'])}_r{rate_label(rate)}"
+    run_dir = cell_dir(out, pol["label"], rate)
     write_results(run_dir / ("real" if k == 0 else f"real_{k + 1}"), t, t_sum,
                   {"model": cfg.model, "pp": cfg.pp, "policy": pol["name"],
                    "policy_params": dict(pol["params"]), "workload": wl, "seed": seed,

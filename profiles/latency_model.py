@@ -171,7 +171,7 @@ class LatencyModel:
             t += c7
         tokens = prefill_tokens + decode_tokens
         t += c8 * (tokens if tokens < knee_small else knee_small)
-        gap = knee_tokens - prefill_tokens - decode_tokens
+        gap = knee_tokens - tokens
         if gap > 0.0:
             t += c5 * gap
         gap = knee_decode - decode_tokens

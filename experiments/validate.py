@@ -25,7 +25,12 @@ Config keys (YAML):
   machine's speed reaches the table and the runs it is compared with alike;
   repeats (default 1): real runs per policy and load, the same requests each time, in
   passes over all cells (so a cell's runs sample the whole run); errors are against their
-  mean, and the report shows how far they spread.
+  mean, and the report shows how far they spread;
+  sim_repeats (default 1): simulator runs per policy and load. Above 1, each run draws
+  the table's measured stage-time jitter (SimConfig.stage_jitter, jitter_seed 0, 1, ...),
+  so the simulator, like the runtime, gives a spread of outcomes; errors are mean against
+  mean, and runs/<cell>/sim_repeats.csv keeps every run's summary. Needs a table with
+  jitter.csv: calibrate, or a profile that has one.
 """
 from __future__ import annotations
 
@@ -61,7 +66,8 @@ DEFAULT_GOALS: dict[str, float] = {"throughput_err_pct": 3.0, "tpot_p50_err_pct"
                                    "ttft_p50_err_pct": 10.0, "ttft_p99_err_pct": 20.0,
                                    "bubble_diff_pts": 2.0}
 _KEYS = ("name", "description", "model", "pp", "profile", "layer_split", "threads", "num_pages",
-         "page_size", "seed", "workload", "loads", "policies", "out", "goals", "calibrate", "repeats")
+         "page_size", "seed", "workload", "loads", "policies", "out", "goals", "calibrate", "repeats",
+         "sim_repeats")
 _CALIBRATE_KEYS = ("seed", "loads")
 
 
@@ -84,6 +90,7 @@ class ValidationConfig:
     goals: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GOALS))
     calibrate: dict[str, Any] | None = None
     repeats: int = 1
+    sim_repeats: int = 1
     source: str | None = None
 
     def __post_init__(self) -> None:
@@ -123,6 +130,17 @@ class ValidationConfig:
         self.goals = {**DEFAULT_GOALS, **(self.goals or {})}
         if not (isinstance(self.repeats, int) and not isinstance(self.repeats, bool) and self.repeats >= 1):
             raise ValueError(f"repeats must be an int >= 1 (real runs per policy and load), got {self.repeats!r}")
+        if not (isinstance(self.sim_repeats, int) and not isinstance(self.sim_repeats, bool)
+                and self.sim_repeats >= 1):
+            raise ValueError(f"sim_repeats must be an int >= 1 (simulator runs per policy and load), "
+                             f"got {self.sim_repeats!r}")
+        if self.sim_repeats > 1 and self.calibrate is None:
+            from profiles.schema import load_profile
+
+            if load_profile(self.profile).jitter is None:
+                raise ValueError(f"sim_repeats: {self.sim_repeats} runs draw measured stage-time jitter, and "
+                                 f"profile {self.profile!r} has no jitter.csv; set calibrate (its in-situ table "
+                                 "measures it) or sim_repeats: 1")
         if self.calibrate is not None:
             from core.validation import check_keys
 
@@ -213,13 +231,13 @@ def mean_summary(summaries: list[dict]) -> dict:
     return out
 
 
-def real_spread(summaries: list[dict]) -> dict[str, float]:
-    """How much the repeated real runs disagree: (max - min) / mean in %, bubble in points."""
+def spread(summaries: list[dict], side: str) -> dict[str, float]:
+    """How much repeated runs of one side disagree: (max - min) / mean in %, bubble in points."""
     row = {}
     for k in SPREAD_METRICS:
         vals = np.array([s[k] for s in summaries], dtype=float)
-        row[f"real_spread_{k}_pct"] = 100.0 * float(np.ptp(vals) / np.mean(vals)) if np.mean(vals) else math.nan
-    row["real_spread_bubble_pts"] = 100.0 * float(np.ptp([s["bubble_ratio"] for s in summaries]))
+        row[f"{side}_spread_{k}_pct"] = 100.0 * float(np.ptp(vals) / np.mean(vals)) if np.mean(vals) else math.nan
+    row[f"{side}_spread_bubble_pts"] = 100.0 * float(np.ptp([s["bubble_ratio"] for s in summaries]))
     return row
 
 
@@ -281,13 +299,36 @@ def stage_diagnostics(sim: Trace, real: Trace, latency: Any = None) -> dict[str,
 
 
 def _ranking(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per load: the policies in order of mean throughput on each side (`same`: identical
+    orders), and the pairs the hardware itself separates -- the ranges of their repeated
+    runs do not overlap -- with how many of those the simulator orders the same way.
+    Policies whose real runs overlap are a tie the simulator cannot be held to."""
     out = []
     for rate, g in rows.groupby("load", sort=False):
         sim_order = list(g.sort_values("sim_output_tps", ascending=False)["policy"])
         real_order = list(g.sort_values("real_output_tps", ascending=False)["policy"])
+        separated = agreed = 0
+        recs = list(g.itertuples())
+        for i, a in enumerate(recs):
+            for b in recs[i + 1:]:
+                hi, lo = (a, b) if a.real_output_tps >= b.real_output_tps else (b, a)
+                if hi.real_output_tps_min > lo.real_output_tps_max:
+                    separated += 1
+                    agreed += int(hi.sim_output_tps > lo.sim_output_tps)
         out.append({"load": rate, "sim_order": " > ".join(sim_order), "real_order": " > ".join(real_order),
-                    "same": sim_order == real_order})
+                    "same": sim_order == real_order, "separated_pairs": separated, "same_separated": agreed})
     return pd.DataFrame(out)
+
+
+def calibration_cells(cfg: ValidationConfig) -> list[tuple[dict[str, Any], Any]]:
+    """(policy, rate) of every calibration run in the order they run: calibration-only
+    loads first, then the validated ones in cell order (each just before its cell)."""
+    if cfg.calibrate is None:
+        return []
+    val_labels = {rate_label(r) for r in cfg.loads}
+    cal_labels = {rate_label(r) for r in cfg.calibrate["loads"]}
+    return ([(p, r) for p in cfg.policies for r in cfg.calibrate["loads"] if rate_label(r) not in val_labels]
+            + [(p, r) for p in cfg.policies for r in cfg.loads if rate_label(r) in cal_labels])
 
 
 def calibration_run(cfg: ValidationConfig, bench: Any, pol: dict[str, Any], rate: Any, folder: Path,
@@ -313,10 +354,16 @@ def calibration_table(cfg: ValidationConfig, runs: list[tuple[pd.DataFrame, str]
     from profiles.latency_model import fit
     from profiles.schema import load_profile, save_profile
 
+    from sim.run import fitted_model, profile_jitter
+
     table = in_situ_profile(load_profile(cfg.profile), [b for b, _ in runs], [src for _, src in runs])
     path = save_profile(table, folder / "profile")
+    fitted_model.cache_clear()   # both cache by path, and this path may hold an older table
+    profile_jitter.cache_clear()
     err = fit(str(path))[1]
-    log(f"in-situ table {path}: {len(table.stages)} stage rows; fit held-out {err}")
+    jitter = 0 if table.jitter is None else len(table.jitter)
+    log(f"in-situ table {path}: {len(table.stages)} stage rows, jitter of {jitter} micro-batches; "
+        f"fit {err}")
     return str(path)
 
 
@@ -338,10 +385,9 @@ def run_runtime_side(cfg: ValidationConfig, bench: Any, out: Path, num_pages: in
     cal_labels = {rate_label(r) for r in cal["loads"]} if cal is not None else set()
     val_labels = {rate_label(r) for r in cfg.loads}
     cells = [(pol, rate) for pol in cfg.policies for rate in cfg.loads]
-    for pol in cfg.policies:   # calibration-only loads first
-        for rate in (cal["loads"] if cal is not None else []):
-            if rate_label(rate) not in val_labels:
-                cal_runs.append(calibration_run(cfg, bench, pol, rate, out / "calibration", log))
+    for pol, rate in calibration_cells(cfg):   # calibration-only loads first (the rest: below)
+        if rate_label(rate) not in val_labels:
+            cal_runs.append(calibration_run(cfg, bench, pol, rate, out / "calibration", log))
     for k in range(cfg.repeats):
         for pol, rate in (cells if k % 2 == 0 else cells[::-1]):
             key = (pol["label"], rate_label(rate))
@@ -376,8 +422,10 @@ def recorded_real_runs(run_dir: Path, repeats: int, policy: str, sim: Trace) -> 
     return reals
 
 
-def _recorded_setup(cfg: ValidationConfig, out: Path) -> tuple[str, int, int]:
-    """(profile, num_pages, page_size) of the real runs recorded under `out`."""
+def _recorded_setup(cfg: ValidationConfig, out: Path, log: Callable[[str], Any]) -> tuple[str, int, int]:
+    """(profile, num_pages, page_size) of the real runs recorded under `out`. A calibrated
+    config gets its in-situ table rebuilt from the recorded calibration runs, so changes to
+    how tables are made (profiles/in_situ.py) reach a --reuse-real run too."""
     pol, rate = cfg.policies[0], cfg.loads[0]
     first = cell_dir(out, pol["label"], rate) / "real" / "meta.json"
     if not first.is_file():
@@ -386,10 +434,14 @@ def _recorded_setup(cfg: ValidationConfig, out: Path) -> tuple[str, int, int]:
     meta = Trace.load(first.parent).meta
     profile = cfg.profile
     if cfg.calibrate is not None:
-        profile = str(out / "calibration" / "profile")
-        if not (Path(profile) / "meta.yaml").is_file():
-            raise FileNotFoundError(f"--reuse-real: the config calibrates, but {profile} (the in-situ table "
-                                    "of the earlier run) is missing")
+        runs = []
+        for p, r in calibration_cells(cfg):
+            folder = cell_dir(out / "calibration", p["label"], r)
+            if not (folder / "meta.json").is_file():
+                raise FileNotFoundError(f"--reuse-real: the config calibrates, but {folder} (a calibration "
+                                        "run of the earlier run) is missing")
+            runs.append((Trace.load(folder).batches, str(folder)))
+        profile = calibration_table(cfg, runs, out / "calibration", log)
     return profile, int(meta["num_pages"]), int(meta["page_size"])
 
 
@@ -400,8 +452,8 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
     earlier run of this config recorded in `out`: for iterating on the latency model
     or the simulator without the hardware."""
     from core.metrics import summarize
-    from experiments.bench import Bench, model_name, workload_requests, write_results
-    from sim import SimConfig, fitted_model, simulate
+    from experiments.bench import Bench, model_name
+    from sim import fitted_model
 
     out = Path(cfg.out or Path("results") / cfg.name)
     out.mkdir(parents=True, exist_ok=True)
@@ -411,7 +463,7 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
     with contextlib.ExitStack() as stack:
         bench = None
         if reuse_real:
-            profile, num_pages, page_size = _recorded_setup(cfg, out)
+            profile, num_pages, page_size = _recorded_setup(cfg, out, log)
             log(f"reusing the real runs in {out}/runs (simulator only); profile {profile}")
         else:
             first = cfg.policies[0]
@@ -422,20 +474,23 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
             log(f"runtime up: pp={cfg.pp}, {num_pages} KV pages of {page_size} tokens")
             recorded, profile = run_runtime_side(cfg, bench, out, num_pages, log)
         latency = fitted_model(profile)[0]
+        if cfg.sim_repeats > 1 and cfg.calibrate is not None:
+            from profiles.schema import load_profile
+
+            if load_profile(profile).jitter is None:
+                raise ValueError("sim_repeats: the calibration runs measured no stage-time jitter (no "
+                                 "micro-batch whose every stage shape repeated often enough for a median; "
+                                 "see profiles/in_situ.py); calibrate on more requests or set sim_repeats: 1")
         for pol in cfg.policies:
             for rate in cfg.loads:
                 label, rl = pol["label"], rate_label(rate)
                 wl = cfg.workload_for(rate)
                 seed = wl.pop("seed")
-                # driver_on_stage0: the runtime's scheduler shares stage 0's thread (runtime.driver)
-                sim_cfg = SimConfig(profile=profile, policy=pol["name"], policy_params=dict(pol["params"]),
-                                    workload=wl, seed=seed, pp=cfg.pp, num_pages=num_pages,
-                                    page_size=page_size, driver_on_stage0=True)
-                sim_res = simulate(sim_cfg, requests=workload_requests(wl, seed))
                 run_dir = cell_dir(out, label, rate)
-                write_results(run_dir / "sim", sim_res.trace, sim_res.summary, sim_cfg.to_dict())
+                sims = simulate_cell(cfg, pol, wl, seed, profile, num_pages, page_size, run_dir)
+                sim_trace, sim_sum = sims[0].trace, mean_summary([r.summary for r in sims])
                 if bench is None:
-                    reals = recorded_real_runs(run_dir, cfg.repeats, pol["name"], sim_res.trace)
+                    reals = recorded_real_runs(run_dir, cfg.repeats, pol["name"], sim_trace)
                     load0 = load1 = math.nan
                 else:
                     reals, load0, load1 = recorded[(label, rl)]
@@ -446,20 +501,23 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
                     real_sums.append(t_sum)
                 real, real_sum = reals[0], mean_summary(real_sums)
                 row = {"policy": label, "load": rl, "requests": len(real.requests), "repeats": cfg.repeats,
-                       **real_spread(real_sums),
-                       "same_requests": same_requests(sim_res.trace, real),
-                       **compare(sim_res.summary, real_sum, sim_res.trace, real),
-                       "sim_output_tps": sim_res.summary["output_tps"], "real_output_tps": real_sum["output_tps"],
-                       "sim_bubble": sim_res.summary["bubble_ratio"], "real_bubble": real_sum["bubble_ratio"],
-                       **{f"sim_{k}": sim_res.summary[k] for k in ("ttft_p50", "ttft_p99", "tpot_p50",
+                       "sim_repeats": cfg.sim_repeats, **spread(real_sums, "real"), **spread(
+                           [r.summary for r in sims], "sim"),
+                       "same_requests": same_requests(sim_trace, real),
+                       **compare(sim_sum, real_sum, sim_trace, real),
+                       "sim_output_tps": sim_sum["output_tps"], "real_output_tps": real_sum["output_tps"],
+                       "sim_bubble": sim_sum["bubble_ratio"], "real_bubble": real_sum["bubble_ratio"],
+                       **{f"sim_{k}": sim_sum[k] for k in ("ttft_p50", "ttft_p99", "tpot_p50",
                                                                     "tpot_p99", "e2e_p50")},
                        **{f"real_{k}": real_sum[k] for k in ("ttft_p50", "ttft_p99", "tpot_p50",
                                                              "tpot_p99", "e2e_p50")},
-                       "real_finished": real_sum["finished"], "sim_finished": sim_res.summary["finished"],
-                       "real_wall_s": real.meta["wall_s"], **stage_diagnostics(sim_res.trace, real, latency),
+                       "real_output_tps_min": min(t["output_tps"] for t in real_sums),
+                       "real_output_tps_max": max(t["output_tps"] for t in real_sums),
+                       "real_finished": real_sum["finished"], "sim_finished": sim_sum["finished"],
+                       "real_wall_s": real.meta["wall_s"], **stage_diagnostics(sim_trace, real, latency),
                        "loadavg_before": load0, "loadavg_after": load1}
                 rows.append(row)
-                traces[(label, rl)] = (sim_res.trace, real)
+                traces[(label, rl)] = (sim_trace, real)
                 log(f"{label} @ {rl} req/s: real {real.meta['wall_s']:.1f} s, throughput err "
                     f"{row['throughput_err_pct']:+.1f}%, TTFT p50 {row['ttft_p50_err_pct']:+.1f}%, "
                     f"TPOT p50 {row['tpot_p50_err_pct']:+.1f}%, bubble {row['bubble_diff_pts']:+.1f} pts")
@@ -472,6 +530,28 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
     report = write_report(out, cfg, errors, ranking, plots, text, num_pages,
                           time.perf_counter() - t_start, model_name(cfg.model), profile, reuse_real)
     return ValidationResult(errors, ranking, report, text, out)
+
+
+def simulate_cell(cfg: ValidationConfig, pol: dict[str, Any], wl: dict[str, Any], seed: int, profile: str,
+                  num_pages: int, page_size: int, run_dir: Path) -> list[Any]:
+    """The simulator side of one cell: `sim_repeats` runs (stage jitter drawn with seeds
+    0, 1, ... when more than one). The first run's results folder goes to run_dir/sim, every
+    run's summary to run_dir/sim_repeats.csv."""
+    from experiments.bench import workload_requests, write_results
+    from sim import SimConfig, simulate
+
+    results = []
+    for k in range(cfg.sim_repeats):
+        # driver_on_stage0: the runtime's scheduler shares stage 0's thread (runtime.driver)
+        sim_cfg = SimConfig(profile=profile, policy=pol["name"], policy_params=dict(pol["params"]),
+                            workload=wl, seed=seed, pp=cfg.pp, num_pages=num_pages, page_size=page_size,
+                            driver_on_stage0=True, stage_jitter=cfg.sim_repeats > 1, jitter_seed=k)
+        results.append(simulate(sim_cfg, requests=workload_requests(wl, seed)))
+        if k == 0:
+            write_results(run_dir / "sim", results[0].trace, results[0].summary, sim_cfg.to_dict())
+    pd.DataFrame([{"jitter_seed": k, **{m: r.summary.get(m) for m in (*REL_METRICS.values(), "bubble_ratio")}}
+                  for k, r in enumerate(results)]).to_csv(run_dir / "sim_repeats.csv", index=False)
+    return results
 
 
 def _loadavg() -> float:
@@ -569,7 +649,32 @@ def goal_lines(errors: pd.DataFrame, ranking: pd.DataFrame, goals: dict[str, flo
     same = bool(ranking["same"].all()) if len(ranking) else True
     out.append(f"- same throughput ranking as the hardware: {'met' if same else 'MISSED'} "
                f"({int(ranking['same'].sum())}/{len(ranking)} loads)")
+    pairs, agreed = int(ranking["separated_pairs"].sum()), int(ranking["same_separated"].sum())
+    out.append(f"- pairs of policies the hardware separates (the ranges of their real runs do not overlap): "
+               f"the simulator orders {agreed} of {pairs} the same way"
+               + ("" if pairs else " (every pair is within the hardware's own noise)"))
     return out
+
+
+def spread_section(cfg: ValidationConfig, errors: pd.DataFrame) -> list[str]:
+    """Report lines: how far each side's repeated runs spread (nothing without repeats)."""
+    sides = [side for side, n in (("real", cfg.repeats), ("sim", cfg.sim_repeats)) if n > 1]
+    if not sides:
+        return []
+    text = {"real": f"Each cell ran {cfg.repeats} times on the runtime (the same requests)",
+            "sim": f"{cfg.sim_repeats} times in the simulator (the same requests, measured stage-time "
+                   "jitter drawn with another seed each time)"}
+    head = [f"{side} {m}" for side in sides for m in ("thru %", "TTFT p50 %", "TPOT p50 %", "bubble pts")]
+    lines = ["## Spread over repeats", "",
+             " and ".join(text[s] for s in sides) + "; errors above are mean against mean. Spread = "
+             "(max - min) / mean in %, bubble in points: differences of this size between simulator "
+             "and runtime are within the runs' own noise.", "",
+             "| policy | load | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+    for r in errors.itertuples():
+        cells = [f"{getattr(r, f'{side}_spread_{m}'):.1f}" for side in sides
+                 for m in ("output_tps_pct", "ttft_p50_pct", "tpot_p50_pct", "bubble_pts")]
+        lines.append(f"| {r.policy} | {r.load} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking: pd.DataFrame,
@@ -611,10 +716,13 @@ def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking
         "",
         "## Throughput ranking per load",
         "",
-        "| load (req/s) | simulator | runtime | same |",
-        "|---|---|---|---|",
-        *[f"| {r.load} | {r.sim_order} | {r.real_order} | {'yes' if r.same else 'NO'} |"
-          for r in ranking.itertuples()],
+        "Separated pairs: policy pairs whose real runs' throughput ranges do not overlap (the others are "
+        "ties on this hardware); same: how many of them the simulator orders the same way.",
+        "",
+        "| load (req/s) | simulator | runtime | same | separated pairs: same / all |",
+        "|---|---|---|---|---|",
+        *[f"| {r.load} | {r.sim_order} | {r.real_order} | {'yes' if r.same else 'NO'} | "
+          f"{r.same_separated} / {r.separated_pairs} |" for r in ranking.itertuples()],
         "",
         "## Absolute values",
         "",
@@ -626,14 +734,7 @@ def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking
           f"{r.sim_tpot_p50 * 1e3:.1f} / {r.real_tpot_p50 * 1e3:.1f} | "
           f"{r.sim_bubble:.2f} / {r.real_bubble:.2f} | {r.real_wall_s:.1f} |" for r in errors.itertuples()],
         "",
-        *(["## Runtime spread", "",
-            f"Each cell ran {cfg.repeats} times on the runtime (the same requests); errors above are against "
-            "their mean. Spread = (max - min) / mean in %, bubble in points: differences of this size "
-            "between simulator and runtime are within the runtime's own noise.", "",
-            "| policy | load | thru % | TTFT p50 % | TPOT p50 % | bubble pts |", "|---|---|---|---|---|---|",
-            *[f"| {r.policy} | {r.load} | {r.real_spread_output_tps_pct:.1f} | {r.real_spread_ttft_p50_pct:.1f} | "
-              f"{r.real_spread_tpot_p50_pct:.1f} | {r.real_spread_bubble_pts:.1f} |" for r in errors.itertuples()],
-            ""] if cfg.repeats > 1 else []),
+        *spread_section(cfg, errors),
         "## Diagnostics",
         "",
         "Stage busy time summed over stages and batches (the same tokens on both sides, so its error is "

@@ -14,6 +14,11 @@ From the same trace:
 - transfer.csv: the gap from a stage's end to the next stage's start of the same batch,
   where that next stage was idle (else the gap is queueing, not transfer), binned by
   activation bytes; token return to stage 0 is timed by the same link model.
+- jitter.csv: each stage's time over the median of its shape's repeats, per micro-batch
+  (see jitter_rows): the batch-to-batch variation the fit averages away. On the 2-core
+  CPU a decode batch of one shape varies by ~10% (log std), and stages of one batch vary
+  together (correlation ~0.5); in a pipeline that variation is itself a cause of
+  bubbles, which a simulator timed by the fit alone underestimates.
 - sched_overhead_s = 0: the runtime's stage-0 rows already include the scheduler's
   decision and the step metadata (runtime.driver.Driver records them that way).
 The base table supplies everything else (model config, memory, KV pages).
@@ -27,7 +32,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from profiles.schema import STAGE_COLUMNS, TRANSFER_COLUMNS, Profile, ProfileError
+from profiles.schema import STAGE_COLUMNS, TRANSFER_COLUMNS, Profile, ProfileError, jitter_columns
 
 FEATURES = ("prefill_tokens", "decode_tokens", "prefill_attention_work", "decode_context")
 NEEDED = ("batch_id", "stage", "start", "end", *FEATURES)
@@ -85,6 +90,45 @@ def transfer_rows(gaps: pd.DataFrame, bins: int = 8) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(TRANSFER_COLUMNS)).drop_duplicates("bytes")
 
 
+# A shape's median needs a few repeats to be a median; context and attention work vary
+# continuously, so they are grouped in quarter-octave bins (±9%, about the noise itself).
+JITTER_MIN_REPEATS = 5
+_BINS_PER_OCTAVE = 4
+
+
+def jitter_rows(batches: Sequence[pd.DataFrame], pp: int,
+                min_repeats: int = JITTER_MIN_REPEATS) -> pd.DataFrame:
+    """Per micro-batch of the runs `batches` (batch ids restart per run): every stage's
+    time over the median time of its shape (stage, prefill and decode tokens, binned
+    attention work and decode context) across all the runs. Only micro-batches whose
+    every stage shape repeats at least `min_repeats` times are kept."""
+    frames = []
+    for run, b in enumerate(batches):
+        b = b.dropna(subset=list(NEEDED))
+        frames.append(b.assign(run=run, dur=(b["end"] - b["start"]).astype(float)))
+    if not frames:
+        return pd.DataFrame(columns=jitter_columns(pp))
+    b = pd.concat(frames, ignore_index=True)
+    b = b[b["dur"] > 0]
+    shape = [b["stage"], b["prefill_tokens"], b["decode_tokens"]]
+    for col in ("prefill_attention_work", "decode_context"):
+        shape.append(np.round(np.log2(b[col].astype(float).clip(lower=1)) * _BINS_PER_OCTAVE))
+    groups = b.groupby(shape)["dur"]
+    b = b.assign(ratio=b["dur"] / groups.transform("median"), repeats=groups.transform("size"),
+                 tokens=b["prefill_tokens"] + b["decode_tokens"])
+    ratio = b.pivot_table(index=["run", "batch_id"], columns="stage", values="ratio")
+    repeats = b.pivot_table(index=["run", "batch_id"], columns="stage", values="repeats")
+    if list(ratio.columns) != list(range(pp)):
+        return pd.DataFrame(columns=jitter_columns(pp))
+    keep = (repeats >= min_repeats).all(axis=1) & ratio.notna().all(axis=1)
+    tokens = b[b["stage"] == 0].set_index(["run", "batch_id"])["tokens"]
+    out = ratio[keep]
+    out.insert(0, "tokens", tokens.reindex(out.index).astype("int64"))
+    out = out.reset_index(drop=True)
+    out.columns = jitter_columns(pp)
+    return out
+
+
 def in_situ_profile(base: Profile, batches: Sequence[pd.DataFrame], sources: Sequence[str] = ()) -> Profile:
     """A table with `base`'s meta and the stage/transfer timings of runtime `batches`."""
     if not batches:
@@ -95,6 +139,7 @@ def in_situ_profile(base: Profile, batches: Sequence[pd.DataFrame], sources: Seq
     per_token = base.model_config["hidden_size"] * base.dtype_bytes * 2   # hidden + residual
     gaps = pd.concat([link_gaps(b, per_token) for b in batches], ignore_index=True)
     transfer = transfer_rows(gaps) if not gaps.empty else base.transfer
+    jitter = jitter_rows(batches, base.pp)
     meta = copy.deepcopy(base.meta)
     meta["date"] = _dt.date.today().isoformat()
     meta["sched_overhead_s"] = 0.0
@@ -108,6 +153,9 @@ def in_situ_profile(base: Profile, batches: Sequence[pd.DataFrame], sources: Seq
                         "include the scheduler decision and step metadata, so sched_overhead_s = 0",
         "transfer": "gap from a stage's end to the next stage's start of the same micro-batch, "
                     "when that stage was idle; median per activation-size bin",
+        "jitter": (f"{len(jitter)} micro-batches whose every stage shape repeated >= {JITTER_MIN_REPEATS} "
+                   "times: each stage's time over its shape's median"),
         "base_measurement": base.meta.get("measurement"),
     }
-    return Profile(meta, stages, transfer, name=f"{base.name}+in-situ")
+    return Profile(meta, stages, transfer, name=f"{base.name}+in-situ",
+                   jitter=jitter if len(jitter) else None)

@@ -1,8 +1,15 @@
-"""Latency-table schema: a folder with meta.yaml, stages.csv and transfer.csv.
+"""Latency-table schema: a folder with meta.yaml, stages.csv and transfer.csv, and
+optionally jitter.csv.
 
 One table per (device, model, dtype, pp split). Every row of stages.csv is one
 micro-batch shape on one stage; stages are measured separately because the first and
 last stage carry extra work (embedding; final norm, LM head, sampling).
+
+jitter.csv (in-situ tables, profiles/in_situ.py): how much a stage's time varies from
+batch to batch at one shape. One row per measured micro-batch: `tokens` (its prefill +
+decode tokens) and stage_0 .. stage_{pp-1}, each stage's time over the median time of
+that shape on that stage. The simulator resamples whole rows of batches of about the
+same size (SimConfig.stage_jitter), so stages that ran slow together stay together.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ STAGE_COLUMNS = ("stage", "num_layers", "prefill_tokens", "decode_tokens",
 TRANSFER_COLUMNS = ("bytes", "latency_median", "samples")
 # Shapes are counts (tokens, token x context products, bytes): integers, which also
 # keeps a lossy float_format on save from rounding them.
-INT_COLUMNS = frozenset({"stage", "samples", "prefill_tokens", "decode_tokens",
+INT_COLUMNS = frozenset({"stage", "samples", "tokens", "prefill_tokens", "decode_tokens",
                          "prefill_attention_work", "decode_context", "bytes"})
 # Layers per stage may end in .5 (a stage boundary between a layer's attention and its
 # MLP); a column whose values are all whole stays int64, as in tables from before halves.
@@ -32,6 +39,7 @@ META_KEYS = ("device", "model", "dtype", "pp", "layer_split", "torch_version",
              "kv_bytes_per_token_per_stage", "gpu_memory_bytes", "weight_bytes_per_stage")
 CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "intermediate_size", "vocab_size")
+JITTER_FILE = "jitter.csv"
 SOURCES = frozenset({"measured", "analytical"})
 TABLES_DIR = Path(__file__).resolve().parent / "tables"
 
@@ -146,12 +154,31 @@ def _check_stages(df: pd.DataFrame, meta: dict, label: str) -> None:
         raise ProfileError(f"{label}: stage(s) {empty} have no rows (pp={pp})")
 
 
+def jitter_columns(pp: int) -> list[str]:
+    return ["tokens", *(f"stage_{s}" for s in range(pp))]
+
+
+def _check_jitter(df: pd.DataFrame, pp: int, label: str) -> pd.DataFrame:
+    want = jitter_columns(pp)
+    if list(df.columns) != want:
+        raise ProfileError(f"{label}: columns must be exactly {want} (pp={pp}), got {list(df.columns)}")
+    if df.empty:
+        raise ProfileError(f"{label}: no rows (leave the file out for a table without jitter)")
+    out = _numeric(df, tuple(want), label)
+    for col in want:
+        for i in out.index[out[col] <= 0]:
+            what = "a token count must be >= 1" if col == "tokens" else "a time ratio must be positive"
+            raise ProfileError(f"{_cell(label, i, col)}: {what}, got {out[col][i]!r}")
+    return out
+
+
 @dataclass(slots=True)
 class Profile:
     meta: dict
     stages: pd.DataFrame
     transfer: pd.DataFrame
     name: str = ""
+    jitter: pd.DataFrame | None = None   # see the module docstring
 
     def __post_init__(self) -> None:
         where = self.name or "<profile>"
@@ -165,6 +192,8 @@ class Profile:
             if lat <= 0:
                 raise ProfileError(f"{_cell(where + '/transfer.csv', i, 'latency_median')}: "
                                    "must be positive")
+        if self.jitter is not None:
+            self.jitter = _check_jitter(self.jitter, self.pp, f"{where}/{JITTER_FILE}")
 
     @property
     def pp(self) -> int:
@@ -228,11 +257,18 @@ def load_profile(path_or_name: str | Path) -> Profile:
                                       skipinitialspace=True, skip_blank_lines=False))
         except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
             raise ProfileError(f"{path}/{fname}: cannot parse CSV: {e}") from e
-    return Profile(meta, frames[0], frames[1], name=str(path))
+    jitter = None
+    if (path / JITTER_FILE).is_file():
+        try:
+            jitter = pd.read_csv(path / JITTER_FILE, dtype=str, keep_default_na=False, skipinitialspace=True)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            raise ProfileError(f"{path}/{JITTER_FILE}: cannot parse CSV: {e}") from e
+    return Profile(meta, frames[0], frames[1], name=str(path), jitter=jitter)
 
 
 def save_profile(profile: Profile, path: str | Path, float_format: str | None = None) -> Path:
-    """Write the three files; float_format (e.g. '%.6g') trades precision for size."""
+    """Write the three files (and jitter.csv if the table has one); float_format (e.g.
+    '%.6g') trades precision for size."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "meta.yaml").write_text(yaml.safe_dump(profile.meta, sort_keys=False))
@@ -240,4 +276,8 @@ def save_profile(profile: Profile, path: str | Path, float_format: str | None = 
                           columns=list(STAGE_COLUMNS))
     profile.transfer.to_csv(path / "transfer.csv", index=False, float_format=float_format,
                             columns=list(TRANSFER_COLUMNS))
+    if profile.jitter is not None:
+        profile.jitter.to_csv(path / JITTER_FILE, index=False, float_format=float_format)
+    elif (path / JITTER_FILE).exists():
+        (path / JITTER_FILE).unlink()   # a stale file would be read back as this table's
     return path

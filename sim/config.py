@@ -37,6 +37,10 @@ class SimConfig:
     # and decides only between stage-0 computes (see sim/pipeline.py). False: a scheduler
     # on its own core that reacts at once.
     driver_on_stage0: bool = False
+    # Multiply each micro-batch's stage times by a row of the profile's measured jitter
+    # (jitter.csv: in-situ tables have one), drawn with jitter_seed; see sim/pipeline.py.
+    stage_jitter: bool = False
+    jitter_seed: int = 0
     slo: dict[str, float | None] = field(default_factory=dict)  # ttft / tpot / e2e seconds
 
     def __post_init__(self) -> None:
@@ -72,6 +76,11 @@ class SimConfig:
         if self.driver_on_stage0 and self.stage_model != "recursion":
             raise ValueError("driver_on_stage0 needs stage_model 'recursion' (it reads when stage 0 "
                              "is next free, which the recursion knows at dispatch)")
+        if not isinstance(self.stage_jitter, bool):
+            raise bad("stage_jitter", "true or false", self.stage_jitter)
+        if not (isinstance(self.jitter_seed, int) and not isinstance(self.jitter_seed, bool)
+                and self.jitter_seed >= 0):
+            raise bad("jitter_seed", "an int >= 0", self.jitter_seed)
         SLO.of(self.slo)  # validates keys
 
     def workload_spec(self) -> dict[str, Any]:

@@ -22,6 +22,12 @@ computes is taken when it finishes (that is also when its tokens are timestamped
 decision waits for stage 0 likewise. Without it the scheduler reacts at once and a batch
 formed while stage 0 is busy queues in front of it.
 
+Stage jitter (optional, SimConfig.stage_jitter): each micro-batch's stage times are the
+latency model's times multiplied by one row of the profile's measured jitter (per stage:
+the time over its shape's median), drawn at dispatch from a seeded generator. Stage-time
+variation is a cause of bubbles in its own right (a stage waits on a slow predecessor),
+which a simulator timed by the fit alone underestimates.
+
 Stage timing: each stage and link is a single FIFO server, and a micro-batch's service
 times are known when it is dispatched, so its whole path is fixed at dispatch by the
 tandem-queue (Lindley) recursion start = max(ready, server free). That is exactly what
@@ -34,6 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import simpy
 
 from core.batch import MicroBatch
@@ -72,10 +79,47 @@ class ConstantLatency:
         return self.transfer if num_bytes > 0 else 0.0
 
 
+class StageJitter:
+    """Draws, per micro-batch, one measured row of per-stage time ratios from batches of
+    about its size: rows are grouped by octave of tokens (1, 2-3, 4-7, ...), because the
+    measured variation shrinks as batches grow (on the CPU table: ~14% log std at one
+    token, ~4% at 64+). An octave with fewer than `min_rows` rows borrows the nearest one
+    that has them (the larger on a tie). Uniform draws from a seeded generator: the same
+    seed and batches give the same draws."""
+
+    def __init__(self, tokens: np.ndarray, ratios: np.ndarray, seed: int, min_rows: int = 20,
+                 block: int = 1024) -> None:
+        self.ratios = np.asarray(ratios, dtype=float)
+        tokens = np.asarray(tokens)
+        if self.ratios.ndim != 2 or not len(self.ratios) or not (self.ratios > 0).all() \
+                or tokens.shape != (len(self.ratios),) or not (tokens >= 1).all():
+            raise ValueError("stage jitter needs token counts >= 1 and a matching 2-D array of positive ratios")
+        octave = np.floor(np.log2(tokens)).astype(int)
+        counts = np.bincount(octave)
+        enough = np.flatnonzero(counts >= min_rows)
+        if not len(enough):
+            enough = np.flatnonzero(counts)  # too few rows anywhere: every octave that has some
+        self._rows_of = []   # octave -> indices of the rows it draws from
+        for o in range(len(counts)):
+            near = enough[np.abs(enough - o) == np.abs(enough - o).min()].max()
+            self._rows_of.append(np.flatnonzero(octave == near))
+        self._rng = np.random.default_rng(seed)
+        self._block = block
+        self._queued: dict[int, list[list[float]]] = {}
+
+    def draw(self, tokens: int) -> list[float]:
+        o = min(max(int(tokens), 1).bit_length() - 1, len(self._rows_of) - 1)
+        queue = self._queued.get(o)
+        if not queue:   # in blocks: one numpy call per many batches of this octave
+            rows = self._rows_of[o]
+            queue = self._queued[o] = self.ratios[rows[self._rng.integers(len(rows), size=self._block)]].tolist()
+        return queue.pop()
+
+
 class PipelineSim:
     def __init__(self, env: simpy.Environment, scheduler: Scheduler, latency: StageLatency,
                  recorder: TraceRecorder, stage_model: str = "recursion", *,
-                 driver_on_stage0: bool = False) -> None:
+                 driver_on_stage0: bool = False, jitter: StageJitter | None = None) -> None:
         self.env = env
         self.sched = scheduler
         self.latency = latency
@@ -86,6 +130,9 @@ class PipelineSim:
         if driver_on_stage0 and stage_model != "recursion":
             raise ValueError("driver_on_stage0 needs the recursion stage model")
         self.driver_on_stage0 = driver_on_stage0
+        if jitter is not None and jitter.ratios.shape[1] != self.pp:
+            raise ValueError(f"stage jitter has {jitter.ratios.shape[1]} stage columns for pp={self.pp}")
+        self.jitter = jitter
         self._link_free = [0.0] * max(0, self.pp - 1)
         self._token_return_s = (latency.token_return if isinstance(latency, ConstantLatency) else None) \
             if self.pp > 1 else 0.0
@@ -202,6 +249,8 @@ class PipelineSim:
         lat, stage_time = self.latency, self.latency.stage_time
         p, d, w, c = batch.prefill_tokens, batch.decode_tokens, batch.prefill_attention_work, batch.decode_context
         stages = [stage_time(s, p, d, w, c) for s in range(self.pp)]
+        if self.jitter is not None:
+            stages = [t * r for t, r in zip(stages, self.jitter.draw(p + d))]
         return stages, lat.transfer_time(lat.activation_bytes(p + d))
 
     def _dispatch(self, batch: MicroBatch, t: float) -> float | None:
@@ -215,12 +264,13 @@ class PipelineSim:
         stage_time = lat.stage_time
         p, d, w, c = batch.prefill_tokens, batch.decode_tokens, batch.prefill_attention_work, batch.decode_context
         transfer = lat.transfer_time(lat.activation_bytes(p + d))
+        ratios = self.jitter.draw(p + d) if self.jitter is not None else None
         entered = t
         starts, ends = [], []
         for s in range(last + 1):
             free = stage_free[s]
             start = t if t > free else free
-            t = start + stage_time(s, p, d, w, c)
+            t = start + (stage_time(s, p, d, w, c) if ratios is None else stage_time(s, p, d, w, c) * ratios[s])
             stage_free[s] = t
             starts.append(start)
             ends.append(t)

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import simpy
 
 from core.metrics import summarize
@@ -16,7 +17,7 @@ from core.trace import Trace, TraceRecorder
 from core.workloads import Workload
 from profiles import LatencyModel, fit, load_profile
 from sim.config import SimConfig
-from sim.pipeline import PipelineSim, StageLatency
+from sim.pipeline import PipelineSim, StageJitter, StageLatency
 
 
 @dataclass
@@ -35,9 +36,22 @@ def fitted_model(profile: str) -> tuple[LatencyModel, int, dict]:
     return model, prof.pp, prof.meta
 
 
+@functools.lru_cache(maxsize=32)
+def profile_jitter(profile: str) -> tuple[np.ndarray, np.ndarray]:
+    """The profile's measured jitter (jitter.csv): (batch tokens, per-stage time ratios)."""
+    prof = load_profile(profile)
+    if prof.jitter is None:
+        raise ValueError(f"stage_jitter: profile {profile!r} has no jitter.csv (measured stage-time "
+                         "variation); in-situ tables have one (profiles/in_situ.py, `pipetwin validate` "
+                         "with calibrate)")
+    return prof.jitter["tokens"].to_numpy(), prof.jitter.drop(columns="tokens").to_numpy(float)
+
+
 def simulate(config: SimConfig, *, latency: StageLatency | None = None, pp: int | None = None,
-             requests: list[Request] | None = None) -> SimResult:
-    """Run one configuration. `latency`/`pp` replace the profile (tests, custom models);
+             requests: list[Request] | None = None,
+             jitter: tuple[np.ndarray, np.ndarray] | None = None) -> SimResult:
+    """Run one configuration. `latency`/`pp` replace the profile (tests, custom models),
+    `jitter` its jitter.csv as (batch tokens, per-stage ratios) (with stage_jitter);
     `requests` replaces the workload spec (they are consumed: pass fresh ones each run)."""
     wall0 = time.perf_counter()
     meta: dict[str, Any] = {}
@@ -66,8 +80,12 @@ def simulate(config: SimConfig, *, latency: StageLatency | None = None, pp: int 
     policy = make_policy(config.policy, config.policy_params)
     scheduler = Scheduler(SchedulerConfig(pp, num_pages, config.page_size), policy, recorder)
     env = simpy.Environment()
+    stage_jitter = None
+    if config.stage_jitter:
+        tokens, ratios = jitter if jitter is not None else profile_jitter(config.profile)
+        stage_jitter = StageJitter(tokens, ratios, config.jitter_seed)
     model = PipelineSim(env, scheduler, latency, recorder, config.stage_model,
-                       driver_on_stage0=config.driver_on_stage0)
+                        driver_on_stage0=config.driver_on_stage0, jitter=stage_jitter)
     model.start(requests)
     env.run(until=config.time_limit)
 
@@ -75,6 +93,7 @@ def simulate(config: SimConfig, *, latency: StageLatency | None = None, pp: int 
                 num_pages=num_pages, page_size=config.page_size, sim_time=env.now,
                 time_limit=config.time_limit, forced_batches=scheduler.forced_batches,
                 driver_on_stage0=config.driver_on_stage0,
+                stage_jitter=config.stage_jitter, jitter_seed=config.jitter_seed,
                 source="sim")
     trace = recorder.build(scheduler.requests if config.time_limit is None else requests, meta)
     if config.time_limit is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from profiles.in_situ import in_situ_profile, link_gaps, stage_rows
+from profiles.in_situ import in_situ_profile, jitter_rows, link_gaps, stage_rows
 from profiles.latency_model import fit
 from profiles.schema import ProfileError, load_profile
 
@@ -55,3 +55,31 @@ def test_profile_fits_and_recovers_a_linear_cost():
     assert err.mape < 0.02
     assert model.stage_time(0, 100, 8, 10_000, 400) == pytest.approx(
         0.002 + 1e-3 + 1.6e-3 + 1e-5 + 4e-5, rel=0.05)
+
+
+def test_jitter_rows_are_each_stage_over_its_shape_median_per_batch():
+    """Six batches of one shape over two runs (batch ids restart per run), two of a rare
+    shape: the common ones give rows of (stage time / that stage's median), paired per
+    batch; the rare shape repeats too few times for a median and is left out."""
+    s0 = [1.0, 1.1, 0.9, 1.2, 1.0, 0.8]          # stage 0 times of the common shape (median 1.0)
+    s1 = [2.0, 2.0, 2.2, 1.8, 2.4, 2.0]          # stage 1 (median 2.0)
+    runs, t = [[], []], 0.0
+    for k in range(6):
+        run, bid = k % 2, k // 2
+        runs[run] += [(bid, 0, t, t + s0[k], 0, 3), (bid, 1, t + s0[k], t + s0[k] + s1[k], 0, 3)]
+        t += 10
+    for run in (0, 1):   # a rare prefill shape in each run
+        runs[run].append((9, 0, t, t + 5.0, 64, 0))
+        runs[run].append((9, 1, t + 5.0, t + 9.0, 64, 0))
+        t += 10
+    j = jitter_rows([rows(r) for r in runs], pp=2)
+    assert list(j.columns) == ["tokens", "stage_0", "stage_1"]
+    assert (j["tokens"] == 3).all() and len(j) == 6
+    order = [0, 2, 4, 1, 3, 5]   # run 0's batches, then run 1's
+    assert j["stage_0"].tolist() == pytest.approx([s0[k] / 1.0 for k in order])
+    assert j["stage_1"].tolist() == pytest.approx([s1[k] / 2.0 for k in order])
+    # in_situ_profile carries it, and it survives the table's validation
+    base = load_profile("llama-32m_cpu-1thread_pp2")
+    prof = in_situ_profile(base, [rows(r) for r in runs], ["a", "b"])
+    assert prof.jitter is not None and len(prof.jitter) == 6
+    assert "6 micro-batches" in prof.meta["measurement"]["jitter"]

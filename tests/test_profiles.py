@@ -310,3 +310,31 @@ def test_analytical_tables_refuse_half_layer_splits():
     """The roofline has no attention/MLP breakdown: a half split is refused, by name."""
     with pytest.raises(ValueError, match="whole layers"):
         analytical.make_profile("llama-3-8b", "h100-80gb", 2, layer_split=[16.5, 15.5])
+
+
+def _with_jitter(table: Path, rows) -> Path:
+    pd.DataFrame(rows, columns=["tokens", "stage_0", "stage_1"]).to_csv(table / "jitter.csv", index=False)
+    return table
+
+
+def test_jitter_file_is_optional_and_round_trips(table, tmp_path):
+    assert load_profile(table).jitter is None
+    a = load_profile(_with_jitter(table, [(1, 1.10, 0.95), (40, 0.98, 1.02)]))
+    assert a.jitter["tokens"].tolist() == [1, 40] and a.jitter["stage_0"].tolist() == [1.10, 0.98]
+    b = load_profile(save_profile(a, tmp_path / "copy"))
+    pd.testing.assert_frame_equal(a.jitter, b.jitter)
+    # saving a table without jitter over one with it removes the stale file
+    a.jitter = None
+    assert load_profile(save_profile(a, tmp_path / "copy")).jitter is None
+
+
+@pytest.mark.parametrize("rows, columns, needles", [
+    ([(1, 1.0)], ["tokens", "stage_0"], ["jitter.csv", "stage_1", "pp=2"]),
+    ([(1, 1.0, 0.0)], None, ["jitter.csv", "stage_1", "positive"]),
+    ([(0, 1.0, 1.0)], None, ["jitter.csv", "tokens", ">= 1"]),
+    ([(1, "fast", 1.0)], None, ["jitter.csv", "stage_0", "not a number"]),
+    ([], None, ["jitter.csv", "no rows"]),
+])
+def test_bad_jitter_file_is_named(table, rows, columns, needles):
+    pd.DataFrame(rows, columns=columns or ["tokens", "stage_0", "stage_1"]).to_csv(table / "jitter.csv", index=False)
+    _raises(table, *needles)

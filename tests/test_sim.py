@@ -271,3 +271,54 @@ def test_pp_mismatch_and_missing_profile_are_clear(tmp_path):
         simulate(SimConfig(profile=PROFILE, pp=2, workload=small_workload(1.0, n=5)))
     with pytest.raises(ProfileError, match="no_such_profile"):
         simulate(SimConfig(profile=str(tmp_path / "no_such_profile"), workload=small_workload(1.0, n=5)))
+
+
+def _jitter(rows):
+    """(tokens, ratios) as simulate(jitter=...) takes them, from (tokens, r0, r1) rows."""
+    import numpy as np
+    a = np.array(rows, dtype=float)
+    return a[:, 0].astype(int), a[:, 1:]
+
+
+@pytest.mark.parametrize("stage_model", ["recursion", "resources"])
+def test_stage_jitter_scales_each_stage_by_a_measured_row_of_its_batch_size(stage_model):
+    """Rows measured at one token say (stage 0 x2, stage 1 x1); at 64 tokens (x1, x3). A
+    one-token batch and a 64-token batch each get their own octave's ratios."""
+    t = 0.01
+    jit = _jitter([(1, 2.0, 1.0)] * 20 + [(64, 1.0, 3.0)] * 20)
+    cfg = SimConfig(policy="sarathi", num_pages=1000, stage_jitter=True, stage_model=stage_model)
+    one = simulate(cfg, latency=ConstantLatency(stage=t), pp=2, requests=reqs([(0.0, 1, 1)]), jitter=jit)
+    big = simulate(cfg, latency=ConstantLatency(stage=t), pp=2, requests=reqs([(0.0, 64, 1)]), jitter=jit)
+    for res, want in ((one, [2 * t, t]), (big, [t, 3 * t])):
+        b = res.trace.batches.sort_values("stage")
+        assert (b["end"] - b["start"]).tolist() == pytest.approx(want)
+
+
+def test_stage_jitter_is_seeded_and_an_octave_without_rows_borrows_the_nearest():
+    jit = _jitter([(1, 0.8, 1.0)] * 20 + [(1, 1.3, 1.1)] * 20 + [(256, 5.0, 5.0)] * 3)
+    lat = TokenLatency(per_token=0.001)
+    work = [(0.01 * i, 30 + i, 12) for i in range(8)]
+
+    def run(seed, **kw):
+        cfg = SimConfig(policy="token_throttling", num_pages=1000, stage_jitter=True, jitter_seed=seed, **kw)
+        return simulate(cfg, latency=lat, pp=2, requests=reqs(work), jitter=jit)
+
+    a, b, c = run(0), run(0), run(1)
+    assert a.trace.batches.equals(b.trace.batches)
+    assert not a.trace.batches.equals(c.trace.batches)
+    bt = a.trace.batches
+    ratios = (bt["end"] - bt["start"]) / (0.001 * (bt["prefill_tokens"] + bt["decode_tokens"]))
+    assert (bt["prefill_tokens"] + bt["decode_tokens"]).max() >= 30   # prompts: octave 5, no rows of its own
+    # every batch, whatever its size, drew from the one-token rows: the 3 rows at 256
+    # tokens are too few (< 20) to stand for their octave
+    got = {(int(st), round(float(r), 6)) for st, r in zip(bt["stage"], ratios)}
+    assert {(0, 0.8), (0, 1.3)} <= got <= {(0, 0.8), (0, 1.3), (1, 1.0), (1, 1.1)}
+
+
+def test_stage_jitter_needs_a_profile_with_jitter_and_valid_fields():
+    with pytest.raises(ValueError, match="stage_jitter.*jitter.csv"):
+        simulate(SimConfig(profile=PROFILE, stage_jitter=True, workload=small_workload(1.0, n=5)))
+    with pytest.raises(ValueError, match="stage_jitter"):
+        SimConfig(stage_jitter="yes")
+    with pytest.raises(ValueError, match="jitter_seed"):
+        SimConfig(jitter_seed=-1)

@@ -50,7 +50,7 @@ def validated(standin_profile, tmp_path_factory):
     cfg = {"name": "tiny", "model": MODEL, "pp": 2, "profile": str(standin_profile), "num_pages": 128,
            "page_size": 16, "seed": SEED, "workload": WORKLOAD, "loads": [RATE],
            "policies": [{"name": "token_throttling", "label": "tt"}], "out": str(d / "out"),
-           "calibrate": {"loads": [RATE]}, "repeats": 2}
+           "calibrate": {"loads": [RATE]}, "repeats": 2, "sim_repeats": 3}
     (d / "v.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["validate", str(d / "v.yaml")]) == 0
     return d / "out"
@@ -91,7 +91,9 @@ def test_error_table_report_and_plots(validated):
     for c in ERROR_COLUMNS:
         assert pd.notna(row[c]), c
     ranking = pd.read_csv(validated / "ranking.csv")
-    assert list(ranking.columns) == ["load", "sim_order", "real_order", "same"]
+    assert list(ranking.columns) == ["load", "sim_order", "real_order", "same", "separated_pairs",
+                                     "same_separated"]
+    assert ranking["separated_pairs"].tolist() == [0]   # one policy: no pairs
     report = (validated / "report.md").read_text()
     for text in ("thru %", "TTFT p50 %", "TTFT p99 %", "TPOT p50 %", "TPOT p99 %", "E2E p50 %", "bubble pts",
                  "E2E MAPE %", "## Goals", "ranking", "machine:"):
@@ -114,7 +116,28 @@ def test_repeats_run_the_same_requests_again_and_report_their_spread(validated):
     assert row["real_output_tps"] == pytest.approx((s1["output_tps"] + s2["output_tps"]) / 2)
     mean = (s1["tpot_p50"] + s2["tpot_p50"]) / 2
     assert row["real_spread_tpot_p50_pct"] == pytest.approx(100 * abs(s1["tpot_p50"] - s2["tpot_p50"]) / mean)
-    assert "## Runtime spread" in (validated / "report.md").read_text()
+    assert "## Spread over repeats" in (validated / "report.md").read_text()
+
+
+def test_sim_repeats_draw_measured_jitter_and_are_compared_mean_to_mean(validated):
+    """sim_repeats: 3 -> three simulator runs with the in-situ table's jitter (seeds 0-2),
+    each with its summary in sim_repeats.csv; the error row holds their mean and spread."""
+    run = validated / "runs" / "tt_r25"
+    jitter = pd.read_csv(validated / "calibration" / "profile" / "jitter.csv")
+    assert list(jitter.columns) == ["tokens", "stage_0", "stage_1"] and len(jitter) > 0
+    reps = pd.read_csv(run / "sim_repeats.csv")
+    assert reps["jitter_seed"].tolist() == [0, 1, 2]
+    assert reps["tpot_p50"].nunique() > 1             # the draws differ, so the runs do
+    row = pd.read_csv(validated / "errors.csv").iloc[0]
+    assert row["sim_repeats"] == 3
+    assert row["sim_output_tps"] == pytest.approx(reps["output_tps"].mean())
+    assert row["sim_tpot_p50"] == pytest.approx(reps["tpot_p50"].mean())
+    assert row["sim_spread_tpot_p50_pct"] == pytest.approx(
+        100 * (reps["tpot_p50"].max() - reps["tpot_p50"].min()) / reps["tpot_p50"].mean())
+    cfg = yaml.safe_load((run / "sim" / "config.yaml").read_text())
+    assert cfg["stage_jitter"] is True and cfg["jitter_seed"] == 0
+    sim = json.loads((run / "sim" / "summary.json").read_text())
+    assert sim["tpot_p50"] == pytest.approx(reps["tpot_p50"].iloc[0])
 
 
 def test_simulator_is_timed_by_an_in_situ_table_from_other_requests(validated):
@@ -134,20 +157,26 @@ def test_simulator_is_timed_by_an_in_situ_table_from_other_requests(validated):
     assert "in-situ table" in (validated / "report.md").read_text()
 
 
-def test_reuse_real_reruns_only_the_simulator_against_the_recorded_runs(validated, tmp_path, capsys):
-    """--reuse-real: the real runs are read back, not run again; with the same table the
-    simulator gives the same rows, so the whole error table comes out the same."""
+def test_reuse_real_reruns_only_the_simulator_against_the_recorded_runs(validated, standin_profile, tmp_path,
+                                                                        capsys):
+    """--reuse-real: the real runs are read back, not run again; the in-situ table is
+    rebuilt from the recorded calibration runs, the same table, so the simulator gives the
+    same rows and the whole error table comes out the same."""
     out = tmp_path / "out"
     shutil.copytree(validated, out)
     real_rows = (out / "runs" / "tt_r25" / "real" / "batches.csv").read_bytes()
     cfg = yaml.safe_load((validated / "runs" / "tt_r25" / "sim" / "config.yaml").read_text())
     assert cfg["profile"] == str(validated / "calibration" / "profile")
-    v = {"name": "tiny", "model": MODEL, "pp": 2, "profile": "no-such-table-needed", "num_pages": 128,
+    table = (out / "calibration" / "profile" / "stages.csv").read_bytes()
+    v = {"name": "tiny", "model": MODEL, "pp": 2, "profile": str(standin_profile), "num_pages": 128,
          "page_size": 16, "seed": SEED, "workload": WORKLOAD, "loads": [RATE],
-         "policies": [{"name": "token_throttling", "label": "tt"}], "calibrate": {"loads": [RATE]}, "repeats": 2}
+         "policies": [{"name": "token_throttling", "label": "tt"}], "calibrate": {"loads": [RATE]}, "repeats": 2,
+         "sim_repeats": 3}
     (tmp_path / "v.yaml").write_text(yaml.safe_dump(v))
     assert main(["validate", str(tmp_path / "v.yaml"), "--out", str(out), "--reuse-real"]) == 0
     assert (out / "runs" / "tt_r25" / "real" / "batches.csv").read_bytes() == real_rows
+    # the in-situ table is rebuilt from the recorded calibration runs: the same table
+    assert (out / "calibration" / "profile" / "stages.csv").read_bytes() == table
     before, after = pd.read_csv(validated / "errors.csv"), pd.read_csv(out / "errors.csv")
     same = [c for c in before.columns if not c.startswith("loadavg")]
     pd.testing.assert_frame_equal(before[same], after[same])
@@ -257,6 +286,19 @@ def test_bad_repeats_and_calibrate_are_named(tmp_path, capsys):
     base = {"model": MODEL, "profile": "x", "workload": WORKLOAD, "loads": [1.0], "policies": ["vllm"]}
     for extra, named in (({"repeats": 0}, "repeats"), ({"calibrate": {"seed": 0}}, "calibrate.seed"),
                          ({"calibrate": {"lods": [1.0]}}, "lods")):
+        (tmp_path / "v.yaml").write_text(yaml.safe_dump({**base, **extra}))
+        with pytest.raises(SystemExit) as e:
+            main(["validate", str(tmp_path / "v.yaml")])
+        assert e.value.code == 2 and named in capsys.readouterr().err, named
+
+
+def test_sim_repeats_without_measured_jitter_are_refused(standin_profile, tmp_path, capsys):
+    """More than one simulator run means drawing measured jitter: a table without
+    jitter.csv and no calibrate is a named error, before anything runs."""
+    base = {"model": MODEL, "pp": 2, "profile": str(standin_profile), "workload": WORKLOAD, "loads": [1.0],
+            "policies": ["vllm"]}
+    for extra, named in (({"sim_repeats": 0}, "sim_repeats must be an int >= 1"),
+                         ({"sim_repeats": 4}, "no jitter.csv")):
         (tmp_path / "v.yaml").write_text(yaml.safe_dump({**base, **extra}))
         with pytest.raises(SystemExit) as e:
             main(["validate", str(tmp_path / "v.yaml")])

@@ -17,7 +17,7 @@ From the same trace:
 - jitter.csv: each stage's time over the median of its shape's repeats, per micro-batch
   (see jitter_rows): the batch-to-batch variation the fit averages away. On the 2-core
   CPU a decode batch of one shape varies by ~10% (log std), and stages of one batch vary
-  together (correlation ~0.5); in a pipeline that variation is itself a cause of
+  together (correlation ~0.3); in a pipeline that variation is itself a cause of
   bubbles, which a simulator timed by the fit alone underestimates.
 - sched_overhead_s = 0: the runtime's stage-0 rows already include the scheduler's
   decision and the step metadata (runtime.driver.Driver records them that way).

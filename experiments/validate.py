@@ -21,8 +21,9 @@ Config keys (YAML):
   requests (workload seed `seed`, default seed + 1) at `loads` (default: all) with every
   policy, and time the simulator by an in-situ table fitted on those runs' stage rows
   (profiles.in_situ: stages measured while the pipeline runs) instead of `profile` alone;
-  each cell's calibration run goes just before its validation runs, so slow drift of the
-  machine's speed reaches the table and the runs it is compared with alike;
+  in every pass over the cells, each cell's calibration run goes just before its real
+  run, so slow drift of the machine's speed reaches the table and the runs it is
+  compared with alike (run_plan);
   repeats (default 1): real runs per policy and load, the same requests each time, in
   passes over all cells (so a cell's runs sample the whole run); errors are against their
   mean, and the report shows how far they spread;
@@ -320,18 +321,36 @@ def _ranking(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def calibration_cells(cfg: ValidationConfig) -> list[tuple[dict[str, Any], Any]]:
-    """(policy, rate) of every calibration run in the order they run: calibration-only
-    loads first, then the validated ones in cell order (each just before its cell)."""
+def run_plan(cfg: ValidationConfig) -> list[tuple[str, dict[str, Any], Any, int]]:
+    """Every runtime run of the validation in order, as (kind, policy, rate, pass):
+    calibration-only loads first ("cal", pass 0); then `repeats` passes over the cells (odd
+    passes reversed), each cell's real run ("real") preceded, when its load calibrates, by
+    a calibration run of the same pass. The machine's speed wanders by several % over
+    minutes on a shared VM: calibrating in every pass spreads the table's rows over the
+    same minutes as the real runs it is compared with."""
     if cfg.calibrate is None:
-        return []
-    val_labels = {rate_label(r) for r in cfg.loads}
-    cal_labels = {rate_label(r) for r in cfg.calibrate["loads"]}
-    return ([(p, r) for p in cfg.policies for r in cfg.calibrate["loads"] if rate_label(r) not in val_labels]
-            + [(p, r) for p in cfg.policies for r in cfg.loads if rate_label(r) in cal_labels])
+        cal_labels, val_labels, cal_only = set(), set(), []
+    else:
+        cal_labels = {rate_label(r) for r in cfg.calibrate["loads"]}
+        val_labels = {rate_label(r) for r in cfg.loads}
+        cal_only = [r for r in cfg.calibrate["loads"] if rate_label(r) not in val_labels]
+    plan = [("cal", p, r, 0) for p in cfg.policies for r in cal_only]
+    cells = [(p, r) for p in cfg.policies for r in cfg.loads]
+    for k in range(cfg.repeats):
+        for p, r in (cells if k % 2 == 0 else cells[::-1]):
+            if rate_label(r) in cal_labels:
+                plan.append(("cal", p, r, k))
+            plan.append(("real", p, r, k))
+    return plan
 
 
-def calibration_run(cfg: ValidationConfig, bench: Any, pol: dict[str, Any], rate: Any, folder: Path,
+def calibration_dir(out: Path, label: str, rate: Any, k: int) -> Path:
+    """Where pass k's calibration run of a cell is recorded."""
+    d = cell_dir(out / "calibration", label, rate)
+    return d if k == 0 else d.with_name(f"{d.name}_pass{k + 1}")
+
+
+def calibration_run(cfg: ValidationConfig, bench: Any, pol: dict[str, Any], rate: Any, run_dir: Path,
                     log: Callable[[str], Any]) -> tuple[pd.DataFrame, str]:
     """One runtime run on calibration requests (workload seed calibrate.seed): its stage rows."""
     from core.metrics import summarize
@@ -340,7 +359,6 @@ def calibration_run(cfg: ValidationConfig, bench: Any, pol: dict[str, Any], rate
     wl = cfg.workload_for(rate, cfg.calibrate["seed"])
     seed = wl.pop("seed")
     real = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed)
-    run_dir = cell_dir(folder, pol["label"], rate)
     write_results(run_dir, real, summarize(real), {"policy": pol["name"], "workload": wl, "seed": seed})
     log(f"calibration: {pol['label']} @ {rate_label(rate)} req/s, seed {seed}: "
         f"{len(real.batches)} stage rows in {real.meta['wall_s']:.1f} s")
@@ -370,35 +388,27 @@ def calibration_table(cfg: ValidationConfig, runs: list[tuple[pd.DataFrame, str]
 def run_runtime_side(cfg: ValidationConfig, bench: Any, out: Path, num_pages: int,
                      log: Callable[[str], Any]
                      ) -> tuple[dict[tuple[str, str], tuple[list[Trace], float, float]], str]:
-    """Every real run of the validation, in `repeats` passes over the cells (odd passes in
-    reverse order), each cell's first run preceded by its calibration run (same policy and
-    load, other requests) when the config calibrates. The machine's speed drifts by several
-    % over minutes on a shared VM: interleaving lets the drift reach the table and the runs
-    it is compared with alike, and spreading a cell's repeats over the whole run (early and
-    late) averages it instead of charging it to whichever policy runs last. Returns the real
-    runs per (label, rate label) with the load average before the first and after the last,
-    and the simulator's table."""
+    """Every runtime run of the validation, in `run_plan` order (calibration runs spread
+    over the passes, a cell's repeats spread over the whole run, so the machine's drift
+    reaches table and real runs alike and is averaged rather than charged to whichever
+    cell runs last). Returns the real runs per (label, rate label) with the load average
+    before the first and after the last, and the simulator's table."""
     runs: dict[tuple[str, str], list[Trace]] = {}
     loads: dict[tuple[str, str], list[float]] = {}
     cal_runs: list[tuple[pd.DataFrame, str]] = []
-    cal = cfg.calibrate
-    cal_labels = {rate_label(r) for r in cal["loads"]} if cal is not None else set()
-    val_labels = {rate_label(r) for r in cfg.loads}
-    cells = [(pol, rate) for pol in cfg.policies for rate in cfg.loads]
-    for pol, rate in calibration_cells(cfg):   # calibration-only loads first (the rest: below)
-        if rate_label(rate) not in val_labels:
-            cal_runs.append(calibration_run(cfg, bench, pol, rate, out / "calibration", log))
-    for k in range(cfg.repeats):
-        for pol, rate in (cells if k % 2 == 0 else cells[::-1]):
-            key = (pol["label"], rate_label(rate))
-            if k == 0 and key[1] in cal_labels:
-                cal_runs.append(calibration_run(cfg, bench, pol, rate, out / "calibration", log))
-            load0 = _loadavg()
-            t = _real_run(cfg, bench, pol, rate, k, out, num_pages)
-            runs.setdefault(key, []).append(t)
-            loads.setdefault(key, []).extend((load0, _loadavg()))
-            log(f"{key[0]} @ {key[1]} req/s: real run {k + 1} of {cfg.repeats}, {t.meta['wall_s']:.1f} s")
-    profile = calibration_table(cfg, cal_runs, out / "calibration", log) if cal is not None else cfg.profile
+    for kind, pol, rate, k in run_plan(cfg):
+        if kind == "cal":
+            cal_runs.append(calibration_run(cfg, bench, pol, rate, calibration_dir(out, pol["label"], rate, k),
+                                            log))
+            continue
+        key = (pol["label"], rate_label(rate))
+        load0 = _loadavg()
+        t = _real_run(cfg, bench, pol, rate, k, out, num_pages)
+        runs.setdefault(key, []).append(t)
+        loads.setdefault(key, []).extend((load0, _loadavg()))
+        log(f"{key[0]} @ {key[1]} req/s: real run {k + 1} of {cfg.repeats}, {t.meta['wall_s']:.1f} s")
+    profile = calibration_table(cfg, cal_runs, out / "calibration", log) if cfg.calibrate is not None \
+        else cfg.profile
     return {key: (ts, loads[key][0], loads[key][-1]) for key, ts in runs.items()}, profile
 
 
@@ -435,8 +445,8 @@ def _recorded_setup(cfg: ValidationConfig, out: Path, log: Callable[[str], Any])
     profile = cfg.profile
     if cfg.calibrate is not None:
         runs = []
-        for p, r in calibration_cells(cfg):
-            folder = cell_dir(out / "calibration", p["label"], r)
+        for p, r, k in [(p, r, k) for kind, p, r, k in run_plan(cfg) if kind == "cal"]:
+            folder = calibration_dir(out, p["label"], r, k)
             if not (folder / "meta.json").is_file():
                 raise FileNotFoundError(f"--reuse-real: the config calibrates, but {folder} (a calibration "
                                         "run of the earlier run) is missing")

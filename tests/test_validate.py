@@ -141,16 +141,18 @@ def test_sim_repeats_draw_measured_jitter_and_are_compared_mean_to_mean(validate
 
 
 def test_simulator_is_timed_by_an_in_situ_table_from_other_requests(validated):
-    """calibrate: the runtime ran other requests (seed + 1) first; their stage rows became
-    the simulator's latency table."""
+    """calibrate: before each of its two real runs the runtime ran other requests (seed +
+    1); the stage rows of both calibration runs became the simulator's latency table."""
     cal = Trace.load(validated / "calibration" / "runs" / "tt_r25")
+    cal2 = Trace.load(validated / "calibration" / "runs" / "tt_r25_pass2")
     ours = Trace.load(validated / "runs" / "tt_r25" / "real")
     assert cal.requests["prompt_len"].tolist() != ours.requests["prompt_len"].tolist()
+    assert cal.requests["prompt_len"].tolist() == cal2.requests["prompt_len"].tolist()
     table = validated / "calibration" / "profile"
     meta = yaml.safe_load((table / "meta.yaml").read_text())
     assert meta["measurement"]["tool"].startswith("profiles.in_situ") and meta["sched_overhead_s"] == 0
     stages = pd.read_csv(table / "stages.csv")
-    assert len(stages) == (cal.batches["end"] > cal.batches["start"]).sum()
+    assert len(stages) == sum((c.batches["end"] > c.batches["start"]).sum() for c in (cal, cal2))
     assert set(stages["stage"]) == {0, 1}
     sim_cfg = yaml.safe_load((validated / "runs" / "tt_r25" / "sim" / "config.yaml").read_text())
     assert sim_cfg["profile"] == str(table)
@@ -183,7 +185,7 @@ def test_reuse_real_reruns_only_the_simulator_against_the_recorded_runs(validate
     assert "--reuse-real" in (out / "report.md").read_text()
     # a config that now asks for other requests, or for more runs than were recorded, is refused
     for change, named in (({"seed": SEED + 5, "calibrate": {"loads": [RATE], "seed": 99}}, "other requests"),
-                          ({"repeats": 3}, "real_3")):
+                          ({"repeats": 3}, "tt_r25_pass3")):
         (tmp_path / "w.yaml").write_text(yaml.safe_dump({**v, **change}))
         with pytest.raises(SystemExit) as e:
             main(["validate", str(tmp_path / "w.yaml"), "--out", str(out), "--reuse-real"])
@@ -194,10 +196,10 @@ def test_reuse_real_reruns_only_the_simulator_against_the_recorded_runs(validate
 
 
 def test_calibration_interleaves_and_repeats_spread_over_the_run(standin_profile, tmp_path):
-    """Each cell's calibration run comes just before its first real run, and repeats go
-    in passes over the cells (the second in reverse), so slow drift of the machine reaches
-    table and runs alike and no cell gets only the end of the run; a calibration-only load
-    runs first."""
+    """In every pass, each cell's calibration run comes just before its real run, and the
+    passes go over the cells in turn (the second in reverse), so slow drift of the machine
+    reaches table and runs alike and no cell gets only the end of the run; a
+    calibration-only load runs first, once."""
     out = tmp_path / "out"
     v = {"model": MODEL, "pp": 2, "profile": str(standin_profile), "num_pages": 128, "seed": SEED,
          "workload": {**WORKLOAD, "num_requests": 4}, "loads": [RATE, 2 * RATE],
@@ -206,19 +208,23 @@ def test_calibration_interleaves_and_repeats_spread_over_the_run(standin_profile
     (tmp_path / "v.yaml").write_text(yaml.safe_dump(v))
     assert main(["validate", str(tmp_path / "v.yaml")]) == 0
     r1, r2, r0 = (f"s_r{RATE:g}", f"s_r{2 * RATE:g}", f"s_r{RATE / 2:g}")
+    cal = out / "calibration" / "runs"
     written = {name: path.stat().st_mtime_ns for name, path in (
-        ("cal0", out / "calibration" / "runs" / r0 / "summary.json"),
-        ("cal1", out / "calibration" / "runs" / r1 / "summary.json"),
+        ("cal0", cal / r0 / "summary.json"),
+        ("cal1", cal / r1 / "summary.json"),
         ("real1", out / "runs" / r1 / "real" / "summary.json"),
-        ("cal2", out / "calibration" / "runs" / r2 / "summary.json"),
+        ("cal2", cal / r2 / "summary.json"),
         ("real2", out / "runs" / r2 / "real" / "summary.json"),
+        ("cal2_again", cal / f"{r2}_pass2" / "summary.json"),
         ("real2_again", out / "runs" / r2 / "real_2" / "summary.json"),
+        ("cal1_again", cal / f"{r1}_pass2" / "summary.json"),
         ("real1_again", out / "runs" / r1 / "real_2" / "summary.json"))}
-    assert sorted(written, key=written.get) == ["cal0", "cal1", "real1", "cal2", "real2", "real2_again",
-                                                "real1_again"]
+    assert sorted(written, key=written.get) == ["cal0", "cal1", "real1", "cal2", "real2", "cal2_again",
+                                                "real2_again", "cal1_again", "real1_again"]
+    assert not (cal / f"{r0}_pass2").exists()
     stages = pd.read_csv(out / "calibration" / "profile" / "stages.csv")
-    cal_rows = sum(int((Trace.load(out / "calibration" / "runs" / r).batches.eval("end > start")).sum())
-                   for r in (r0, r1, r2))
+    cal_rows = sum(int((Trace.load(cal / r).batches.eval("end > start")).sum())
+                   for r in (r0, r1, r2, f"{r1}_pass2", f"{r2}_pass2"))
     assert len(stages) == cal_rows   # the table holds every calibration run's rows
     a, b = Trace.load(out / "runs" / r1 / "real"), Trace.load(out / "runs" / r1 / "real_2")
     assert a.requests["prompt_len"].tolist() == b.requests["prompt_len"].tolist()

@@ -337,8 +337,9 @@ def add_validate(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="validation YAML (see experiments/twin_cpu.yaml)")
     p.add_argument("--out", help="results folder (default: the file's out, else results/<file stem>)")
     p.add_argument("--reuse-real", action="store_true",
-                   help="run only the simulator, against the real runs (and in-situ table) an earlier run of "
-                        "this config left in the results folder: iterate on the model without the hardware")
+                   help="skip the hardware: rebuild the in-situ table from the calibration runs an earlier run "
+                        "of this config left in the results folder and run the simulator against its real "
+                        "runs (iterate on the model without the hardware)")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -671,12 +671,13 @@ def spread_section(cfg: ValidationConfig, errors: pd.DataFrame) -> list[str]:
     sides = [side for side, n in (("real", cfg.repeats), ("sim", cfg.sim_repeats)) if n > 1]
     if not sides:
         return []
-    text = {"real": f"Each cell ran {cfg.repeats} times on the runtime (the same requests)",
+    text = {"real": f"{cfg.repeats} times on the runtime (the same requests)",
             "sim": f"{cfg.sim_repeats} times in the simulator (the same requests, measured stage-time "
                    "jitter drawn with another seed each time)"}
     head = [f"{side} {m}" for side in sides for m in ("thru %", "TTFT p50 %", "TPOT p50 %", "bubble pts")]
     lines = ["## Spread over repeats", "",
-             " and ".join(text[s] for s in sides) + "; errors above are mean against mean. Spread = "
+             "Each cell ran " + " and ".join(text[s] for s in sides) + "; errors above are mean against "
+             "mean. Spread = "
              "(max - min) / mean in %, bubble in points: differences of this size between simulator "
              "and runtime are within the runs' own noise.", "",
              "| policy | load | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]

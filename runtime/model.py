@@ -102,26 +102,10 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, **kw) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.self_attn = Attention(cfg, **kw)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.mlp = MLP(cfg, **kw)
-
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
-                sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                meta: BatchMeta) -> tuple[torch.Tensor, torch.Tensor]:
-        residual = hidden if residual is None else hidden + residual
-        hidden = self.self_attn(self.input_layernorm(residual), cos, sin, kv, meta)
-        residual = hidden + residual
-        return self.mlp(self.post_attention_layernorm(residual)), residual
-
-
 class AttentionHalf(nn.Module):
     """The first half of a layer, the last thing on a stage whose boundary falls inside
-    the layer. Same attribute names as DecoderLayer, so weights load by the same names."""
+    the layer (and the first half of DecoderLayer). Same attribute names as a whole
+    layer, so weights load by the same names."""
 
     def __init__(self, cfg: ModelConfig, **kw) -> None:
         super().__init__()
@@ -133,6 +117,22 @@ class AttentionHalf(nn.Module):
                 meta: BatchMeta) -> tuple[torch.Tensor, torch.Tensor]:
         residual = hidden if residual is None else hidden + residual
         return self.self_attn(self.input_layernorm(residual), cos, sin, kv, meta), residual
+
+
+class DecoderLayer(AttentionHalf):
+    """A whole layer: the attention half, then the MLP half (as MLPHalf)."""
+
+    def __init__(self, cfg: ModelConfig, **kw) -> None:
+        super().__init__(cfg, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = MLP(cfg, **kw)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                meta: BatchMeta) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, residual = super().forward(hidden, residual, cos, sin, kv, meta)
+        residual = hidden + residual
+        return self.mlp(self.post_attention_layernorm(residual)), residual
 
 
 class MLPHalf(nn.Module):

@@ -21,6 +21,10 @@ From the same trace:
   bubbles, which a simulator timed by the fit alone underestimates.
 - sched_overhead_s = 0: the runtime's stage-0 rows already include the scheduler's
   decision and the step metadata (runtime.driver.Driver records them that way).
+- stage_turnaround_s: per stage, how long after a row ends the stage starts its next
+  batch when that batch was already waiting (see stage_turnaround): the stage's thread
+  posts its send and takes the next batch off its inbox outside its busy rows, ~0.27 ms
+  per batch on the 2-core CPU, which a stage that is the bottleneck pays every batch.
 The base table supplies everything else (model config, memory, KV pages).
 """
 from __future__ import annotations
@@ -90,6 +94,28 @@ def transfer_rows(gaps: pd.DataFrame, bins: int = 8) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(TRANSFER_COLUMNS)).drop_duplicates("bytes")
 
 
+def stage_turnaround(batches: Sequence[pd.DataFrame], pp: int, ready_margin: float) -> list[float]:
+    """Per stage, the mean gap between a row's end and the stage's next start, over the
+    next batches that were already waiting: their previous stage had finished them more
+    than `ready_margin` seconds (a hop and then some) before. Stage 0 has no previous
+    stage to tell waiting from arriving; its rows begin with the scheduler's decision,
+    taken when a token return arrives, which the link model times, so it gets 0."""
+    gaps: list[list[np.ndarray]] = [[] for _ in range(pp)]
+    for b in batches:
+        b = b.dropna(subset=["batch_id", "stage", "start", "end"])
+        for s in range(1, pp):
+            ready = b[b["stage"] == s - 1].set_index("batch_id")["end"]
+            rows = b[b["stage"] == s].sort_values("start")
+            prev_end = np.r_[-np.inf, rows["end"].to_numpy(float)[:-1]]
+            waiting = ready.reindex(rows["batch_id"]).to_numpy(float) + ready_margin < prev_end
+            gaps[s].append((rows["start"].to_numpy(float) - prev_end)[waiting])
+    out = [0.0]
+    for s in range(1, pp):
+        g = np.concatenate(gaps[s]) if gaps[s] else np.empty(0)
+        out.append(float(max(0.0, g.mean())) if len(g) else 0.0)
+    return out
+
+
 # A shape's median needs a few repeats to be a median; context and attention work vary
 # continuously, so they are grouped in quarter-octave bins (±9%, about the noise itself).
 JITTER_MIN_REPEATS = 5
@@ -140,9 +166,13 @@ def in_situ_profile(base: Profile, batches: Sequence[pd.DataFrame], sources: Seq
     gaps = pd.concat([link_gaps(b, per_token) for b in batches], ignore_index=True)
     transfer = transfer_rows(gaps) if not gaps.empty else base.transfer
     jitter = jitter_rows(batches, base.pp)
+    # "already waiting" = finished upstream over two of the slowest measured hops ago
+    ready_margin = 2 * float(transfer["latency_median"].max()) if len(transfer) else 0.0
+    turnaround = stage_turnaround(batches, base.pp, ready_margin)
     meta = copy.deepcopy(base.meta)
     meta["date"] = _dt.date.today().isoformat()
     meta["sched_overhead_s"] = 0.0
+    meta["stage_turnaround_s"] = turnaround
     meta["measurement"] = {
         "tool": "profiles.in_situ (runtime trace stage rows)",
         "base_table": base.name,
@@ -153,6 +183,9 @@ def in_situ_profile(base: Profile, batches: Sequence[pd.DataFrame], sources: Seq
                         "include the scheduler decision and step metadata, so sched_overhead_s = 0",
         "transfer": "gap from a stage's end to the next stage's start of the same micro-batch, "
                     "when that stage was idle; median per activation-size bin",
+        "stage_turnaround": ("mean gap from a stage's row end to its next start, over next batches "
+                             f"finished upstream > {ready_margin * 1e3:.2f} ms before (already waiting); "
+                             "stage 0: 0, its rows begin with the scheduler's decision"),
         "jitter": (f"{len(jitter)} micro-batches whose every stage shape repeated >= {JITTER_MIN_REPEATS} "
                    "times: each stage's time over its shape's median"),
         "base_measurement": base.meta.get("measurement"),

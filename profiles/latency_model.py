@@ -148,6 +148,7 @@ class LatencyModel:
     activation_bytes_per_token: int        # hidden x dtype bytes x 2 (hidden + residual)
     name: str = ""
     error: FitError | None = None
+    stage_turnaround: tuple[float, ...] = ()   # per stage, busy after a row ends (meta; () = 0)
 
     def __post_init__(self) -> None:
         if not self.coefs or any(len(c) != 12 for c in self.coefs):
@@ -156,6 +157,10 @@ class LatencyModel:
                 or self.transfer_s_per_byte < 0 or self.sched_overhead < 0:
             raise ValueError("latency model coefficients must be non-negative")
         self.coefs = tuple(tuple(float(v) for v in c) for c in self.coefs)
+        if self.stage_turnaround and (len(self.stage_turnaround) != len(self.coefs)
+                                      or min(self.stage_turnaround) < 0):
+            raise ValueError(f"stage_turnaround needs {len(self.coefs)} non-negative values, one per stage")
+        self.stage_turnaround = tuple(float(v) for v in self.stage_turnaround)
 
     @property
     def pp(self) -> int:
@@ -233,5 +238,6 @@ def fit(profile: Profile | str, holdout: float = 0.2, seed: int = 0) -> tuple[La
                      n_eval, holdout > 0, t_mape)
     cfg = profile.model_config
     model = LatencyModel(tuple(coefs), base, per_byte, float(profile.meta["sched_overhead_s"]),
-                         cfg["hidden_size"] * profile.dtype_bytes * 2, profile.name, error)
+                         cfg["hidden_size"] * profile.dtype_bytes * 2, profile.name, error,
+                         tuple(profile.meta.get("stage_turnaround_s") or ()))
     return model, error

@@ -10,6 +10,10 @@ batch to batch at one shape. One row per measured micro-batch: `tokens` (its pre
 decode tokens) and stage_0 .. stage_{pp-1}, each stage's time over the median time of
 that shape on that stage. The simulator resamples whole rows of batches of about the
 same size (SimConfig.stage_jitter), so stages that ran slow together stay together.
+
+meta.yaml may carry `stage_turnaround_s` (in-situ tables): per stage, the seconds a
+stage stays occupied after a row ends before it can start a batch that is waiting
+(posting its send, taking the next batch off its inbox). Absent means 0.
 """
 from __future__ import annotations
 
@@ -125,6 +129,13 @@ def _check_meta(meta: dict, label: str) -> None:
     for key in ("sched_overhead_s", "gpu_memory_bytes"):
         if not isinstance(meta[key], (int, float)) or meta[key] < 0:
             raise ProfileError(f"{label}: key {key!r} must be a non-negative number")
+    turnaround = meta.get("stage_turnaround_s")   # optional: in-situ tables measure it
+    if turnaround is not None and (
+            not isinstance(turnaround, list) or len(turnaround) != pp
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                       for v in turnaround)):
+        raise ProfileError(f"{label}: key 'stage_turnaround_s' must be a list of {pp} non-negative "
+                           f"numbers (seconds per stage), got {turnaround!r}")
 
 
 def _check_stages(df: pd.DataFrame, meta: dict, label: str) -> None:

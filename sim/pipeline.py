@@ -28,6 +28,11 @@ the time over its shape's median), drawn at dispatch from a seeded generator. St
 variation is a cause of bubbles in its own right (a stage waits on a slow predecessor),
 which a simulator timed by the fit alone underestimates.
 
+Stage turnaround (the latency model's optional `stage_turnaround`, measured in situ): a
+stage stays occupied that long after each row ends (the runtime's stage thread posts its
+send and takes the next batch off its inbox outside its busy rows), so a waiting batch
+starts that much later; the batch that just ended moves on at once.
+
 Stage timing: each stage and link is a single FIFO server, and a micro-batch's service
 times are known when it is dispatched, so its whole path is fixed at dispatch by the
 tandem-queue (Lindley) recursion start = max(ready, server free). That is exactly what
@@ -38,7 +43,7 @@ trace run in seconds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 import simpy
@@ -52,7 +57,8 @@ TOKEN_ID_BYTES = 8  # sampled token ids travel last stage -> stage 0 as int64
 
 
 class StageLatency(Protocol):
-    """What the simulator needs from a latency model (profiles.LatencyModel fits one)."""
+    """What the simulator needs from a latency model (profiles.LatencyModel fits one).
+    It may also have `stage_turnaround` (seconds per stage; absent or empty: 0)."""
     sched_overhead: float
     def stage_time(self, stage: int, prefill_tokens: float, decode_tokens: float,
                    prefill_attention_work: float, decode_context: float) -> float: ...
@@ -67,6 +73,7 @@ class ConstantLatency:
     transfer: float = 0.0
     sched_overhead: float = 0.0
     token_return: float = 0.0
+    stage_turnaround: tuple[float, ...] = ()
 
     def stage_time(self, stage: int, *shape: float) -> float:
         return self.stage
@@ -85,10 +92,15 @@ class StageJitter:
     measured variation shrinks as batches grow (on the CPU table: ~14% log std at one
     token, ~4% at 64+). An octave with fewer than `min_rows` rows borrows the nearest one
     that has them (the larger on a tie). Uniform draws from a seeded generator: the same
-    seed and batches give the same draws."""
+    seed and batches give the same draws.
+
+    `level` ({octave: per-stage factor}, optional) multiplies the draws for batches of
+    that octave: the ratios are relative to a shape's median, so the latency model's time
+    is first brought to the median of what was measured at that size (see
+    sim.run.jitter_level)."""
 
     def __init__(self, tokens: np.ndarray, ratios: np.ndarray, seed: int, min_rows: int = 20,
-                 block: int = 1024) -> None:
+                 block: int = 1024, level: dict[int, Sequence[float]] | None = None) -> None:
         self.ratios = np.asarray(ratios, dtype=float)
         tokens = np.asarray(tokens)
         if self.ratios.ndim != 2 or not len(self.ratios) or not (self.ratios > 0).all() \
@@ -105,14 +117,21 @@ class StageJitter:
             self._rows_of.append(np.flatnonzero(octave == near))
         self._rng = np.random.default_rng(seed)
         self._block = block
+        self._level = {int(o): np.asarray(f, dtype=float) for o, f in (level or {}).items()}
+        if any(f.shape != (self.ratios.shape[1],) or not (f > 0).all() for f in self._level.values()):
+            raise ValueError("stage jitter level needs one positive factor per stage for each octave")
         self._queued: dict[int, list[list[float]]] = {}
 
     def draw(self, tokens: int) -> list[float]:
-        o = min(max(int(tokens), 1).bit_length() - 1, len(self._rows_of) - 1)
-        queue = self._queued.get(o)
+        octave = max(int(tokens), 1).bit_length() - 1
+        o = min(octave, len(self._rows_of) - 1)
+        queue = self._queued.get(octave)
         if not queue:   # in blocks: one numpy call per many batches of this octave
             rows = self._rows_of[o]
-            queue = self._queued[o] = self.ratios[rows[self._rng.integers(len(rows), size=self._block)]].tolist()
+            drawn = self.ratios[rows[self._rng.integers(len(rows), size=self._block)]]
+            if octave in self._level:
+                drawn = drawn * self._level[octave]
+            queue = self._queued[octave] = drawn.tolist()
         return queue.pop()
 
 
@@ -133,6 +152,10 @@ class PipelineSim:
         if jitter is not None and jitter.ratios.shape[1] != self.pp:
             raise ValueError(f"stage jitter has {jitter.ratios.shape[1]} stage columns for pp={self.pp}")
         self.jitter = jitter
+        turnaround = tuple(getattr(latency, "stage_turnaround", ()) or ())
+        if turnaround and len(turnaround) != self.pp:
+            raise ValueError(f"stage_turnaround has {len(turnaround)} values for pp={self.pp}")
+        self._turnaround = [float(v) for v in turnaround] or [0.0] * self.pp
         self._link_free = [0.0] * max(0, self.pp - 1)
         self._token_return_s = (latency.token_return if isinstance(latency, ConstantLatency) else None) \
             if self.pp > 1 else 0.0
@@ -261,7 +284,7 @@ class PipelineSim:
             self.env.process(self._run_with_resources(batch))
             return None
         lat, stage_free, link_free, last = self.latency, self._stage_free, self._link_free, self.pp - 1
-        stage_time = lat.stage_time
+        stage_time, turnaround = lat.stage_time, self._turnaround
         p, d, w, c = batch.prefill_tokens, batch.decode_tokens, batch.prefill_attention_work, batch.decode_context
         transfer = lat.transfer_time(lat.activation_bytes(p + d))
         ratios = self.jitter.draw(p + d) if self.jitter is not None else None
@@ -271,7 +294,7 @@ class PipelineSim:
             free = stage_free[s]
             start = t if t > free else free
             t = start + (stage_time(s, p, d, w, c) if ratios is None else stage_time(s, p, d, w, c) * ratios[s])
-            stage_free[s] = t
+            stage_free[s] = t + turnaround[s]
             starts.append(start)
             ends.append(t)
             if s < last:
@@ -286,18 +309,26 @@ class PipelineSim:
         env = self.env
         stages, transfer = self._durations(batch)
         for s, duration in enumerate(stages):
-            with self._stages[s].request() as slot:
-                yield slot
-                start = env.now
-                yield env.timeout(duration)
-                self.recorder.stage(batch.id, s, start, env.now, batch.prefill_tokens,
-                                    batch.decode_tokens, len(batch))
+            slot = self._stages[s].request()
+            yield slot
+            start = env.now
+            yield env.timeout(duration)
+            self.recorder.stage(batch.id, s, start, env.now, batch.prefill_tokens,
+                                batch.decode_tokens, len(batch))
+            if self._turnaround[s] > 0:   # the stage stays occupied; this batch moves on
+                env.process(self._release_after(self._stages[s], slot, self._turnaround[s]))
+            else:
+                self._stages[s].release(slot)
             if s < self.pp - 1:
                 with self._links[s].request() as link:
                     yield link
                     yield env.timeout(transfer)
         yield env.timeout(self._token_return(batch))
         self._complete(batch)
+
+    def _release_after(self, stage: simpy.Resource, slot: simpy.Event, delay: float):
+        yield self.env.timeout(delay)
+        stage.release(slot)
 
     def _completed(self, event: simpy.Event) -> None:
         self._complete(event.value)

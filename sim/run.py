@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import simpy
 
 from core.metrics import summarize
@@ -37,21 +38,43 @@ def fitted_model(profile: str) -> tuple[LatencyModel, int, dict]:
 
 
 @functools.lru_cache(maxsize=32)
-def profile_jitter(profile: str) -> tuple[np.ndarray, np.ndarray]:
-    """The profile's measured jitter (jitter.csv): (batch tokens, per-stage time ratios)."""
+def profile_jitter(profile: str) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+    """The profile's measured jitter (jitter.csv): (batch tokens, per-stage time ratios,
+    level: see jitter_level)."""
     prof = load_profile(profile)
     if prof.jitter is None:
         raise ValueError(f"stage_jitter: profile {profile!r} has no jitter.csv (measured stage-time "
                          "variation); in-situ tables have one (profiles/in_situ.py, `pipetwin validate` "
                          "with calibrate)")
-    return prof.jitter["tokens"].to_numpy(), prof.jitter.drop(columns="tokens").to_numpy(float)
+    level = jitter_level(prof.stages, fitted_model(profile)[0])
+    return prof.jitter["tokens"].to_numpy(), prof.jitter.drop(columns="tokens").to_numpy(float), level
+
+
+def jitter_level(stages: pd.DataFrame, model: LatencyModel, min_rows: int = 20) -> dict[int, np.ndarray]:
+    """Per octave of batch tokens (as StageJitter groups them), each stage's median of
+    measured time over the model's time, on the table's own rows. Jitter ratios are
+    relative to a shape's median, but the fit (least squares on relative error) comes out
+    below the median of noisy rows (on the CPU in-situ tables by ~1% overall, more at some
+    sizes); this brings it there. Octaves where a stage has fewer than `min_rows` rows get
+    factor 1 for that stage."""
+    predicted = np.array([model.stage_time(int(r.stage), r.prefill_tokens, r.decode_tokens,
+                                           r.prefill_attention_work, r.decode_context)
+                          for r in stages.itertuples(index=False)])
+    tokens = (stages["prefill_tokens"] + stages["decode_tokens"]).clip(lower=1).to_numpy()
+    rows = pd.DataFrame({"stage": stages["stage"].to_numpy(), "octave": np.floor(np.log2(tokens)).astype(int),
+                         "ratio": stages["latency_median"].to_numpy(float) / predicted})
+    level: dict[int, np.ndarray] = {}
+    for (stage, octave), g in rows.groupby(["stage", "octave"]):
+        if len(g) >= min_rows:
+            level.setdefault(int(octave), np.ones(model.pp))[int(stage)] = float(g["ratio"].median())
+    return level
 
 
 def simulate(config: SimConfig, *, latency: StageLatency | None = None, pp: int | None = None,
              requests: list[Request] | None = None,
              jitter: tuple[np.ndarray, np.ndarray] | None = None) -> SimResult:
     """Run one configuration. `latency`/`pp` replace the profile (tests, custom models),
-    `jitter` its jitter.csv as (batch tokens, per-stage ratios) (with stage_jitter);
+    `jitter` its jitter.csv as (batch tokens, per-stage ratios[, level]) (with stage_jitter);
     `requests` replaces the workload spec (they are consumed: pass fresh ones each run)."""
     wall0 = time.perf_counter()
     meta: dict[str, Any] = {}
@@ -82,8 +105,8 @@ def simulate(config: SimConfig, *, latency: StageLatency | None = None, pp: int 
     env = simpy.Environment()
     stage_jitter = None
     if config.stage_jitter:
-        tokens, ratios = jitter if jitter is not None else profile_jitter(config.profile)
-        stage_jitter = StageJitter(tokens, ratios, config.jitter_seed)
+        tokens, ratios, *level = jitter if jitter is not None else profile_jitter(config.profile)
+        stage_jitter = StageJitter(tokens, ratios, config.jitter_seed, level=level[0] if level else None)
     model = PipelineSim(env, scheduler, latency, recorder, config.stage_model,
                         driver_on_stage0=config.driver_on_stage0, jitter=stage_jitter)
     model.start(requests)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from profiles.in_situ import in_situ_profile, jitter_rows, link_gaps, stage_rows
+from profiles.in_situ import in_situ_profile, jitter_rows, link_gaps, stage_rows, stage_turnaround
 from profiles.latency_model import fit
-from profiles.schema import ProfileError, load_profile
+from profiles.schema import Profile, ProfileError, load_profile
 
 COLS = ["batch_id", "stage", "start", "end", "prefill_tokens", "decode_tokens", "num_requests",
         "prefill_attention_work", "decode_context", "returned"]
@@ -83,3 +83,30 @@ def test_jitter_rows_are_each_stage_over_its_shape_median_per_batch():
     prof = in_situ_profile(base, [rows(r) for r in runs], ["a", "b"])
     assert prof.jitter is not None and len(prof.jitter) == 6
     assert "6 micro-batches" in prof.meta["measurement"]["jitter"]
+
+
+def test_stage_turnaround_is_the_mean_gap_before_batches_that_were_waiting():
+    """Stage 1 starts a batch that stage 0 finished long before (it was waiting) 0.2 and
+    0.4 after its previous row ends: turnaround 0.3. A batch that arrives while stage 1 is
+    idle (batch 3: its gap is the hop) or just before it frees up (batch 2, within the
+    margin) does not count; stage 0 gets 0."""
+    b = rows([(0, 0, 0.0, 1.0, 0, 2), (0, 1, 1.1, 4.0, 0, 2),
+              (1, 0, 1.0, 2.0, 0, 2), (1, 1, 4.2, 5.0, 0, 2),     # ready at 2.0, waited: gap 0.2
+              (2, 0, 2.0, 4.95, 0, 2), (2, 1, 5.3, 6.0, 0, 2),    # ready 0.05 before 5.0: not counted
+              (3, 0, 7.0, 8.0, 0, 2), (3, 1, 8.5, 9.0, 0, 2)])    # stage 1 idle: a hop
+    assert stage_turnaround([b], pp=2, ready_margin=0.1) == pytest.approx([0.0, 0.2])
+    later = rows([(0, 0, 0.0, 1.0, 0, 2), (0, 1, 1.1, 3.0, 0, 2),
+                  (1, 0, 1.0, 2.0, 0, 2), (1, 1, 3.4, 4.0, 0, 2)])   # waited: gap 0.4
+    assert stage_turnaround([b, later], pp=2, ready_margin=0.1) == pytest.approx([0.0, 0.3])
+    # in_situ_profile writes it into meta, where the table's validation checks it
+    base = load_profile("llama-32m_cpu-1thread_pp2")
+    prof = in_situ_profile(base, [b, later], ["a", "b"])
+    assert len(prof.meta["stage_turnaround_s"]) == 2 and prof.meta["stage_turnaround_s"][0] == 0.0
+    # and the fitted model carries it to the simulator
+    timed = Profile({**base.meta, "stage_turnaround_s": [0.0, 0.3]}, base.stages, base.transfer)
+    assert fit(timed)[0].stage_turnaround == (0.0, 0.3)
+    assert fit(base)[0].stage_turnaround == ()
+    with pytest.raises(ProfileError, match="stage_turnaround_s.*2 non-negative"):
+        Profile({**base.meta, "stage_turnaround_s": [0.3]}, base.stages, base.transfer)
+    with pytest.raises(ProfileError, match="stage_turnaround_s"):
+        Profile({**base.meta, "stage_turnaround_s": [0.0, -1.0]}, base.stages, base.transfer)

@@ -5,6 +5,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import pandas as pd
 import pytest
 
 from core.request import Request
@@ -94,8 +95,10 @@ def test_same_instant_arrival_and_completion_are_both_seen():
     assert (b.loc[1, "prefill_tokens"], b.loc[1, "decode_tokens"]) == (4, 1)
 
 
-def test_simpy_resources_and_recursion_give_the_same_trace():
-    lat = ConstantLatency(stage=0.01, transfer=0.003, sched_overhead=0.0005, token_return=0.001)
+@pytest.mark.parametrize("turnaround", [(), (0.0005, 0.002, 0.001)])
+def test_simpy_resources_and_recursion_give_the_same_trace(turnaround):
+    lat = ConstantLatency(stage=0.01, transfer=0.003, sched_overhead=0.0005, token_return=0.001,
+                          stage_turnaround=turnaround)
     specs = [(0.002 * i, 30 + 7 * i, 3 + i % 5) for i in range(40)]
     a = simulate(SimConfig(policy="token_throttling", num_pages=200, stage_model="recursion"),
                  latency=lat, pp=3, requests=reqs(specs))
@@ -107,6 +110,26 @@ def test_simpy_resources_and_recursion_give_the_same_trace():
     assert ta.shape == tb.shape and ta == pytest.approx(tb)
     assert a.trace.tokens["time"].to_numpy() == pytest.approx(b.trace.tokens["time"].to_numpy())
 
+
+
+@pytest.mark.parametrize("stage_model", ["recursion", "resources"])
+def test_stage_turnaround_delays_the_waiting_batch_not_the_one_that_ended(stage_model):
+    # pp=2, stage time t, stage 1 turnaround u. Sarathi(budget 1) forms A's and B's one-token
+    # prefills at 0: stage 0 runs them [0, t], [t, 2t]; stage 1 runs A [t, 2t] and is free at
+    # 2t + u, so B, there at 2t, runs [2t + u, 3t + u]. A's token is back at 2t.
+    t, u = 0.01, 0.003
+    lat = ConstantLatency(stage=t, stage_turnaround=(0.0, u))
+    res = simulate(sarathi(budget=1, stage_model=stage_model), latency=lat, pp=2,
+                   requests=reqs([(0.0, 1, 1), (0.0, 1, 1)]))
+    b = res.trace.batches.set_index(["batch_id", "stage"])
+    assert (b.loc[(1, 0), "start"], b.loc[(1, 0), "end"]) == pytest.approx((t, 2 * t))
+    assert (b.loc[(1, 1), "start"], b.loc[(1, 1), "end"]) == pytest.approx((2 * t + u, 3 * t + u))
+    r = res.trace.requests.set_index("request_id")
+    assert r.loc[0, "first_token"] == pytest.approx(2 * t)
+    assert r.loc[1, "first_token"] == pytest.approx(3 * t + u)
+    with pytest.raises(ValueError, match="stage_turnaround"):
+        simulate(sarathi(), latency=ConstantLatency(stage=t, stage_turnaround=(0.0,)), pp=2,
+                 requests=reqs([(0.0, 1, 1)]))
 
 
 class ProcessScheduler(PipelineSim):
@@ -292,6 +315,32 @@ def test_stage_jitter_scales_each_stage_by_a_measured_row_of_its_batch_size(stag
     for res, want in ((one, [2 * t, t]), (big, [t, 3 * t])):
         b = res.trace.batches.sort_values("stage")
         assert (b["end"] - b["start"]).tolist() == pytest.approx(want)
+    # a level for the one-token octave (model time -> measured median) multiplies its draws only
+    tokens, ratios = jit
+    lev = {0: [1.5, 1.25]}
+    one = simulate(cfg, latency=ConstantLatency(stage=t), pp=2, requests=reqs([(0.0, 1, 1)]),
+                   jitter=(tokens, ratios, lev))
+    big = simulate(cfg, latency=ConstantLatency(stage=t), pp=2, requests=reqs([(0.0, 64, 1)]),
+                   jitter=(tokens, ratios, lev))
+    for res, want in ((one, [3 * t, 1.25 * t]), (big, [t, 3 * t])):
+        b = res.trace.batches.sort_values("stage")
+        assert (b["end"] - b["start"]).tolist() == pytest.approx(want)
+
+
+def test_jitter_level_is_the_median_measured_over_model_time_per_octave_and_stage():
+    """The fit misses a size: one-token rows measure 1.1x (stage 0) and 0.9x (stage 1) the
+    model's time, 64-token rows 1.0x; an octave with too few rows keeps factor 1."""
+    model = sim.run.fitted_model(PROFILE)[0]
+    spec = [(s, 0, 1, 0, 50, f) for s, f in ((0, 1.1), (1, 0.9)) for _ in range(25)]
+    spec += [(s, 64, 0, 64 * 64, 0, 1.0) for s in (0, 1) for _ in range(25)]
+    spec += [(0, 0, 300, 0, 300 * 50, 2.0)] * 5   # octave 8: five rows only
+    stages = pd.DataFrame([{"stage": s, "prefill_tokens": p, "decode_tokens": d, "prefill_attention_work": w,
+                            "decode_context": c, "latency_median": f * model.stage_time(s, p, d, w, c)}
+                           for s, p, d, w, c, f in spec])
+    level = sim.run.jitter_level(stages, model)
+    assert set(level) == {0, 6}
+    assert level[0][:2].tolist() == pytest.approx([1.1, 0.9]) and level[6][:2].tolist() == pytest.approx([1.0, 1.0])
+    assert (level[0][2:] == 1.0).all()   # the table's other stages: no rows, factor 1
 
 
 def test_stage_jitter_is_seeded_and_an_octave_without_rows_borrows_the_nearest():

@@ -754,8 +754,10 @@ def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking
         "the machine shows here).",
         "",
         "Stage time / table: median over stage intervals of the duration over the latency model's "
-        "prediction for that batch shape (attention features approximated); about 1 on the sim side, "
-        "so a real value above 1 is how much slower the runtime's stages ran than the profiler measured.",
+        "prediction for that batch shape (attention features approximated); about 1 on the sim side "
+        "(a few % above with stage jitter, which brings the fit to the measured median and draws a "
+        "right-tailed ratio), so the real value against the sim's is how much slower or faster the "
+        "runtime's stages ran than the table says.",
         "",
         "| policy | load | busy sim / real (s) | busy err % | stage time / table sim, real "
         "| hop sim / real (ms) | batches sim / real | decodes/batch sim / real | loadavg |",

@@ -19,6 +19,7 @@ from core.trace import Trace  # noqa: E402
 from experiments.bench import workload_requests  # noqa: E402
 from experiments.cli import main  # noqa: E402
 from experiments.validate import ERROR_COLUMNS, REL_METRICS  # noqa: E402
+from profiles.in_situ import stage_turnaround  # noqa: E402
 from profiles.schema import TABLES_DIR  # noqa: E402
 
 TINY = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -154,6 +155,11 @@ def test_simulator_is_timed_by_an_in_situ_table_from_other_requests(validated):
     stages = pd.read_csv(table / "stages.csv")
     assert len(stages) == sum((c.batches["end"] > c.batches["start"]).sum() for c in (cal, cal2))
     assert set(stages["stage"]) == {0, 1}
+    # the stage turnaround measured on those same runs, "waiting" meaning finished upstream
+    # over two of the table's slowest hops before
+    margin = 2 * pd.read_csv(table / "transfer.csv")["latency_median"].max()
+    assert meta["stage_turnaround_s"] == pytest.approx(stage_turnaround([cal.batches, cal2.batches], 2, margin))
+    assert meta["stage_turnaround_s"][0] == 0.0 and meta["stage_turnaround_s"][1] >= 0.0
     sim_cfg = yaml.safe_load((validated / "runs" / "tt_r25" / "sim" / "config.yaml").read_text())
     assert sim_cfg["profile"] == str(table)
     assert "in-situ table" in (validated / "report.md").read_text()

@@ -642,6 +642,11 @@ def format_table(errors: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+# goal column -> the column of the real runs' own spread in that quantity
+REAL_SPREAD_OF = {"throughput_err_pct": "real_spread_output_tps_pct", "ttft_p50_err_pct": "real_spread_ttft_p50_pct",
+                  "tpot_p50_err_pct": "real_spread_tpot_p50_pct", "bubble_diff_pts": "real_spread_bubble_pts"}
+
+
 def goal_lines(errors: pd.DataFrame, ranking: pd.DataFrame, goals: dict[str, float]) -> list[str]:
     out = []
     for col, limit in goals.items():
@@ -649,13 +654,20 @@ def goal_lines(errors: pd.DataFrame, ranking: pd.DataFrame, goals: dict[str, flo
             continue
         v = errors[col].abs()
         worst = errors.loc[v.idxmax()] if v.notna().any() else None
-        miss = int((v > limit).sum())
+        missed = v > limit
+        miss = int(missed.sum())
         unit = "pts" if col.endswith("pts") else "%"
         if worst is None:
             out.append(f"- {col}: no data")
             continue
-        out.append(f"- |{col}| <= {limit:g} {unit}: {'met' if miss == 0 else f'MISSED in {miss}/{len(v)} runs'}; "
-                   f"worst {worst[col]:+.1f} {unit} ({worst['policy']} @ {worst['load']} req/s)")
+        line = (f"- |{col}| <= {limit:g} {unit}: {'met' if miss == 0 else f'MISSED in {miss}/{len(v)} cells'}; "
+                f"worst {worst[col]:+.1f} {unit} ({worst['policy']} @ {worst['load']} req/s)")
+        spread_col = REAL_SPREAD_OF.get(col)
+        if miss and spread_col in errors and "repeats" in errors and (errors["repeats"] > 1).all():
+            # a miss no larger than the hardware's own run-to-run spread is not model error alone
+            inside = int((v[missed] <= errors.loc[missed, spread_col]).sum())
+            line += f"; {inside} of the {miss} misses within the real runs' own spread of that cell"
+        out.append(line)
     same = bool(ranking["same"].all()) if len(ranking) else True
     out.append(f"- same throughput ranking as the hardware: {'met' if same else 'MISSED'} "
                f"({int(ranking['same'].sum())}/{len(ranking)} loads)")

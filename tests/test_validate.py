@@ -315,3 +315,20 @@ def test_sim_repeats_without_measured_jitter_are_refused(standin_profile, tmp_pa
         with pytest.raises(SystemExit) as e:
             main(["validate", str(tmp_path / "v.yaml")])
         assert e.value.code == 2 and named in capsys.readouterr().err, named
+
+
+def test_goal_lines_say_which_misses_are_inside_the_hardwares_own_spread():
+    """Two TPOT misses: -6% where the two real runs differed by 8% (inside their spread),
+    +7% where they differed by 2% (outside); throughput met."""
+    from experiments.validate import goal_lines
+    errors = pd.DataFrame({"policy": ["a", "b", "c"], "load": [1, 1, 1], "repeats": [2, 2, 2],
+                           "tpot_p50_err_pct": [-6.0, 7.0, 1.0], "real_spread_tpot_p50_pct": [8.0, 2.0, 0.5],
+                           "throughput_err_pct": [1.0, -2.0, 0.5], "real_spread_output_tps_pct": [0.1, 0.1, 0.1]})
+    ranking = pd.DataFrame({"same": [True], "separated_pairs": [1], "same_separated": [1]})
+    lines = goal_lines(errors, ranking, {"tpot_p50_err_pct": 5, "throughput_err_pct": 3})
+    assert lines[0] == ("- |tpot_p50_err_pct| <= 5 %: MISSED in 2/3 cells; worst +7.0 % (b @ 1 req/s); "
+                        "1 of the 2 misses within the real runs' own spread of that cell")
+    assert lines[1] == "- |throughput_err_pct| <= 3 %: met; worst -2.0 % (b @ 1 req/s)"
+    # one real run per cell: no spread to speak of
+    single = goal_lines(errors.assign(repeats=1), ranking, {"tpot_p50_err_pct": 5})
+    assert "spread" not in single[0]

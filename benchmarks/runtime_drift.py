@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     for engine, runs in ((0, args.runs), (1, 3)):
         with Bench(cfg.model, cfg.pp, pol["name"], pol["params"], num_pages=cfg.num_pages,
                    page_size=cfg.page_size, layer_split=cfg.layer_split, num_threads=cfg.threads,
-                   seed=cfg.seed) as bench:
+                   seed=cfg.seed, device=cfg.device, dtype=cfg.dtype) as bench:
             for k in range(runs):
                 trace = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed)
                 med, busy = stage_ratio(trace, model)

@@ -60,13 +60,17 @@ def prompt_ids(requests: Sequence[Request], vocab: int, seed: int) -> list[list[
     return [rng.integers(0, vocab, r.prompt_len).tolist() for r in requests]
 
 
+DEVICES = ("cpu", "cuda")                      # cuda: one GPU per stage (NCCL), as runtime.engine
+DTYPES = (None, "float32", "bfloat16", "float16")  # None: the model config's torch_dtype
+
+
 class Bench:
     """The runtime, started once (start-up and a warm-up are not part of any run)."""
 
     def __init__(self, model: Any, pp: int, policy: str = "token_throttling",
                  policy_params: dict[str, Any] | None = None, *, num_pages: int | None = None,
                  page_size: int = 16, layer_split: Any = None, num_threads: int | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, device: str = "cpu", dtype: str | None = None) -> None:
         from runtime.llm import LLM, SamplingParams
 
         self.SamplingParams = SamplingParams
@@ -74,7 +78,8 @@ class Bench:
         self.model = resolve_model(model)
         self.pp = pp
         self.llm = LLM(self.model, pp=pp, policy=policy, policy_params=policy_params, num_pages=num_pages,
-                       page_size=page_size, layer_split=layer_split, num_threads=num_threads, seed=seed)
+                       page_size=page_size, layer_split=layer_split, num_threads=num_threads, seed=seed,
+                       device=device, dtype=dtype)
         self.llm.generate([[1] * 16] * 2, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
 
     @property

@@ -253,7 +253,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML file (model, pp, policy, policy_params, workload, seed, "
-                                             "num_pages, page_size, layer_split, threads); flags override it")
+                                             "num_pages, page_size, layer_split, threads, device, dtype); flags "
+                                             "override it")
     p.add_argument("--model", help="model directory or dummy:<preset | config.json | inline JSON>")
     p.add_argument("--pp", type=int, help="pipeline stages (one process each)")
     p.add_argument("--policy", help="token_throttling | sarathi | vllm | dotted.path.Class")
@@ -264,12 +265,14 @@ def add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, help="tokens per KV page (default 16)")
     p.add_argument("--layer-split", help="layers per stage, e.g. 5,3 or 4.5,3.5 (a .5 puts the boundary between a layer's attention and its MLP)")
     p.add_argument("--threads", type=int, help="torch threads per stage process (default 1 on CPU)")
+    p.add_argument("--device", help="cpu | cuda (one GPU per stage; default cpu)")
+    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: the model config's torch_dtype)")
     p.add_argument("--out", help="results folder (default results/bench/<policy>_<model>)")
     p.add_argument("--formats", type=_formats, default=("csv",), help="trace tables: csv,parquet (default csv)")
 
 
 _BENCH_KEYS = ("model", "pp", "policy", "policy_params", "workload", "seed", "num_pages", "page_size",
-               "layer_split", "threads")
+               "layer_split", "threads", "device", "dtype")
 
 
 def bench_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -282,7 +285,8 @@ def bench_config(args: argparse.Namespace) -> dict[str, Any]:
         setattr(args, name, None)
     d = sim_config(args)
     check_keys({k: v for k, v in d.items()}, _BENCH_KEYS, "the bench config")
-    for flag, key in (("model", "model"), ("layer_split", "layer_split"), ("threads", "threads")):
+    for flag, key in (("model", "model"), ("layer_split", "layer_split"), ("threads", "threads"),
+                      ("device", "device"), ("dtype", "dtype")):
         if getattr(args, flag) is not None:
             d[key] = getattr(args, flag)
     if not d.get("model"):
@@ -293,6 +297,13 @@ def bench_config(args: argparse.Namespace) -> dict[str, Any]:
     d.setdefault("seed", 0)
     d.setdefault("num_pages", None)
     d.setdefault("page_size", 16)
+    d.setdefault("device", "cpu")
+    d.setdefault("dtype", None)
+    from experiments.bench import DEVICES, DTYPES
+    if d["device"] not in DEVICES:
+        raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {d['device']!r}")
+    if d["dtype"] not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(t for t in DTYPES if t)} (or left out), got {d['dtype']!r}")
     for flag, key, low in (("--pp", "pp", 1), ("--num-pages", "num_pages", 1), ("--page-size", "page_size", 1),
                            ("--seed", "seed", 0), ("--threads", "threads", 1)):
         v = d.get(key)
@@ -317,7 +328,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     requests = workload_requests(d["workload"], d["seed"])
     with Bench(d["model"], d["pp"], d["policy"], d["policy_params"], num_pages=d["num_pages"],
                page_size=d["page_size"], layer_split=d.get("layer_split"), num_threads=d.get("threads"),
-               seed=d["seed"]) as bench:
+               seed=d["seed"], device=d["device"], dtype=d["dtype"]) as bench:
         trace = bench.run(requests, d["policy"], d["policy_params"], seed=d["seed"])
         d["num_pages"] = bench.num_pages
     summary = summarize(trace)

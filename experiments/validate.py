@@ -13,8 +13,10 @@ lengths). Written under `out`:
   report.md
 
 Config keys (YAML):
-  name, description, model, pp, profile, layer_split, threads, num_pages (null = the
-  runtime's default), page_size, seed, workload (a core workload spec; its arrival rate
+  name, description, model, pp, profile, layer_split, threads, device (cpu, or cuda: one
+  GPU per stage over NCCL; `profile` then a table of that model and pp, e.g. from
+  `pipetwin profile --device cuda`), dtype (default the model config's), num_pages (null =
+  the runtime's default), page_size, seed, workload (a core workload spec; its arrival rate
   is set per load), loads (absolute request rates, req/s; "inf" allowed),
   policies (list of {name, label, params}), out, goals (optional thresholds),
   calibrate (optional): {seed, loads} -- before validating, run the runtime on OTHER
@@ -68,7 +70,7 @@ DEFAULT_GOALS: dict[str, float] = {"throughput_err_pct": 3.0, "tpot_p50_err_pct"
                                    "bubble_diff_pts": 2.0}
 _KEYS = ("name", "description", "model", "pp", "profile", "layer_split", "threads", "num_pages",
          "page_size", "seed", "workload", "loads", "policies", "out", "goals", "calibrate", "repeats",
-         "sim_repeats")
+         "sim_repeats", "device", "dtype")
 _CALIBRATE_KEYS = ("seed", "loads")
 
 
@@ -92,6 +94,8 @@ class ValidationConfig:
     calibrate: dict[str, Any] | None = None
     repeats: int = 1
     sim_repeats: int = 1
+    device: str = "cpu"            # the runtime's: cpu | cuda (one GPU per stage)
+    dtype: str | None = None       # None: the model config's torch_dtype
     source: str | None = None
 
     def __post_init__(self) -> None:
@@ -102,6 +106,13 @@ class ValidationConfig:
             raise ValueError("model is required (a directory or dummy:<preset | config.json | inline JSON>)")
         if not (isinstance(self.pp, int) and self.pp >= 1):
             raise ValueError(f"pp must be an int >= 1, got {self.pp!r}")
+        from experiments.bench import DEVICES, DTYPES
+
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(t for t in DTYPES if t)} (or left out), "
+                             f"got {self.dtype!r}")
         if not isinstance(self.loads, list) or not self.loads:
             raise ValueError("loads must be a non-empty list of request rates (req/s, or 'inf')")
         for i, r in enumerate(self.loads):
@@ -479,7 +490,8 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
             first = cfg.policies[0]
             bench = stack.enter_context(Bench(
                 cfg.model, cfg.pp, first["name"], first["params"], num_pages=cfg.num_pages,
-                page_size=cfg.page_size, layer_split=cfg.layer_split, num_threads=cfg.threads, seed=cfg.seed))
+                page_size=cfg.page_size, layer_split=cfg.layer_split, num_threads=cfg.threads, seed=cfg.seed,
+                device=cfg.device, dtype=cfg.dtype))
             num_pages, page_size = bench.num_pages, bench.page_size
             log(f"runtime up: pp={cfg.pp}, {num_pages} KV pages of {page_size} tokens")
             recorded, profile = run_runtime_side(cfg, bench, out, num_pages, log)
@@ -585,7 +597,8 @@ def _real_run(cfg: ValidationConfig, bench: Any, pol: dict[str, Any], rate: Any,
                   {"model": cfg.model, "pp": cfg.pp, "policy": pol["name"],
                    "policy_params": dict(pol["params"]), "workload": wl, "seed": seed,
                    "num_pages": num_pages, "page_size": bench.page_size,
-                   "layer_split": cfg.layer_split, "threads": cfg.threads})
+                   "layer_split": cfg.layer_split, "threads": cfg.threads, "device": cfg.device,
+                   "dtype": cfg.dtype})
     return t
 
 

@@ -272,6 +272,8 @@ def test_bench_writes_the_sim_results_folder(standin_profile, tmp_path, capsys):
     (["bench", "--model", MODEL, "--num-requests", "x"], "--num-requests"),
     (["bench", "--rate", "2"], "--model"),
     (["bench", "--model", MODEL, "--bogus"], "--bogus"),
+    (["bench", "--model", MODEL, "--device", "tpu"], "--device"),
+    (["bench", "--model", MODEL, "--dtype", "int8"], "--dtype"),
     (["validate", "no/such.yaml"], "no/such.yaml"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(argv, named, capsys):
@@ -297,7 +299,8 @@ def test_bad_validation_config_names_the_key(tmp_path, capsys):
 def test_bad_repeats_and_calibrate_are_named(tmp_path, capsys):
     base = {"model": MODEL, "profile": "x", "workload": WORKLOAD, "loads": [1.0], "policies": ["vllm"]}
     for extra, named in (({"repeats": 0}, "repeats"), ({"calibrate": {"seed": 0}}, "calibrate.seed"),
-                         ({"calibrate": {"lods": [1.0]}}, "lods")):
+                         ({"calibrate": {"lods": [1.0]}}, "lods"), ({"device": "gpu"}, "device must be one of cpu, cuda"),
+                         ({"dtype": "fp8"}, "dtype must be one of")):
         (tmp_path / "v.yaml").write_text(yaml.safe_dump({**base, **extra}))
         with pytest.raises(SystemExit) as e:
             main(["validate", str(tmp_path / "v.yaml")])

@@ -320,15 +320,23 @@ def _ranking(rows: pd.DataFrame) -> pd.DataFrame:
         sim_order = list(g.sort_values("sim_output_tps", ascending=False)["policy"])
         real_order = list(g.sort_values("real_output_tps", ascending=False)["policy"])
         separated = agreed = 0
+        reversed_pairs = []
         recs = list(g.itertuples())
         for i, a in enumerate(recs):
             for b in recs[i + 1:]:
                 hi, lo = (a, b) if a.real_output_tps >= b.real_output_tps else (b, a)
                 if hi.real_output_tps_min > lo.real_output_tps_max:
                     separated += 1
-                    agreed += int(hi.sim_output_tps > lo.sim_output_tps)
+                    if hi.sim_output_tps > lo.sim_output_tps:
+                        agreed += 1
+                    else:   # how far apart, to tell a near-tie from a real miss
+                        reversed_pairs.append(
+                            f"{hi.policy} > {lo.policy} (real "
+                            f"{100 * (hi.real_output_tps / lo.real_output_tps - 1):+.1f}%, sim "
+                            f"{100 * (hi.sim_output_tps / lo.sim_output_tps - 1):+.1f}%)")
         out.append({"load": rate, "sim_order": " > ".join(sim_order), "real_order": " > ".join(real_order),
-                    "same": sim_order == real_order, "separated_pairs": separated, "same_separated": agreed})
+                    "same": sim_order == real_order, "separated_pairs": separated, "same_separated": agreed,
+                    "reversed_separated": "; ".join(reversed_pairs)})
     return pd.DataFrame(out)
 
 
@@ -753,12 +761,14 @@ def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking
         "## Throughput ranking per load",
         "",
         "Separated pairs: policy pairs whose real runs' throughput ranges do not overlap (the others are "
-        "ties on this hardware); same: how many of them the simulator orders the same way.",
+        "ties on this hardware); same: how many of them the simulator orders the same way; reversed: "
+        "the others, with how far apart each side has them.",
         "",
-        "| load (req/s) | simulator | runtime | same | separated pairs: same / all |",
-        "|---|---|---|---|---|",
+        "| load (req/s) | simulator | runtime | same | separated pairs: same / all | reversed |",
+        "|---|---|---|---|---|---|",
         *[f"| {r.load} | {r.sim_order} | {r.real_order} | {'yes' if r.same else 'NO'} | "
-          f"{r.same_separated} / {r.separated_pairs} |" for r in ranking.itertuples()],
+          f"{r.same_separated} / {r.separated_pairs} | {r.reversed_separated or '-'} |"
+          for r in ranking.itertuples()],
         "",
         "## Absolute values",
         "",

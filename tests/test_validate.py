@@ -93,7 +93,7 @@ def test_error_table_report_and_plots(validated):
         assert pd.notna(row[c]), c
     ranking = pd.read_csv(validated / "ranking.csv")
     assert list(ranking.columns) == ["load", "sim_order", "real_order", "same", "separated_pairs",
-                                     "same_separated"]
+                                     "same_separated", "reversed_separated"]
     assert ranking["separated_pairs"].tolist() == [0]   # one policy: no pairs
     report = (validated / "report.md").read_text()
     for text in ("thru %", "TTFT p50 %", "TTFT p99 %", "TPOT p50 %", "TPOT p99 %", "E2E p50 %", "bubble pts",
@@ -335,3 +335,17 @@ def test_goal_lines_say_which_misses_are_inside_the_hardwares_own_spread():
     # one real run per cell: no spread to speak of
     single = goal_lines(errors.assign(repeats=1), ranking, {"tpot_p50_err_pct": 5})
     assert "spread" not in single[0]
+
+
+def test_ranking_counts_separated_pairs_and_names_the_reversed_ones():
+    """At one load: A's real runs (100-102) are clear of C's (95-97), and C's of B's (90-91).
+    The simulator gets A above both but puts B above C: that pair is reversed and named with
+    both sides' gaps."""
+    from experiments.validate import _ranking
+    rows = pd.DataFrame({"policy": ["A", "B", "C"], "load": ["8", "8", "8"],
+                         "real_output_tps": [101.0, 90.5, 96.0], "real_output_tps_min": [100.0, 90.0, 95.0],
+                         "real_output_tps_max": [102.0, 91.0, 97.0], "sim_output_tps": [100.0, 99.0, 97.0]})
+    r = _ranking(rows).iloc[0]
+    assert (r["separated_pairs"], r["same_separated"]) == (3, 2)
+    assert r["sim_order"] == "A > B > C" and r["real_order"] == "A > C > B" and not r["same"]
+    assert r["reversed_separated"] == "C > B (real +6.1%, sim -2.0%)"

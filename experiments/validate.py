@@ -291,9 +291,7 @@ def stage_diagnostics(sim: Trace, real: Trace, latency: Any = None) -> dict[str,
                 work, dctx = b["prefill_attention_work"], b["decode_context"]
             else:
                 work, dctx = b["prefill_tokens"] ** 2, b["decode_tokens"] * ctx
-            pred = np.array([latency.stage_time(int(st), float(p), float(d), float(w), float(c))
-                             for st, p, d, w, c in zip(b["stage"], b["prefill_tokens"], b["decode_tokens"],
-                                                       work, dctx)])
+            pred = latency.predict(b.assign(prefill_attention_work=work, decode_context=dctx))
             dur = (b["end"] - b["start"]).to_numpy(float)
             ok = pred > 0
             row[f"{side}_vs_table"] = float(np.median(dur[ok] / pred[ok])) if ok.any() else math.nan

@@ -184,6 +184,17 @@ class LatencyModel:
             t += c6 * gap
         return t
 
+    def predict(self, rows) -> np.ndarray:
+        """stage_time of every row of a table with `stage` and the four feature columns
+        (a stages.csv or a trace's batches), vectorised."""
+        out = np.zeros(len(rows))
+        stage = rows["stage"].to_numpy()
+        for s, c in enumerate(self.coefs):
+            mask = stage == s
+            if mask.any():
+                out[mask] = _predict(c, rows[mask])
+        return out
+
     def activation_bytes(self, num_tokens: int) -> int:
         return num_tokens * self.activation_bytes_per_token
 

@@ -57,9 +57,7 @@ def jitter_level(stages: pd.DataFrame, model: LatencyModel, min_rows: int = 20) 
     below the median of noisy rows (on the CPU in-situ tables by ~1% overall, more at some
     sizes); this brings it there. Octaves where a stage has fewer than `min_rows` rows get
     factor 1 for that stage."""
-    predicted = np.array([model.stage_time(int(r.stage), r.prefill_tokens, r.decode_tokens,
-                                           r.prefill_attention_work, r.decode_context)
-                          for r in stages.itertuples(index=False)])
+    predicted = model.predict(stages)
     tokens = (stages["prefill_tokens"] + stages["decode_tokens"]).clip(lower=1).to_numpy()
     rows = pd.DataFrame({"stage": stages["stage"].to_numpy(), "octave": np.floor(np.log2(tokens)).astype(int),
                          "ratio": stages["latency_median"].to_numpy(float) / predicted})

@@ -238,7 +238,7 @@ def summarize(trace: "Trace", slo: "SLO | Mapping[str, float | None] | None" = N
         raise ValueError("trace.meta['pp'] (number of pipeline stages) is missing; "
                          "the bubble ratio needs it")
     pp = int(pp)
-    req, tok, smp = trace.requests, trace.tokens, trace.samples
+    req, smp = trace.requests, trace.samples
     status = req["status"]
     finished = int((status == "finished").sum())
     rejected = int((status == "rejected").sum())
@@ -268,7 +268,7 @@ def summarize(trace: "Trace", slo: "SLO | Mapping[str, float | None] | None" = N
     }
     out.update(describe(lat["ttft"].to_numpy(), "ttft"))
     out.update(describe(lat["tpot"].to_numpy(), "tpot"))
-    out.update(describe(inter_token_latencies(tok, lat["request_id"]), "itl"))
+    out.update(describe(trace.token_gaps(lat["request_id"]), "itl"))  # no token table built
     out.update(describe(lat["e2e"].to_numpy(), "e2e"))
 
     br = bubble_ratio(trace.batches, req, pp)

@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import math
 from array import array
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 if TYPE_CHECKING:  # pandas is imported lazily: the scheduler hot path never needs it
+    import numpy as np
     import pandas as pd
     from core.request import Request
 
@@ -85,31 +85,17 @@ class TraceRecorder:
             self.stage(*row)
 
     def build(self, requests: Iterable["Request"], meta: dict[str, Any] | None = None) -> "Trace":
-        import numpy as np
         import pandas as pd
 
         requests = list(requests)
         req_rows = [(r.id, r.arrival, r.first_scheduled, r.token_times[0] if r.token_times else None,
                      r.finish_time, r.prompt_len, len(r.output_ids), r.max_output, r.preemptions,
                      r.status.value, r.finish_reason) for r in requests]
-        # Preallocated columns filled in place: a long trace has millions of tokens.
-        total = sum(len(r.token_times) for r in requests)
-        ids = np.empty(total, np.int64)
-        index = np.empty(total, np.int64)
-        times = np.empty(total, np.float64)
-        pos = 0
-        for r in requests:
-            n = len(r.token_times)
-            if n:
-                ids[pos:pos + n] = r.id
-                index[pos:pos + n] = np.arange(n)
-                times[pos:pos + n] = r.token_times
-                pos += n
-        tokens = pd.DataFrame({"request_id": ids, "index": index, "time": times}, copy=False)
         return Trace(
             batches=self._batches_frame(),
             requests=pd.DataFrame(req_rows, columns=REQUEST_COLUMNS),
-            tokens=tokens,
+            # the token table (millions of rows on a long trace) is built when first read
+            tokens=TokenTimes([(r.id, r.token_times) for r in requests]),
             samples=_frame(SAMPLE_COLUMNS, self._sample_cols),
             meta=dict(meta or {}),
         )
@@ -132,34 +118,133 @@ def _frame(columns: list[str], arrays: tuple[array, ...]) -> "pd.DataFrame":
                          for c, a in zip(columns, arrays)}, copy=False)
 
 
-@dataclass
+class TokenTimes:
+    """The token table's source: each request's token times as recorded (array('d')).
+    `frame()` builds the table; `gaps()` gives the inter-token gaps without building it."""
+    __slots__ = ("_per_request",)
+
+    def __init__(self, per_request: list[tuple[int, array]]) -> None:
+        self._per_request = per_request
+
+    def __len__(self) -> int:
+        return sum(len(t) for _, t in self._per_request)
+
+    def frame(self) -> "pd.DataFrame":
+        import numpy as np
+        import pandas as pd
+
+        total = len(self)
+        ids = np.empty(total, np.int64)
+        index = np.empty(total, np.int64)
+        times = np.empty(total, np.float64)
+        pos = 0
+        for rid, t in self._per_request:   # preallocated columns filled in place
+            n = len(t)
+            if n:
+                ids[pos:pos + n] = rid
+                index[pos:pos + n] = np.arange(n)
+                times[pos:pos + n] = t
+                pos += n
+        return pd.DataFrame({"request_id": ids, "index": index, "time": times}, copy=False)
+
+    def gaps(self, request_ids: Any = None) -> "np.ndarray":
+        """Every gap between consecutive tokens of a request (only `request_ids`' if given)."""
+        import numpy as np
+
+        if not self._per_request:
+            return np.empty(0)
+        ids = np.fromiter((rid for rid, _ in self._per_request), np.int64, len(self._per_request))
+        lens = np.fromiter((len(t) for _, t in self._per_request), np.int64, len(self._per_request))
+        times = np.concatenate([np.frombuffer(t, dtype=np.float64) for _, t in self._per_request if len(t)]
+                               or [np.empty(0)])
+        if len(times) < 2:
+            return np.empty(0)
+        keep = np.ones(len(ids), bool) if request_ids is None else np.isin(ids, np.asarray(request_ids))
+        owner = np.repeat(np.arange(len(ids), dtype=np.int32), lens)
+        valid = (owner[1:] == owner[:-1]) & keep[owner[1:]]
+        return np.diff(times)[valid]
+
+
+class MissingTable:
+    """A table a results folder was written without; reading it says how to get it."""
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
 class Trace:
-    batches: "pd.DataFrame"
-    requests: "pd.DataFrame"
-    tokens: "pd.DataFrame"
-    samples: "pd.DataFrame"
-    meta: dict[str, Any] = field(default_factory=dict)  # pp, policy, seed, ...
+    """The four tables and meta. `tokens` may be built on first access (simulator runs keep
+    the per-request token times until then: a long trace has millions of tokens, and most
+    callers need only their gaps, see `token_gaps`)."""
+
+    def __init__(self, batches: "pd.DataFrame", requests: "pd.DataFrame",
+                 tokens: "pd.DataFrame | TokenTimes | MissingTable", samples: "pd.DataFrame",
+                 meta: dict[str, Any] | None = None) -> None:
+        self.batches = batches
+        self.requests = requests
+        self._tokens = tokens
+        self.samples = samples
+        self.meta: dict[str, Any] = {} if meta is None else meta   # pp, policy, seed, ...
+
+    @property
+    def tokens(self) -> "pd.DataFrame":
+        if isinstance(self._tokens, TokenTimes):
+            self._tokens = self._tokens.frame()
+        elif isinstance(self._tokens, MissingTable):
+            raise FileNotFoundError(self._tokens.message)
+        return self._tokens
+
+    @tokens.setter
+    def tokens(self, value: "pd.DataFrame") -> None:
+        self._tokens = value
+
+    @property
+    def has_tokens(self) -> bool:
+        return not isinstance(self._tokens, MissingTable)
+
+    def token_gaps(self, request_ids: Any = None) -> "np.ndarray":
+        """Inter-token gaps (optionally of `request_ids` only), from the recorded token times
+        when the table has not been built."""
+        if isinstance(self._tokens, TokenTimes):
+            return self._tokens.gaps(request_ids)
+        from core.metrics import inter_token_latencies
+        return inter_token_latencies(self.tokens, request_ids)
 
     # ------------------------------------------------------------------ I/O
-    def save(self, folder: str | Path, formats: Sequence[str] = ("csv",)) -> Path:
-        """Write the four tables (one file per table and format) and meta.json into `folder`.
+    def save(self, folder: str | Path, formats: Sequence[str] = ("csv",),
+             tables: Sequence[str] | None = None) -> Path:
+        """Write `tables` (one file per table and format) and meta.json into `folder`.
 
         formats: any of "csv", "parquet". Parquet needs pyarrow (`pip install pipetwin[parquet]`).
+        tables: any of TABLES (default: every table this trace has); a folder saved without
+        tokens loads with `tokens` unreadable (the error says so) and `has_tokens` False.
         """
         formats = tuple(formats)
         unknown = [f for f in formats if f not in TABLE_FORMATS]
         if unknown or not formats:
             raise ValueError(f"formats must be a non-empty subset of {TABLE_FORMATS}, got {formats!r}")
+        tables = tuple(tables) if tables is not None else tuple(
+            t for t in TABLES if t != "tokens" or self.has_tokens)
+        bad = [t for t in tables if t not in TABLES]
+        if bad or not {"batches", "requests", "samples"} <= set(tables):
+            raise ValueError(f"tables must include batches, requests and samples (tokens is optional), "
+                             f"from {TABLES}, got {tables!r}")
         if "parquet" in formats:
             _require_pyarrow()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name in TABLES:
+            for fmt in TABLE_FORMATS:   # a stale file from an earlier save would load as this run's
+                if name not in tables or fmt not in formats:
+                    (folder / f"{name}.{fmt}").unlink(missing_ok=True)
+        for name in tables:
             df = _coerce(name, getattr(self, name))
             if "csv" in formats:
                 df.to_csv(folder / f"{name}.csv", index=False)
             if "parquet" in formats:
                 df.to_parquet(folder / f"{name}.parquet", index=False)
+            del df
         with open(folder / "meta.json", "w") as f:
             json.dump(self.meta, f, indent=2, sort_keys=True, default=_json_default)
         return folder
@@ -167,15 +252,20 @@ class Trace:
     @classmethod
     def load(cls, folder: str | Path) -> "Trace":
         """Read a folder written by `save` (Parquet when all its files are there and pyarrow is
-        importable, else CSV). Columns get the schema's dtypes (times float64, counts int64)."""
+        importable, else CSV). Columns get the schema's dtypes (times float64, counts int64).
+        A folder without a tokens table loads with `tokens` a MissingTable (see `save`)."""
         import pandas as pd
 
         folder = Path(folder)
         if not (folder / "meta.json").exists():
             raise FileNotFoundError(f"{folder}: no meta.json; not a saved trace folder")
-        use_parquet = all((folder / f"{n}.parquet").exists() for n in TABLES) and _has_pyarrow()
-        tables = {}
-        for name in TABLES:
+        present = [n for n in TABLES if n != "tokens" or any((folder / f"tokens.{f}").exists()
+                                                              for f in TABLE_FORMATS)]
+        use_parquet = all((folder / f"{n}.parquet").exists() for n in present) and _has_pyarrow()
+        tables: dict[str, Any] = {"tokens": MissingTable(
+            f"{folder}: no tokens table (the run was saved without it; `pipetwin sim --tokens` "
+            "or Trace.save(tables=TABLES) writes it)")}
+        for name in present:
             if use_parquet:
                 df = pd.read_parquet(folder / f"{name}.parquet")
             else:
@@ -190,48 +280,90 @@ class Trace:
             meta = json.load(f)
         return cls(meta=meta, **tables)
 
-    def to_perfetto(self, path: str | Path) -> Path:
+    def to_perfetto(self, path: str | Path, window: tuple[float, float] | None = None,
+                    chunk: int = 20_000) -> Path:
         """Write Chrome/Perfetto trace-event JSON (open in ui.perfetto.dev or chrome://tracing).
 
         One track per pipeline stage ("stage N"), one complete event ("X", microseconds) per
         batch row named "mb <batch_id>", and counter tracks for KV utilization and queue lengths.
+        `window` = (start, end) in seconds keeps the batch rows that overlap it and the samples
+        inside it (plus the last one before it, so the counters start at their value then).
+        Events are written `chunk` at a time: memory stays flat however long the run.
         """
+        import numpy as np
+
         pid = 1
-        events: list[dict[str, Any]] = [
+        head: list[dict[str, Any]] = [
             {"ph": "M", "pid": pid, "tid": 0, "name": "process_name",
              "args": {"name": f"pipetwin {self.meta.get('policy', '')}".strip()}},
         ]
         b = self.batches
-        stages = sorted({int(s) for s in b["stage"]}) if len(b) else []
+        stages = sorted({int(s) for s in b["stage"].unique()}) if len(b) else []
         pp = self.meta.get("pp")
         if isinstance(pp, (int, float)) and pp == int(pp):
             stages = sorted(set(stages) | set(range(int(pp))))
         for s in stages:
-            events.append({"ph": "M", "pid": pid, "tid": s, "name": "thread_name",
-                           "args": {"name": f"stage {s}"}})
-            events.append({"ph": "M", "pid": pid, "tid": s, "name": "thread_sort_index",
-                           "args": {"sort_index": s}})
-        cols = [b[c].tolist() for c in ("batch_id", "stage", "start", "end", "prefill_tokens",
-                                         "decode_tokens", "num_requests")]
-        for bid, st, start, end, pre, dec, nreq in zip(*cols):
-            events.append({"ph": "X", "pid": pid, "tid": int(st), "name": f"mb {bid}", "cat": "batch",
-                           "ts": start * 1e6, "dur": max(end - start, 0.0) * 1e6,
-                           "args": {"batch_id": bid, "prefill_tokens": pre, "decode_tokens": dec,
-                                    "num_requests": nreq}})
+            head.append({"ph": "M", "pid": pid, "tid": s, "name": "thread_name",
+                         "args": {"name": f"stage {s}"}})
+            head.append({"ph": "M", "pid": pid, "tid": s, "name": "thread_sort_index",
+                         "args": {"sort_index": s}})
         sm = self.samples
+        if window is not None:
+            lo, hi = (float(x) for x in window)
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"perfetto window must be finite START < END seconds, got {window!r}")
+            b = b[(b["end"].to_numpy() >= lo) & (b["start"].to_numpy() <= hi)]
+            t = sm["time"].to_numpy()
+            inside = (t >= lo) & (t <= hi)
+            before = np.flatnonzero(t < lo)
+            if len(before):
+                inside[before[np.argmax(t[before])]] = True
+            sm = sm[inside]
         queue_cols = [c for c in ("waiting", "ready", "in_flight", "running") if c in sm.columns]
-        times = [t * 1e6 for t in sm["time"].tolist()]
-        for ts, kv in zip(times, sm["kv_util"].tolist()):
-            events.append({"ph": "C", "pid": pid, "name": "kv_util", "ts": ts, "args": {"kv_util": _finite(kv)}})
-        for ts, *qs in zip(times, *(sm[c].tolist() for c in queue_cols)):
-            events.append({"ph": "C", "pid": pid, "name": "queues", "ts": ts,
-                           "args": {c: _finite(q) for c, q in zip(queue_cols, qs)}})
-        doc = {"traceEvents": events, "displayTimeUnit": "ms",
-               "otherData": {k: _jsonable(v) for k, v in self.meta.items()}}
+
+        def batch_events(i: int) -> list[dict[str, Any]]:
+            part = b.iloc[i:i + chunk]
+            cols = [part[c].tolist() for c in ("batch_id", "stage", "start", "end", "prefill_tokens",
+                                                "decode_tokens", "num_requests")]
+            return [{"ph": "X", "pid": pid, "tid": int(st), "name": f"mb {bid}", "cat": "batch",
+                     "ts": start * 1e6, "dur": max(end - start, 0.0) * 1e6,
+                     "args": {"batch_id": bid, "prefill_tokens": pre, "decode_tokens": dec,
+                              "num_requests": nreq}}
+                    for bid, st, start, end, pre, dec, nreq in zip(*cols)]
+
+        def kv_events(i: int) -> list[dict[str, Any]]:
+            part = sm.iloc[i:i + chunk]
+            return [{"ph": "C", "pid": pid, "name": "kv_util", "ts": t * 1e6, "args": {"kv_util": _finite(kv)}}
+                    for t, kv in zip(part["time"].tolist(), part["kv_util"].tolist())]
+
+        def queue_events(i: int) -> list[dict[str, Any]]:
+            part = sm.iloc[i:i + chunk]
+            return [{"ph": "C", "pid": pid, "name": "queues", "ts": t * 1e6,
+                     "args": {c: _finite(q) for c, q in zip(queue_cols, qs)}}
+                    for t, *qs in zip(part["time"].tolist(), *(part[c].tolist() for c in queue_cols))]
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:  # dumps, not dump: the C encoder is much faster
-            f.write(json.dumps(doc, default=_json_default, allow_nan=False))
+        other = json.dumps({k: _jsonable(v) for k, v in self.meta.items()}, default=_json_default,
+                           allow_nan=False)
+        with open(path, "w") as f:
+            f.write('{"traceEvents": ')
+            first = True
+
+            def emit(events: list[dict[str, Any]]) -> None:
+                nonlocal first
+                if not events:
+                    return
+                text = json.dumps(events, default=_json_default, allow_nan=False)  # C encoder
+                f.write(("[" if first else ", ") + text[1:-1])
+                first = False
+
+            emit(head)
+            for make, n in ((batch_events, len(b)), (kv_events, len(sm)), (queue_events, len(sm))):
+                for i in range(0, n, chunk):
+                    emit(make(i))
+            f.write(("[" if first else "") + "]")
+            f.write(f', "displayTimeUnit": "ms", "otherData": {other}}}')
         return path
 
 

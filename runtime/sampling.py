@@ -35,7 +35,15 @@ class SamplingParams:
 GREEDY = SamplingParams()
 
 
+TEMPERATURE_FLOOR = 1e-5    # below it sampling is greedy (vLLM's _SAMPLING_EPS): logits / t overflow
+_SEED_RANGE = 2**64         # torch.Generator.manual_seed takes [-2**63, 2**64); negatives wrap the same way
+
+
 class Sampler:
+    """Safe on the edges of its parameters: a temperature below TEMPERATURE_FLOOR samples
+    greedily, top_k beyond the vocabulary is off, the top token survives any top_p, seeds
+    are taken modulo 2**64 (the generator's range)."""
+
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
         self._gens: dict[int, torch.Generator] = {}
@@ -45,7 +53,7 @@ class Sampler:
         g = self._gens.get(request_id)
         if g is None:
             seed = params.seed if params.seed is not None else self.seed * 1_000_003 + request_id
-            g = self._gens[request_id] = torch.Generator(device=device).manual_seed(seed)
+            g = self._gens[request_id] = torch.Generator(device=device).manual_seed(seed % _SEED_RANGE)
         return g
 
     def release(self, request_id: int) -> None:
@@ -62,13 +70,14 @@ class Sampler:
             raise ValueError(f"{n} logit rows but {len(request_ids)} request ids and "
                              f"{len(params)} sampling params")
         out = logits.argmax(dim=-1).tolist()
-        rows = [i for i, p in enumerate(params) if not p.greedy]
+        rows = [i for i, p in enumerate(params) if not p.greedy and p.temperature >= TEMPERATURE_FLOOR]
         if not rows:
             return out
+        vocab = logits.shape[1]
         idx = torch.tensor(rows, device=logits.device)
         sub = logits.index_select(0, idx).float()
         temp = torch.tensor([params[i].temperature for i in rows], device=logits.device)
-        top_k = torch.tensor([params[i].top_k or logits.shape[1] for i in rows], device=logits.device)
+        top_k = torch.tensor([min(params[i].top_k, vocab) or vocab for i in rows], device=logits.device)
         top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device)
         probs, order = filtered_probs(sub / temp[:, None], top_k, top_p)
         for j, i in enumerate(rows):
@@ -86,7 +95,8 @@ def filtered_probs(logits: torch.Tensor, top_k: torch.Tensor,
     rank = torch.arange(logits.shape[1], device=logits.device)[None, :]
     sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
-    # drop a token when the ones ranked above it already cover top_p
+    # drop a token when the ones ranked above it already cover top_p (never the top one:
+    # a top_p that rounds to 0 in float32 keeps it)
     before = probs.cumsum(dim=-1) - probs
-    probs = probs.masked_fill(before >= top_p[:, None], 0.0)
+    probs = probs.masked_fill((before >= top_p[:, None]) & (rank > 0), 0.0)
     return probs, order

@@ -3,7 +3,8 @@
   protocol.py  request/response models, OpenAI error objects
   tokens.py    tokenizer or byte fallback, chat template, incremental detokenizer, stop strings
   metrics.py   Prometheus /metrics
-  app.py       build_app(engine, model_name=...) -> FastAPI
+  access.py    ASGI gate: Host check, API key, status counting
+  app.py       OpenAIServer / build_app(engine, model_name=..., options=ServerOptions(...)) -> FastAPI
   serve.py     `pipetwin serve`, ServerThread (the app on a loopback port in a thread)
 
 Importing this package imports neither torch nor fastapi; the modules do what they need.

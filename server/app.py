@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP layer over an `AsyncLLM`-like engine (runtime/online.py).
 
-    app = build_app(engine, model_name="dummy:llama-32m", info={"pp": 2, ...})
+    app = build_app(engine, model_name="dummy:llama-32m", info={"pp": 2, ...},
+                    options=ServerOptions(api_key="..."))
 
 Endpoints:
   POST /v1/completions, /v1/chat/completions   OpenAI; `stream: true` for server-sent events
@@ -16,10 +17,15 @@ chunk carrying only the finish_reason (when the engine's final delta holds no to
 the usage chunk if `stream_options.include_usage`, then `data: [DONE]`. The load
 generator relies on this to timestamp every token.
 
-Errors are OpenAI error objects: 400 invalid request (field named in `param`), 404 unknown
-model, 503 when the engine is dead (also /health). Load never fails a request: it waits in
-the scheduler's queue. A client that disconnects has its request aborted (its KV pages
-freed): streams through Starlette's disconnect listener, non-streaming requests by polling.
+Every error is an OpenAI error object: 400 invalid request (field named in `param`; also
+query parameters, a body that is not JSON or nests too deep, text with lone surrogates),
+401 missing API key, 404 unknown model or path, 405 wrong method, 413 body over
+`max_request_bytes`, 415 a POST that is not `content-type: application/json` (which also
+means a web page cannot POST here without a CORS preflight, which this server refuses),
+503 when the engine is down (also /health). Clients get a short reason; tracebacks, paths
+and pids go to the server log only. Load never fails a request: it waits in the
+scheduler's queue. A client that disconnects has its request aborted (its KV pages freed):
+streams through Starlette's disconnect listener, non-streaming requests by polling.
 """
 from __future__ import annotations
 
@@ -28,20 +34,51 @@ import contextlib
 import json
 import logging
 import time
+import uuid
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
+from server.access import Gate
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_body, chat_chunk,
                              completion_body, completion_chunk, error_body, new_id, usage_chunk)
-from server.tokens import StopChecker, make_codec
+from server.tokens import InvalidText, StopChecker, check_text, make_codec
 
 log = logging.getLogger("pipetwin.server")
 
 DISCONNECT_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """What a deployment chooses (`pipetwin serve` flags of the same names)."""
+    api_key: str | None = None                 # Bearer token for /v1/* and the docs; None: open
+    max_request_bytes: int = 4 * 2**20         # larger bodies: 413
+    thread_bytes: int = 64 * 2**10             # bodies (and prompts) above this parse in a worker thread
+    disable_docs: bool = False                 # no /docs, /redoc, /openapi.json
+    disable_pipetwin_api: bool = False         # no /v1/pipetwin/*
+    allowed_hosts: tuple[str, ...] | None = None   # Host header names accepted; None: any
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_request_bytes, int) and self.max_request_bytes >= 1024):
+            raise ValueError(f"max_request_bytes must be an int >= 1024, got {self.max_request_bytes!r}")
+        if self.api_key is not None and not (isinstance(self.api_key, str) and self.api_key.strip()
+                                             and self.api_key.isprintable() and " " not in self.api_key):
+            raise ValueError("api_key must be a non-empty printable string without spaces")
+
+
+class JSON(JSONResponse):
+    """JSON with non-ASCII escaped: a client's text echoed in an error (a model name with a
+    lone surrogate, say) always encodes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
 
 
 class _Stream(StreamingResponse):
@@ -65,7 +102,7 @@ _TYPE_LABELS = frozenset({"int", "float", "str", "bool", "none", "dict", "list"}
 
 
 def _param_of(loc: tuple) -> str:
-    parts = [str(p) for p in loc if not (isinstance(p, str) and p in ("body",))]
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p in ("body", "query"))]
     # drop the union-branch labels pydantic puts in the location ('str', 'list[int]', 'ChatMessage')
     keep = [p for p in parts if p.isdigit() or (p.isidentifier() and p not in _TYPE_LABELS and not p[0].isupper())]
     out = ""
@@ -74,8 +111,7 @@ def _param_of(loc: tuple) -> str:
     return out or "body"
 
 
-def _validation_error(e: ValidationError) -> APIError:
-    errs = e.errors()
+def _validation_error(errs: list[dict[str, Any]]) -> APIError:
     first = errs[0]
     param = _param_of(tuple(first.get("loc", ())))
     if first.get("type") == "missing":
@@ -83,17 +119,53 @@ def _validation_error(e: ValidationError) -> APIError:
     else:
         kinds = sorted({x.get("msg", "") for x in errs if _param_of(tuple(x.get("loc", ()))) == param})
         got = first.get("input")
-        msg = f"'{param}': invalid value {json.dumps(got)[:80] if _jsonable(got) else type(got).__name__}: " \
-              + "; or ".join(kinds)
+        msg = f"'{param}': invalid value {_short_json(got)}: " + "; or ".join(kinds)
     return APIError(400, msg, param=param)
 
 
-def _jsonable(v: Any) -> bool:
+def _short_json(v: Any) -> str:
     try:
-        json.dumps(v)
-        return True
-    except (TypeError, ValueError):
-        return False
+        return json.dumps(v)[:80]
+    except (TypeError, ValueError, RecursionError):
+        return type(v).__name__
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def decode_body(raw: bytes, cls: type) -> Any:
+    """The validated request (APIError 400 naming what is wrong). CPU-bound: large bodies
+    run it in a worker thread."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise APIError(400, "the request body nests JSON too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError, NaN, integers too long to parse
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    try:
+        req = cls.model_validate(body)
+    except ValidationError as e:
+        raise _validation_error(e.errors()) from None
+    except RecursionError:
+        raise APIError(400, "the request body nests JSON too deeply") from None
+    req.check_unsupported()
+    return req
+
+
+def public_reason(error: str | None) -> str:
+    """A short reason for clients from the engine's error text (which names pids, paths and
+    carries a traceback: that goes to the log only)."""
+    text = (error or "").lower()
+    if "shut down" in text:
+        return "the engine is shut down"
+    if "hung" in text or "took longer" in text or "no progress" in text:
+        return "a pipeline stage stopped answering"
+    if "died" in text or "killed" in text or "exit code" in text or "stopped unexpectedly" in text:
+        return "a pipeline stage process died"
+    return "a pipeline stage failed"
 
 
 class _Generation:
@@ -103,94 +175,161 @@ class _Generation:
         self.prompt_ids, self.params, self.stops, self.include_usage = prompt_ids, params, stops, include_usage
 
 
-def build_app(engine: Any, *, model_name: str, info: dict[str, Any] | None = None,
-              sampling_params: Callable[..., Any] | None = None,
-              on_shutdown: Callable[[], None] | None = None) -> FastAPI:
-    """The FastAPI app serving `engine` under the model name `model_name`.
+class OpenAIServer:
+    """The app's shared state (engine, codec, metrics, options) with the endpoints as methods."""
 
-    sampling_params: the SamplingParams class (default runtime.llm.SamplingParams).
-    on_shutdown: called (in a thread) when the server shuts down, e.g. engine.shutdown: uvicorn
-    re-raises SIGINT/SIGTERM after its graceful shutdown, so code after uvicorn.run may not run."""
-    if sampling_params is None:
-        from runtime.llm import SamplingParams as sampling_params  # noqa: N813
-    SP = sampling_params
+    def __init__(self, engine: Any, *, model_name: str, info: dict[str, Any] | None = None,
+                 sampling_params: Callable[..., Any] | None = None,
+                 on_shutdown: Callable[[], None] | None = None, options: ServerOptions | None = None) -> None:
+        if sampling_params is None:
+            from runtime.llm import SamplingParams as sampling_params  # noqa: N813
+        self.engine, self.model_name, self.info = engine, model_name, dict(info or {})
+        self.make_params, self.on_shutdown = sampling_params, on_shutdown
+        self.options = options or ServerOptions()
+        self.metrics = ServerMetrics(engine)
+        self.codec = make_codec(getattr(engine, "tokenizer", None), engine.model_config.vocab_size)
+        self.vocab = int(engine.model_config.vocab_size)
+        self.max_len = int(engine.max_model_len)
+        self.eos = frozenset(getattr(engine, "eos_token_ids", frozenset()))
+        self.created = int(time.time())
+        self._logged_error: str | None = None
+        self.app = self._build()
+
+    # ---------------------------------------------------------------- wiring
+
+    def _build(self) -> FastAPI:
+        o = self.options
+        docs = {} if not o.disable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+        app = FastAPI(title="pipetwin OpenAI-compatible server", lifespan=self._lifespan, **docs)
+        app.state.server, app.state.engine, app.state.metrics, app.state.codec = (
+            self, self.engine, self.metrics, self.codec)
+        app.add_exception_handler(APIError, self._api_error)
+        app.add_exception_handler(HTTPException, self._http_error)
+        app.add_exception_handler(RequestValidationError, self._query_error)
+        app.add_exception_handler(Exception, self._internal)
+        app.add_middleware(Gate, api_key=o.api_key, allowed_hosts=o.allowed_hosts,
+                           on_status=lambda ep, st: self.metrics.http.labels(ep, str(st)).inc())
+        route = app.add_api_route
+        route("/v1/completions", self.completions, methods=["POST"])
+        route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+        route("/v1/models", self.models, methods=["GET"])
+        route("/health", self.health, methods=["GET"])
+        route("/metrics", self.prometheus, methods=["GET"])
+        if not o.disable_pipetwin_api:
+            route("/v1/pipetwin/info", self.pipetwin_info, methods=["GET"])
+            route("/v1/pipetwin/stats", self.pipetwin_stats, methods=["GET"])
+            route("/v1/pipetwin/stage_rows", self.pipetwin_stage_rows, methods=["GET"])
+        route("/", self.root, methods=["GET"], include_in_schema=False)
+        return app
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            if on_shutdown is not None:
+            if self.on_shutdown is not None:
                 log.info("shutting the engine down")
-                await asyncio.to_thread(on_shutdown)
+                await asyncio.to_thread(self.on_shutdown)
 
-    app = FastAPI(title="pipetwin OpenAI-compatible server", lifespan=lifespan)
-    metrics = ServerMetrics(engine)
-    codec = make_codec(getattr(engine, "tokenizer", None), engine.model_config.vocab_size)
-    max_len = int(engine.max_model_len)
-    eos = frozenset(getattr(engine, "eos_token_ids", frozenset()))
-    created = int(time.time())
-    dead_logged = {"done": False}
-    app.state.engine = engine
-    app.state.metrics = metrics
-    app.state.codec = codec
+    # ---------------------------------------------------------------- errors
 
-    def check_alive() -> None:
-        if not engine.healthy:
-            cause = engine.error or "unknown cause"
-            if not dead_logged["done"]:
-                dead_logged["done"] = True
-                log.error("engine is dead: %s", cause)
-            raise APIError(503, f"the engine is dead ({cause}); restart the server", type="server_error",
-                           code="engine_dead")
+    async def _api_error(self, request: Request, e: APIError) -> Response:
+        return JSON(e.body(), status_code=e.status)
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+    async def _http_error(self, request: Request, e: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        msg = f"{e.detail}: {request.method} {request.url.path}"
+        return JSON(error_body(msg, "invalid_request_error", None, code), status_code=e.status_code,
+                    headers=getattr(e, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception) -> JSONResponse:
-        log.exception("internal error on %s", request.url.path)
-        return JSONResponse(error_body(f"internal server error: {type(e).__name__}: {e}", "server_error"),
-                            status_code=500)
+    async def _query_error(self, request: Request, e: RequestValidationError) -> Response:
+        return JSON(_validation_error(list(e.errors())).body(), status_code=400)
 
-    async def parse(request: Request, cls: type) -> Any:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-        try:
-            req = cls.model_validate(body)
-        except ValidationError as e:
-            raise _validation_error(e) from None
-        req.check_unsupported()
-        if req.model != model_name:
-            raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{model_name}' "
-                                "(see /v1/models)", param="model", code="model_not_found")
+    async def _internal(self, request: Request, e: Exception) -> Response:
+        ref = uuid.uuid4().hex[:12]
+        log.error("internal error %s on %s", ref, request.url.path, exc_info=e)
+        return JSON(error_body(f"internal server error (reference {ref} in the server log)", "server_error"),
+                    status_code=500)
+
+    def check_alive(self) -> None:
+        """APIError 503 with a short reason while the engine is down; the full cause is logged once."""
+        engine = self.engine
+        if engine.healthy:
+            return
+        cause = engine.error or "unknown cause"
+        if cause != self._logged_error:
+            self._logged_error = cause
+            log.error("engine is down: %s", cause)
+        raise APIError(503, f"the engine is down: {public_reason(cause)}; restart the server",
+                       type="server_error", code="engine_dead")
+
+    # ---------------------------------------------------------------- requests in
+
+    async def parse(self, request: Request, cls: type) -> Any:
+        ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if ctype != "application/json":
+            raise APIError(415, f"send the body as JSON with 'content-type: application/json' "
+                                f"(got {ctype or 'none'!r})", code="unsupported_media_type")
+        raw = await self._read_body(request)
+        if len(raw) > self.options.thread_bytes:
+            req = await asyncio.to_thread(decode_body, raw, cls)
+        else:
+            req = decode_body(raw, cls)
+        if req.model != self.model_name:
+            raise APIError(404, f"The model {req.model!r} does not exist; this server serves "
+                                f"{self.model_name!r} (see /v1/models)", param="model", code="model_not_found")
         return req
 
-    def sampling(req: Any, prompt_ids: list[int], default_max: int | None) -> _Generation:
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.options.max_request_bytes
+        too_big = APIError(413, f"the request body is larger than {limit} bytes (--max-request-bytes)",
+                           code="request_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_big
+        parts, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def encode(self, text: str, param: str) -> list[int]:
+        """The prompt's token ids; a text that cannot fit is refused before tokenizing."""
+        if self.codec is None:
+            raise APIError(400, "this model has no tokenizer and a vocabulary under 256 tokens: "
+                                "send the prompt as a list of token ids", param)
+        if len(text) > self.max_len * self.codec.max_chars_per_token:
+            raise APIError(400, f"This model's maximum context length is {self.max_len} tokens, and the "
+                                f"prompt has {len(text)} characters, more than that many tokens can hold",
+                           param, code="context_length_exceeded")
+        try:
+            check_text(text)
+            if len(text) > self.options.thread_bytes:
+                return await asyncio.to_thread(self.codec.encode, text)
+            return self.codec.encode(text)
+        except InvalidText as e:
+            raise APIError(400, f"{param}: {e}", param) from None
+
+    def sampling(self, req: Any, prompt_ids: list[int], default_max: int | None) -> _Generation:
+        prompt_field = "prompt" if isinstance(req, CompletionRequest) else "messages"
         if not prompt_ids:
-            raise APIError(400, "the prompt is empty", "prompt" if isinstance(req, CompletionRequest) else "messages")
-        vocab = engine.model_config.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+            raise APIError(400, "the prompt is empty", prompt_field)
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab]
         if bad:
-            raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
-        max_tokens = req.max_tokens
-        field = "max_tokens"
+            raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab})", "prompt")
+        max_tokens, field = req.max_tokens, "max_tokens"
         if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
             if max_tokens is not None and max_tokens != req.max_completion_tokens:
                 raise APIError(400, "max_tokens and max_completion_tokens disagree; give one",
                                "max_completion_tokens")
             max_tokens, field = req.max_completion_tokens, "max_completion_tokens"
-        n_prompt = len(prompt_ids)
+        n_prompt, max_len = len(prompt_ids), self.max_len
         if n_prompt >= max_len:
             raise APIError(400, f"This model's maximum context length is {max_len} tokens, and the prompt "
                                 f"alone has {n_prompt} (it needs room for at least one generated token)",
-                           "prompt" if isinstance(req, CompletionRequest) else "messages",
-                           code="context_length_exceeded")
+                           prompt_field, code="context_length_exceeded")
         if max_tokens is None:
             max_tokens = default_max if default_max is not None else max_len - n_prompt
         if max_tokens < 1:
@@ -201,28 +340,28 @@ def build_app(engine: Any, *, model_name: str, info: dict[str, Any] | None = Non
                                 f"{max_tokens} for the completion). Reduce the prompt or {field}.",
                            field, code="context_length_exceeded")
         try:
-            params = SP(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-                        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
-                        ignore_eos=req.ignore_eos, stop_token_ids=tuple(req.stop_token_ids or ()))
+            params = self.make_params(max_tokens=max_tokens, ignore_eos=req.ignore_eos,
+                                      stop_token_ids=tuple(req.stop_token_ids or ()),
+                                      **req.sampler_values(self.vocab))
         except ValueError as e:
             raise APIError(400, str(e), str(e).split(".", 1)[-1].split(" ", 1)[0] or None) from None
         try:
-            engine.check_request(prompt_ids, params)
+            self.engine.check_request(prompt_ids, params)
         except ValueError as e:
             raise APIError(400, str(e), "prompt") from None
         return _Generation(prompt_ids, params, req.stop_strings(), req.include_usage)
 
     # ---------------------------------------------------------------- running one request
 
-    async def run(request: Request, g: _Generation) -> AsyncIterator[tuple[str, str | None, bool]]:
+    async def run(self, g: _Generation) -> AsyncIterator[tuple[str, str | None, bool]]:
         """Drive the engine; yields (text, finish_reason, is_token) per token (and once more with
         is_token False when the final delta holds no token). Closes the engine stream when done."""
-        stop = StopChecker(codec.decoder() if codec else None, g.stops)
+        stop = StopChecker(self.codec.decoder() if self.codec else None, g.stops)
         arrival = time.perf_counter()
         first = last = None
         n = 0
         finish = None
-        gen = engine.generate(g.prompt_ids, g.params)
+        gen = self.engine.generate(g.prompt_ids, g.params)
         try:
             async for delta in gen:
                 toks = delta.token_ids
@@ -252,20 +391,21 @@ def build_app(engine: Any, *, model_name: str, info: dict[str, Any] | None = Non
             raise
         except Exception as e:  # noqa: BLE001 - engine death or a bug: report, never hang
             finish = "error"
-            if not engine.healthy:
-                check_alive()
-            log.exception("generation failed")
-            raise APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error") from e
+            self.check_alive()
+            ref = uuid.uuid4().hex[:12]
+            log.error("generation failed (reference %s)", ref, exc_info=e)
+            raise APIError(500, f"generation failed (reference {ref} in the server log)",
+                           type="server_error") from e
         finally:
             await gen.aclose()
-            metrics.observe(arrival, first, last, n, finish or "abort")
+            self.metrics.observe(arrival, first, last, n, finish or "abort")
 
-    async def non_streaming(request: Request, g: _Generation) -> tuple[str, str | None, int]:
+    async def non_streaming(self, request: Request, g: _Generation) -> tuple[str, str | None, int]:
         async def collect() -> tuple[str, str | None, int]:
             parts: list[str] = []
             finish = None
             n = 0
-            async with contextlib.aclosing(run(request, g)) as tokens:
+            async with contextlib.aclosing(self.run(g)) as tokens:
                 async for text, fr, is_token in tokens:
                     parts.append(text)
                     n += is_token
@@ -286,143 +426,150 @@ def build_app(engine: Any, *, model_name: str, info: dict[str, Any] | None = Non
             if not task.done():
                 task.cancel()
 
+    async def _events(self, g: _Generation, chunks: _CompletionChunks) -> AsyncIterator[str]:
+        """The SSE lines of one stream; an error after the first byte is an error event."""
+        try:
+            async with contextlib.aclosing(self.run(g)) as tokens:
+                async for text, finish, is_token in tokens:
+                    yield _sse(chunks.token(text, finish, is_token))
+            if g.include_usage:
+                yield _sse(chunks.usage())
+        except APIError as e:
+            yield _sse(e.body())
+        yield "data: [DONE]\n\n"
+
     # ---------------------------------------------------------------- endpoints
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        status = 200
+    async def completions(self, request: Request) -> Response:
+        self.check_alive()
+        req: CompletionRequest = await self.parse(request, CompletionRequest)
+        p = req.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise APIError(400, f"prompt: batches of {len(p)} prompts are not supported; "
+                                    "send one prompt per request", "prompt")
+            p = p[0]
+        ids = await self.encode(p, "prompt") if isinstance(p, str) else list(p)
+        g = self.sampling(req, ids, default_max=16)
+        rid = new_id("cmpl")
+        if req.stream:
+            return self._stream(g, _CompletionChunks(rid, self.model_name, g))
+        text, finish, n = await self.non_streaming(request, g)
+        return JSON(completion_body(rid, self.model_name, text, finish, len(ids), n))
+
+    async def chat_completions(self, request: Request) -> Response:
+        self.check_alive()
+        req: ChatCompletionRequest = await self.parse(request, ChatCompletionRequest)
+        msgs = [(m.role, m.text()) for m in req.messages]
+        if self.codec is None:
+            raise APIError(400, "this model has no tokenizer and a vocabulary under 256 tokens: "
+                                "chat needs text; use /v1/completions with token ids", "messages")
+        for i, (_, text) in enumerate(msgs):
+            try:
+                check_text(text)
+            except InvalidText as e:
+                raise APIError(400, f"messages[{i}].content: {e}", f"messages[{i}].content") from None
+        total = sum(len(t) for _, t in msgs)
+        if total > self.max_len * self.codec.max_chars_per_token:
+            raise APIError(400, f"This model's maximum context length is {self.max_len} tokens, and the "
+                                f"messages have {total} characters, more than that many tokens can hold",
+                           "messages", code="context_length_exceeded")
+        if total > self.options.thread_bytes:
+            ids = await asyncio.to_thread(self.codec.chat_prompt, msgs)
+        else:
+            ids = self.codec.chat_prompt(msgs)
+        g = self.sampling(req, ids, default_max=None)
+        rid = new_id("chatcmpl")
+        if req.stream:
+            return self._stream(g, _ChatChunks(rid, self.model_name, g))
+        text, finish, n = await self.non_streaming(request, g)
+        return JSON(chat_body(rid, self.model_name, text, finish, len(ids), n))
+
+    def _stream(self, g: _Generation, chunks: _CompletionChunks) -> Response:
+        return _Stream(self._events(g, chunks), media_type="text/event-stream",
+                       headers={"Cache-Control": "no-cache"})
+
+    async def models(self) -> Response:
+        return JSON({"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "pipetwin",
+             "max_model_len": self.max_len}]})
+
+    async def health(self) -> Response:
         try:
-            check_alive()
-            req: CompletionRequest = await parse(request, CompletionRequest)
-            p = req.prompt
-            if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-                if len(p) != 1:
-                    raise APIError(400, f"prompt: batches of {len(p)} prompts are not supported; "
-                                        "send one prompt per request", "prompt")
-                p = p[0]
-            if isinstance(p, str):
-                if codec is None:
-                    raise APIError(400, "this model has no tokenizer and a vocabulary under 256 tokens: "
-                                        "send the prompt as a list of token ids", "prompt")
-                ids = codec.encode(p)
-            else:
-                ids = list(p)
-            g = sampling(req, ids, default_max=16)
-            rid = new_id("cmpl")
-            if req.stream:
-                return _Stream(_stream_completion(request, g, rid, req), media_type="text/event-stream",
-                               headers={"Cache-Control": "no-cache"})
-            text, finish, n = await non_streaming(request, g)
-            return JSONResponse(completion_body(rid, model_name, text, finish, len(ids), n))
+            self.check_alive()
         except APIError as e:
-            status = e.status
-            raise
-        finally:
-            metrics.http.labels("completions", str(status)).inc()
+            return JSON({"status": "error", **e.body()}, status_code=503)
+        return JSON({"status": "ok"})
 
-    async def _stream_completion(request: Request, g: _Generation, rid: str, req: Any) -> AsyncIterator[str]:
-        t = int(time.time())
-        n = 0
-        try:
-            async with contextlib.aclosing(run(request, g)) as tokens:
-                async for text, finish, is_token in tokens:
-                    n += is_token
-                    yield _sse(completion_chunk(rid, model_name, t, text, finish))
-            if g.include_usage:
-                yield _sse(usage_chunk(rid, model_name, t, "text_completion", len(g.prompt_ids), n))
-        except APIError as e:
-            yield _sse(e.body())
-        yield "data: [DONE]\n\n"
+    async def prometheus(self) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        status = 200
-        try:
-            check_alive()
-            req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
-            msgs = [(m.role, m.text()) for m in req.messages]
-            if codec is None:
-                raise APIError(400, "this model has no tokenizer and a vocabulary under 256 tokens: "
-                                    "chat needs text; use /v1/completions with token ids", "messages")
-            ids = codec.chat_prompt(msgs)
-            g = sampling(req, ids, default_max=None)
-            rid = new_id("chatcmpl")
-            if req.stream:
-                return _Stream(_stream_chat(request, g, rid), media_type="text/event-stream",
-                               headers={"Cache-Control": "no-cache"})
-            text, finish, n = await non_streaming(request, g)
-            return JSONResponse(chat_body(rid, model_name, text, finish, len(ids), n))
-        except APIError as e:
-            status = e.status
-            raise
-        finally:
-            metrics.http.labels("chat_completions", str(status)).inc()
+    async def pipetwin_info(self) -> Response:
+        return JSON({"model": self.model_name, "max_model_len": self.max_len, "num_pages": self.engine.num_pages,
+                     "page_size": self.engine.page_size, "vocab_size": self.vocab,
+                     "tokenizer": self.codec.name if self.codec else None, "eos_token_ids": sorted(self.eos),
+                     **self.info})
 
-    async def _stream_chat(request: Request, g: _Generation, rid: str) -> AsyncIterator[str]:
-        t = int(time.time())
-        n = 0
-        first = True
-        try:
-            async with contextlib.aclosing(run(request, g)) as tokens:
-                async for text, finish, is_token in tokens:
-                    n += is_token
-                    delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-                    if not is_token and not text and not first:
-                        delta = {}
-                    first = False
-                    yield _sse(chat_chunk(rid, model_name, t, delta, finish))
-            if g.include_usage:
-                yield _sse(usage_chunk(rid, model_name, t, "chat.completion.chunk", len(g.prompt_ids), n))
-        except APIError as e:
-            yield _sse(e.body())
-        yield "data: [DONE]\n\n"
+    async def pipetwin_stats(self) -> Response:
+        self.check_alive()
+        s = self.engine.stats()
+        return JSON({"time": time.time(), "running": s.running, "waiting": s.waiting,
+                     "kv_used_pages": s.kv_used_pages, "kv_total_pages": s.kv_total_pages,
+                     "kv_utilization": s.kv_utilization, "bubble_ratio": s.bubble_ratio,
+                     "prompt_tokens_total": s.prompt_tokens_total,
+                     "generation_tokens_total": s.generation_tokens_total,
+                     "requests_finished_total": s.requests_finished_total})
 
-    @app.get("/v1/models")
-    async def models() -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": created, "owned_by": "pipetwin",
-             "max_model_len": max_len}]})
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        if engine.healthy:
-            return JSONResponse({"status": "ok"})
-        try:
-            check_alive()
-        except APIError as e:
-            return JSONResponse({"status": "error", **e.body()}, status_code=503)
-        return JSONResponse({"status": "ok"})  # pragma: no cover - raced back to healthy
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
-
-    @app.get("/v1/pipetwin/info")
-    async def pipetwin_info() -> JSONResponse:
-        return JSONResponse({"model": model_name, "max_model_len": max_len, "num_pages": engine.num_pages,
-                             "page_size": engine.page_size, "vocab_size": engine.model_config.vocab_size,
-                             "tokenizer": codec.name if codec else None, "eos_token_ids": sorted(eos),
-                             **(info or {})})
-
-    @app.get("/v1/pipetwin/stats")
-    async def pipetwin_stats() -> JSONResponse:
-        check_alive()
-        s = engine.stats()
-        return JSONResponse({"time": time.time(), "running": s.running, "waiting": s.waiting,
-                             "kv_used_pages": s.kv_used_pages, "kv_total_pages": s.kv_total_pages,
-                             "kv_utilization": s.kv_utilization, "bubble_ratio": s.bubble_ratio,
-                             "prompt_tokens_total": s.prompt_tokens_total,
-                             "generation_tokens_total": s.generation_tokens_total,
-                             "requests_finished_total": s.requests_finished_total})
-
-    @app.get("/v1/pipetwin/stage_rows")
-    async def pipetwin_stage_rows(since: float = 0.0) -> JSONResponse:
+    async def pipetwin_stage_rows(self, since: float = 0.0) -> Response:
         from core.trace import BATCH_COLUMNS
-        rows = engine.stage_rows(since)
-        return JSONResponse({"columns": BATCH_COLUMNS, "rows": [list(r) for r in rows]})
+        rows = self.engine.stage_rows(since)
+        return JSON({"columns": BATCH_COLUMNS, "rows": [list(r) for r in rows]})
 
-    @app.get("/", include_in_schema=False)
-    async def root() -> PlainTextResponse:
-        return PlainTextResponse(f"pipetwin server: {model_name}; OpenAI API under /v1\n")
+    async def root(self) -> PlainTextResponse:
+        return PlainTextResponse(f"pipetwin server: {self.model_name}; OpenAI API under /v1\n")
 
-    return app
+
+class _CompletionChunks:
+    """The chunk objects of one completions stream."""
+    kind = "text_completion"
+
+    def __init__(self, rid: str, model: str, g: _Generation) -> None:
+        self.rid, self.model, self.prompt_tokens = rid, model, len(g.prompt_ids)
+        self.created = int(time.time())
+        self.tokens = 0
+
+    def token(self, text: str, finish: str | None, is_token: bool) -> dict[str, Any]:
+        self.tokens += is_token
+        return completion_chunk(self.rid, self.model, self.created, text, finish)
+
+    def usage(self) -> dict[str, Any]:
+        return usage_chunk(self.rid, self.model, self.created, self.kind, self.prompt_tokens, self.tokens)
+
+
+class _ChatChunks(_CompletionChunks):
+    kind = "chat.completion.chunk"
+
+    def __init__(self, rid: str, model: str, g: _Generation) -> None:
+        super().__init__(rid, model, g)
+        self.first = True
+
+    def token(self, text: str, finish: str | None, is_token: bool) -> dict[str, Any]:
+        self.tokens += is_token
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if self.first else {"content": text}
+        if not is_token and not text and not self.first:
+            delta = {}
+        self.first = False
+        return chat_chunk(self.rid, self.model, self.created, delta, finish)
+
+
+def build_app(engine: Any, *, model_name: str, info: dict[str, Any] | None = None,
+              sampling_params: Callable[..., Any] | None = None,
+              on_shutdown: Callable[[], None] | None = None, options: ServerOptions | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` under the model name `model_name` (`app.state.server`
+    is its OpenAIServer).
+
+    sampling_params: the SamplingParams class (default runtime.llm.SamplingParams).
+    on_shutdown: called (in a thread) when the server shuts down, e.g. engine.shutdown: uvicorn
+    re-raises SIGINT/SIGTERM after its graceful shutdown, so code after uvicorn.run may not run."""
+    return OpenAIServer(engine, model_name=model_name, info=info, sampling_params=sampling_params,
+                        on_shutdown=on_shutdown, options=options).app

@@ -1,6 +1,8 @@
 """GET /metrics: Prometheus text format.
 
-Engine gauges and counters are read from `engine.stats()` at scrape time; latency
+Engine gauges and counters are read from `engine.stats()` at scrape time (while the engine
+is down, running/waiting/KV-used read 0 and the bubble ratio NaN: its requests have failed
+and its cache is gone, so the last values would be stale, not true); latency
 histograms are observed by the server per request (seconds, server clock: TTFT from the
 request's arrival at the server to its first token, TPOT over the rest of its tokens,
 E2E to its last).
@@ -12,11 +14,15 @@ E2E to its last).
   pipetwin_kv_cache_total_pages          gauge
   pipetwin_bubble_ratio                  gauge    core.metrics bubble ratio over the engine's recent window
                                                   (NaN before any batch)
-  pipetwin_engine_healthy                gauge    1 / 0
+  pipetwin_engine_healthy                gauge    1 while the engine is up / 0 while it is down
+  pipetwin_engine_failures_total         counter  times the engine went down (a stage died, hung or failed)
+  pipetwin_engine_restarts_total         counter  times it was rebuilt (--on-engine-failure restart)
   pipetwin_prompt_tokens_total           counter  engine counters since start
   pipetwin_generation_tokens_total       counter
   pipetwin_engine_requests_finished_total counter
-  pipetwin_http_requests_total{endpoint,status}  counter   generation requests by HTTP outcome
+  pipetwin_http_requests_total{endpoint,status}  counter   every HTTP request by the status it got
+                                                  (endpoint: completions, chat_completions, models,
+                                                  health, metrics, pipetwin, docs, root, other)
   pipetwin_request_finished_total{finish_reason} counter   length | stop | abort | error
   pipetwin_time_to_first_token_seconds   histogram
   pipetwin_time_per_output_token_seconds histogram
@@ -48,20 +54,27 @@ class _EngineCollector:
     def collect(self):  # noqa: ANN201 - prometheus_client collector protocol
         e = self.engine
         healthy = bool(e.healthy)
-        yield GaugeMetricFamily("pipetwin_engine_healthy", "1 while the engine serves, 0 once it is dead",
+        yield GaugeMetricFamily("pipetwin_engine_healthy", "1 while the engine is up, 0 while it is down",
                                 value=1.0 if healthy else 0.0)
+        # engines without these counters (tests' fakes) have failed once if they are down now
+        yield CounterMetricFamily("pipetwin_engine_failures", "Times the engine went down",
+                                  value=getattr(e, "failures_total", int(not healthy)))
+        yield CounterMetricFamily("pipetwin_engine_restarts", "Times the engine was rebuilt after a failure",
+                                  value=getattr(e, "restarts_total", 0))
         try:
             s = e.stats()
         except Exception:  # noqa: BLE001 - a dead engine may not answer; report health only
             return
+        up = 1 if healthy else 0
         yield GaugeMetricFamily("pipetwin_num_requests_running", "Requests admitted (holding KV pages)",
-                                value=s.running)
+                                value=s.running * up)
         yield GaugeMetricFamily("pipetwin_num_requests_waiting", "Requests queued, not admitted yet",
-                                value=s.waiting)
-        yield GaugeMetricFamily("pipetwin_kv_cache_usage_ratio", "Used / total KV pages", value=s.kv_utilization)
-        yield GaugeMetricFamily("pipetwin_kv_cache_used_pages", "KV pages in use", value=s.kv_used_pages)
+                                value=s.waiting * up)
+        yield GaugeMetricFamily("pipetwin_kv_cache_usage_ratio", "Used / total KV pages",
+                                value=s.kv_utilization * up)
+        yield GaugeMetricFamily("pipetwin_kv_cache_used_pages", "KV pages in use", value=s.kv_used_pages * up)
         yield GaugeMetricFamily("pipetwin_kv_cache_total_pages", "KV pages in the cache", value=s.kv_total_pages)
-        br = s.bubble_ratio
+        br = s.bubble_ratio if healthy else None
         yield GaugeMetricFamily("pipetwin_bubble_ratio", "Pipeline bubble ratio over the recent window",
                                 value=math.nan if br is None else float(br))
         yield CounterMetricFamily("pipetwin_prompt_tokens", "Prompt tokens admitted since start",
@@ -76,7 +89,7 @@ class ServerMetrics:
     def __init__(self, engine: Any) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_EngineCollector(engine))
-        self.http = Counter("pipetwin_http_requests", "Generation requests by endpoint and HTTP status",
+        self.http = Counter("pipetwin_http_requests", "HTTP requests by endpoint and the status they got",
                             ["endpoint", "status"], registry=self.registry)
         self.finished = Counter("pipetwin_request_finished", "Requests by finish reason",
                                 ["finish_reason"], registry=self.registry)

@@ -8,6 +8,13 @@ naming it: nothing that changes results is ignored silently.
 
 vLLM extensions accepted: `ignore_eos`, `top_k`, `stop_token_ids` (the openai client
 sends them through `extra_body`).
+
+Sampling parameters are checked against what the sampler really handles, as vLLM does:
+  temperature  in [0, 2]; below TEMPERATURE_FLOOR (1e-5) it means greedy (a smaller
+               divisor would overflow float32 logits)
+  top_p        in (0, 1]; however small, the most likely token is always kept
+  top_k        0 or -1 = off; >= the vocabulary size = off (every token is in the top k)
+  seed         a signed 64-bit integer, the torch generator's range (like vLLM); else a 400
 """
 from __future__ import annotations
 
@@ -18,6 +25,9 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 Number = Union[StrictInt, StrictFloat]
+
+TEMPERATURE_FLOOR = 1e-5          # vLLM's _SAMPLING_EPS: below it sampling is greedy
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
 
 
 class APIError(Exception):
@@ -92,17 +102,29 @@ class _SamplingFields(_Base):
             raise APIError(400, f"temperature must be in [0, 2], got {self.temperature}", "temperature")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise APIError(400, f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        if self.top_k is not None and self.top_k < 0:
-            raise APIError(400, f"top_k must be >= 0 (0 = off), got {self.top_k}", "top_k")
-        if self.seed is not None and self.seed < 0:
-            raise APIError(400, f"seed must be >= 0, got {self.seed}", "seed")
+        if self.top_k is not None and self.top_k < -1:
+            raise APIError(400, f"top_k must be >= 1, or 0 or -1 for off, got {self.top_k}", "top_k")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise APIError(400, f"seed must be a signed 64-bit integer in [{SEED_MIN}, {SEED_MAX}], "
+                                f"got {self.seed}", "seed")
         stops = self.stop_strings()
         if len(stops) > 4:
             raise APIError(400, f"stop takes at most 4 strings, got {len(stops)}", "stop")
         if any(s == "" for s in stops):
             raise APIError(400, "stop strings must not be empty", "stop")
-        if self.stop_token_ids and any(t < 0 for t in self.stop_token_ids):
+        if self.stop_token_ids and any(not 0 <= t <= SEED_MAX for t in self.stop_token_ids):
             raise APIError(400, "stop_token_ids must be token ids >= 0", "stop_token_ids")
+
+    def sampler_values(self, vocab_size: int) -> dict[str, Any]:
+        """temperature, top_p, top_k, seed as the sampler takes them (see the module doc)."""
+        temperature = 1.0 if self.temperature is None else float(self.temperature)
+        if temperature < TEMPERATURE_FLOOR:
+            temperature = 0.0
+        top_k = self.top_k or 0
+        if top_k < 0 or top_k >= vocab_size:
+            top_k = 0
+        return {"temperature": temperature, "top_p": 1.0 if self.top_p is None else float(self.top_p),
+                "top_k": top_k, "seed": self.seed}
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:

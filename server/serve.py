@@ -78,6 +78,63 @@ def add_arguments(p: argparse.ArgumentParser, param_type: Any) -> None:
     p.add_argument("--bubble-window", type=float, default=10.0,
                    help="seconds of stage rows behind the /metrics bubble ratio (default 10)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_access_arguments(p)
+
+
+API_KEY_ENV = "PIPETWIN_API_KEY"
+
+
+def add_access_arguments(p: argparse.ArgumentParser) -> None:
+    """Who may call the server, and how much one request may send."""
+    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1/* and the docs "
+                                      f"(default: ${API_KEY_ENV} if set, else no key)")
+    p.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
+                   help="largest request body accepted, bytes (default 4 MiB; larger: 413)")
+    p.add_argument("--disable-docs", action="store_true", help="no /docs, /redoc, /openapi.json")
+    p.add_argument("--disable-pipetwin-api", action="store_true", help="no /v1/pipetwin/* (stage rows, stats, info)")
+    p.add_argument("--allowed-hosts", help="comma list of Host header names to answer, or '*' for any "
+                                           "(default: loopback names when --host is loopback, else any)")
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def server_options(args: argparse.Namespace) -> Any:
+    """server.app.ServerOptions from the flags (ValueError naming the flag)."""
+    import os
+
+    from server.access import LOOPBACK_HOSTS
+    from server.app import ServerOptions
+
+    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if args.allowed_hosts is not None:
+        hosts = tuple(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
+        if not hosts:
+            raise ValueError("--allowed-hosts: give host names separated by commas, or '*'")
+    else:
+        hosts = LOOPBACK_HOSTS if is_loopback(args.host) else None
+    try:
+        return ServerOptions(api_key=key, max_request_bytes=args.max_request_bytes, disable_docs=args.disable_docs,
+                             disable_pipetwin_api=args.disable_pipetwin_api, allowed_hosts=hosts)
+    except ValueError as e:
+        flag = "--api-key" if "api_key" in str(e) else "--max-request-bytes"
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def exposure_warning(host: str, options: Any) -> str | None:
+    """What to warn about at start-up when the server is reachable beyond this machine."""
+    if options.api_key is None and not is_loopback(host):
+        return (f"listening on {host} without an API key: anyone who can reach this address can use the "
+                f"model and read /v1/pipetwin/*; give --api-key or ${API_KEY_ENV}")
+    return None
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -96,6 +153,7 @@ def check_args(args: argparse.Namespace) -> None:
         make_policy(args.policy, dict(args.param))
     except (ValueError, TypeError) as e:
         raise ValueError(f"--policy/--param: {e}") from None
+    server_options(args)
 
 
 def make_engine(args: argparse.Namespace) -> Any:
@@ -114,6 +172,7 @@ def run_cli(args: argparse.Namespace) -> int:
     from server.app import build_app
 
     check_args(args)
+    options = server_options(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = args.served_model_name or args.model
     log.info("starting the engine: model %s, pp=%d, policy %s %s", args.model, args.pp, args.policy, dict(args.param))
@@ -121,7 +180,10 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         info = {"pp": args.pp, "policy": args.policy, "policy_params": dict(args.param), "seed": args.seed,
                 "source_model": args.model, "layer_split": args.layer_split, "threads": args.threads}
-        app = build_app(engine, model_name=name, info=info, on_shutdown=engine.shutdown)
+        warning = exposure_warning(args.host, options)
+        if warning:
+            log.warning("%s", warning)
+        app = build_app(engine, model_name=name, info=info, on_shutdown=engine.shutdown, options=options)
         log.info("serving %s on http://%s:%d (%d KV pages of %d tokens, max_model_len %d)", name, args.host,
                  args.port, engine.num_pages, engine.page_size, engine.max_model_len)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -12,6 +12,12 @@ Otherwise the documented plain template is used:
 
     <role>: <content>\\n      (one line per message, in order)
     assistant:              (the generation prompt, no trailing space)
+
+Text that is not valid Unicode (a lone surrogate such as "\\ud800", which JSON can carry
+as an escape) cannot be tokenized: `encode` and `chat_prompt` raise `InvalidText` naming
+its position, which the server turns into a 400. `max_chars_per_token` bounds how much
+text one token can stand for, so the server can reject a far too long prompt before
+tokenizing it.
 """
 from __future__ import annotations
 
@@ -19,8 +25,26 @@ import codecs
 from typing import Any, Protocol, Sequence
 
 
+class InvalidText(ValueError):
+    """Text that has no UTF-8 encoding (a lone surrogate)."""
+
+    def __init__(self, message: str, position: int) -> None:
+        super().__init__(message)
+        self.position = position
+
+
+def check_text(text: str) -> None:
+    """InvalidText unless `text` is valid Unicode (encodable as UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidText(f"invalid Unicode: a lone surrogate U+{ord(text[e.start]):04X} at character "
+                          f"{e.start} (text must be valid UTF-16 pairs / UTF-8)", e.start) from None
+
+
 class TextCodec(Protocol):
     name: str
+    max_chars_per_token: int
 
     def encode(self, text: str) -> list[int]: ...
     def decoder(self) -> "Detokenizer": ...
@@ -43,6 +67,7 @@ class Detokenizer:
 
 class ByteCodec:
     name = "bytes"
+    max_chars_per_token = 1      # one token per UTF-8 byte: never fewer tokens than characters
 
     def __init__(self, vocab_size: int) -> None:
         if vocab_size < 256:
@@ -51,9 +76,12 @@ class ByteCodec:
         self.vocab_size = vocab_size
 
     def encode(self, text: str) -> list[int]:
+        check_text(text)
         return list(text.encode("utf-8"))
 
     def chat_prompt(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        for _, content in messages:
+            check_text(content)
         return self.encode(plain_chat_text(messages))
 
     def decoder(self) -> Detokenizer:
@@ -82,11 +110,18 @@ class HFCodec:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tok = tokenizer
+        # the longest vocabulary entry (byte-level entries spell one character per byte, so
+        # this bounds the characters a token can cover), doubled for normalizers
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        self.max_chars_per_token = 2 * max((len(t) for t in vocab), default=64)
 
     def encode(self, text: str) -> list[int]:
+        check_text(text)
         return list(self.tok.encode(text))
 
     def chat_prompt(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        for _, content in messages:
+            check_text(content)
         if getattr(self.tok, "chat_template", None):
             text = self.tok.apply_chat_template([{"role": r, "content": c} for r, c in messages],
                                                 tokenize=False, add_generation_prompt=True)

@@ -306,7 +306,7 @@ def test_dead_engine_turns_health_red_and_requests_503(caplog):
                     c.completions.create(model="dummy", prompt=[1, 2], max_tokens=3)
                 assert e.value.status_code == 503 and e.value.body["code"] == "engine_dead"
             assert metric(srv.url, "pipetwin_engine_healthy") == 0
-            assert any("engine is dead" in r.getMessage() and "stage" in r.getMessage() for r in caplog.records)
+            assert any("engine is down" in r.getMessage() and "stage" in r.getMessage() for r in caplog.records)
     finally:
         engine.shutdown()
 

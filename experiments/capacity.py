@@ -1,9 +1,30 @@
-"""Capacity as Sarathi-Serve and Vidur define it: the highest request rate whose latency
-percentiles meet the SLOs, found by bisection (the search itself is pure, `find_capacity`)."""
+"""Capacity: the highest offered request rate whose run is sustainable and meets the SLOs,
+found by bisection (the search itself is pure, `find_capacity`).
+
+Sarathi-Serve and Vidur define capacity by the latency SLOs alone. A finite run can be
+overloaded and still meet a TTFT P99 SLO before its queue has grown (every request is
+in by the time the backlog would show), so on its own that gives capacities above what
+the policy can serve at all. A probe here also has to be sustainable, judged over the
+steady part of its arrivals (see `sustainability`):
+  - delivered: requests finished per second >= (1 - sustain) x arrivals per second;
+  - queue: the number of arrived, not yet scheduled requests does not grow faster than
+    sustain x the arrival rate over the second half of the arrivals;
+and, when the max throughput (every request at t = 0) is known, its offered rate must not
+exceed it. `failures` names every condition a probe misses, so a search says which one
+bound it.
+"""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+DEFAULT_SUSTAIN = 0.05
+SUSTAIN_KEYS = ("steady_offered_rps", "steady_delivered_rps", "queue_growth")
 
 
 def find_capacity(meets: Callable[[float], bool], lo: float, hi: float, tol: float) -> float:
@@ -45,3 +66,73 @@ def slo_failures(row: Mapping[str, Any], slo: Mapping[str, float]) -> list[str]:
 
 def meets_slo(row: Mapping[str, Any], slo: Mapping[str, float]) -> bool:
     return not slo_failures(row, slo)
+
+
+def sustainability(requests: "pd.DataFrame", points: int = 101) -> dict[str, float]:
+    """Whether a finite run keeps up with its arrivals, free of its warm-up and drain:
+      steady_offered_rps    arrivals per second over the middle half of the arrivals (by count)
+      steady_delivered_rps  finishes per second over the middle half of the finishes (an
+                            overloaded run finishes at its service rate, a light one as it
+                            is offered; unfinished requests count as never finishing)
+      queue_growth          the least-squares slope of the queue (arrived, not yet scheduled
+                            requests) over the second half of the arrival window, as a fraction
+                            of the arrival rate there: about 1 - capacity/offered when
+                            overloaded, about 0 when not.
+    NaN when the arrivals span no time (all at once): there is no rate to keep up with."""
+    arrival = np.sort(requests["arrival"].to_numpy(np.float64))
+    n = len(arrival)
+    nan = {k: math.nan for k in SUSTAIN_KEYS}
+    i, j = n // 4, (3 * n) // 4
+    if n < 8 or not arrival[j] > arrival[i]:
+        return nan
+    finish = np.sort(np.nan_to_num(requests["finish"].to_numpy(np.float64), nan=math.inf))
+    scheduled = np.sort(np.nan_to_num(requests["first_scheduled"].to_numpy(np.float64), nan=math.inf))
+    offered = (j - i) / (arrival[j] - arrival[i])
+    delivered = (j - i) / (finish[j] - finish[i]) if finish[j] > finish[i] else math.inf
+    t_mid, t_end = (arrival[0] + arrival[-1]) / 2, arrival[-1]
+    t = np.linspace(t_mid, t_end, points)
+    queue = np.searchsorted(arrival, t, "right") - np.searchsorted(scheduled, t, "right")
+    half_rate = (np.searchsorted(arrival, t_end, "right") - np.searchsorted(arrival, t_mid, "right")) / (t_end - t_mid)
+    slope = float(np.polyfit(t, queue, 1)[0])
+    return {"steady_offered_rps": float(offered), "steady_delivered_rps": float(delivered),
+            "queue_growth": slope / half_rate if half_rate > 0 else math.nan}
+
+
+def sustain_failures(row: Mapping[str, Any], sustain: float) -> list[str]:
+    """Why a run is not sustainable ([] when it is, or when it has no arrival window)."""
+    offered, delivered, growth = (row.get(k, math.nan) for k in SUSTAIN_KEYS)
+    bad = []
+    if isinstance(offered, (int, float)) and offered > 0 and delivered < (1 - sustain) * offered:
+        bad.append(f"delivered {delivered:.3g} < {1 - sustain:g} x offered {offered:.3g} req/s")
+    if isinstance(growth, (int, float)) and growth > sustain:
+        bad.append(f"queue grows at {growth:.1%} of the arrival rate > {sustain:.0%}")
+    return bad
+
+
+def probe_failures(row: Mapping[str, Any], slo: Mapping[str, float], sustain: float,
+                   max_rps: float | None = None) -> dict[str, list[str]]:
+    """Every condition a capacity probe misses, by kind: "slo", "sustain", "max_throughput"
+    (empty dict: it meets all)."""
+    kinds = {"slo": slo_failures(row, slo), "sustain": sustain_failures(row, sustain)}
+    offered = row.get("offered_rps", math.nan)
+    if max_rps is not None and math.isfinite(max_rps) and offered > max_rps:
+        kinds["max_throughput"] = [f"offered {offered:.3g} > max throughput {max_rps:.3g} req/s"]
+    return {k: v for k, v in kinds.items() if v}
+
+
+def binding_condition(probes: list[tuple[float, dict[str, list[str]]]], capacity: float,
+                      lo: float, hi: float) -> str:
+    """Which condition bound a search: the kinds the lowest failing probe above the capacity
+    missed (with a metric name for SLOs), or the search range's end."""
+    if capacity == hi:
+        return "search range (hi)"
+    above = sorted((r, f) for r, f in probes if f and r > capacity)
+    if not above:
+        return ""
+    fails = above[0][1]
+    names = []
+    for kind in ("slo", "sustain", "max_throughput"):
+        if kind in fails:
+            names.append("slo " + ",".join(m.split("=")[0] for m in fails["slo"]) if kind == "slo"
+                         else "sustainability" if kind == "sustain" else "max throughput")
+    return ("below lo: " if capacity == 0.0 else "") + " + ".join(names)

@@ -21,7 +21,10 @@ Schema (YAML; every key is checked, an unknown one is an error naming the closes
       hi: 8.0
       tol: 0.1
       slo: {ttft_p99: 5.0, tpot_p99: 0.4}   # summarize() metric -> upper limit (none: no search)
-      max_throughput: true        # also one run per series with every request at t=0
+      max_throughput: true        # also one run per series with every request at t=0 (no
+                                  #   capacity above it is reported)
+      sustain: 0.05               # a probe must keep up: delivered >= (1 - sustain) x offered and
+                                  #   queue growth <= sustain x arrival rate (experiments/capacity.py)
     report:
       plots: [bubble, latency, timeline, kv_queue, cdf, heatmap]
       x: workload.arrival.rate    # x axis of the per-rate plots (default: the swept rate key)
@@ -54,7 +57,7 @@ from sim.config import SimConfig, default_workload
 
 TOP_KEYS = ("name", "description", "base", "grid", "zip", "policies", "capacity", "report", "artefacts")
 POLICY_KEYS = ("name", "label", "params", "grid")
-CAPACITY_KEYS = ("key", "lo", "hi", "tol", "slo", "max_throughput")
+CAPACITY_KEYS = ("key", "lo", "hi", "tol", "slo", "max_throughput", "sustain")
 REPORT_KEYS = ("plots", "x", "timeline", "heatmap")
 TIMELINE_KEYS = ("rate", "start", "duration")
 HEATMAP_KEYS = ("metric", "rate")
@@ -199,6 +202,7 @@ class CapacitySpec:
     tol: float
     slo: dict[str, float]
     max_throughput: bool = True
+    sustain: float = 0.05
 
     def probes(self) -> int:
         """Most simulations one bisection needs (both ends + halvings); 0 without an SLO."""
@@ -390,7 +394,11 @@ def _parse_capacity(raw: Any, base: dict, swept: list[str]) -> CapacitySpec | No
     if not slo and not mt:
         raise ConfigError("capacity.slo must name at least one metric limit, e.g. "
                           "{ttft_p99: 5.0, tpot_p99: 0.4} (seconds), unless max_throughput is true")
-    return CapacitySpec(key, float(lo), float(hi), float(tol), {k: float(v) for k, v in slo.items()}, mt)
+    sustain = _number(c, "sustain", "capacity", 0.05, low=0)
+    if sustain >= 1:
+        raise ConfigError(f"capacity.sustain must be a fraction in (0, 1), got {sustain!r}")
+    return CapacitySpec(key, float(lo), float(hi), float(tol), {k: float(v) for k, v in slo.items()}, mt,
+                        float(sustain))
 
 
 def _parse_report(raw: Any, swept: list[str]) -> ReportSpec:

@@ -180,8 +180,8 @@ def comparison(df: pd.DataFrame, cap: pd.DataFrame | None, x: str | None) -> str
             def cap_s(r: Any) -> str:
                 b = r.get("bound")
                 b = "" if (b is None or (isinstance(b, float) and math.isnan(b))) else str(b)
-                pre = ">= " if b == "at least hi" else "< " if b == "below lo" else ""
-                v = r["lo"] if b == "below lo" else r["capacity"]
+                pre = ">= " if b == "search range (hi)" else "< " if b.startswith("below lo") else ""
+                v = r["lo"] if b.startswith("below lo") else r["capacity"]
                 return f"{pre}{v:g}"
             unit = " req/s" if ct["key"] == "workload.arrival.rate" else f" ({ct['key']})"
             verb = "raises" if ct["capacity"] > cs["capacity"] else ("matches" if ct["capacity"] == cs["capacity"]
@@ -228,7 +228,7 @@ def capacity_table(cap: pd.DataFrame, exp: Experiment) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in cap.iterrows():
         bound = r.get("bound")
-        bound = "" if not isinstance(bound, str) else f" ({bound})"
+        bound = "" if not isinstance(bound, str) or not bound else f" (bound: {bound})"
         row = [str(r["series"]), "-" if pd.isna(r["capacity"]) else f"{r['capacity']:g}{bound}",
                _f(r["capacity_rps"]), str(int(r["probes"]))]
         if mt:
@@ -271,8 +271,11 @@ def make_report(out: str | Path, exp: Experiment, plot_dir: str | Path | None = 
         c = exp.capacity
         slo = ", ".join(f"{k} <= {v:g} s" for k, v in c.slo.items())
         how = (f"Capacity: the highest `{c.key}` whose run meets every SLO ({slo}; no request "
-               f"rejected or unfinished), by bisection over [{c.lo:g}, {c.hi:g}] to within {c.tol:g} "
-               "(as Sarathi-Serve and Vidur define it). " if c.slo else "No SLO given: no capacity search. ")
+               f"rejected or unfinished) and is sustainable (it finishes requests at least {1 - c.sustain:.0%} "
+               f"as fast as they arrive, and over the second half of its arrivals its queue grows by "
+               f"at most {c.sustain:.0%} of the arrival rate){', at an offered rate no higher than the max throughput' if c.max_throughput else ''}, "
+               f"by bisection over [{c.lo:g}, {c.hi:g}] to within {c.tol:g}. The column says which "
+               "condition bound each search. " if c.slo else "No SLO given: no capacity search. ")
         lines += ["## Capacity", "", how + "Max throughput: every request arrives at t=0.",
                   "", capacity_table(cap, exp), ""]
     lines += ["## Plots", ""]

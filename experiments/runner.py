@@ -27,11 +27,12 @@ import pandas as pd
 import yaml
 
 from core.metrics import summary_keys
-from experiments.capacity import find_capacity, slo_failures
+from experiments.capacity import SUSTAIN_KEYS, binding_condition, find_capacity, probe_failures, sustainability
 from experiments.config import (Experiment, Run, as_float, capacity_groups, describe_run, expand,
                                 fmt_value, max_throughput_config, probe_config)
 
 PACKAGES = ("core", "sim", "profiles")   # code whose changes change simulation results
+ROW_VERSION = 2   # the columns `execute` adds to a summary row; a change invalidates cached rows
 
 
 # ---------------------------------------------------------------- hashing
@@ -85,7 +86,7 @@ def run_hash(config: dict[str, Any]) -> str:
     trace = (config.get("workload") or {}).get("trace")
     if trace:
         inputs["trace"] = _file_fingerprint(trace)
-    payload = {"config": config, "code": code_version(), "inputs": inputs}
+    payload = {"config": config, "code": code_version(), "inputs": inputs, "row": ROW_VERSION}
     return hashlib.sha256(canonical(payload).encode()).hexdigest()[:24]
 
 
@@ -100,6 +101,7 @@ def execute(config: dict[str, Any], artefact_dir: str | None = None) -> dict[str
     arrivals = result.trace.requests["arrival"]
     span = float(arrivals.max() - arrivals.min()) if len(arrivals) > 1 else 0.0
     row["offered_rps"] = (len(arrivals) - 1) / span if span > 0 else math.inf
+    row.update(sustainability(result.trace.requests))
     if artefact_dir is not None:
         from core.trace import _has_pyarrow
         folder = Path(artefact_dir)
@@ -277,13 +279,14 @@ def results_table(runs: list[Run], rows: list[dict[str, Any]]) -> pd.DataFrame:
     for run, row in zip(runs, rows):
         pp = sum(1 for k in row if k.startswith("bubble_ratio_stage"))
         for k in [*summary_keys(pp), *row]:
-            if k not in metric_order and k not in ("wall_s", "offered_rps"):
+            if k not in metric_order and k not in ("wall_s", "offered_rps", *SUSTAIN_KEYS):
                 metric_order.append(k)
         rec: dict[str, Any] = {"run": run.index, "series": run.series, "policy": run.policy,
                                "label": run.label}
         rec.update({f"policy_params.{k}": v for k, v in run.params.items()})
         rec.update({k: _plain(v) for k, v in run.settings.items()})
         rec["offered_rps"] = row.get("offered_rps")
+        rec.update({k: row.get(k) for k in SUSTAIN_KEYS})
         rec.update(row)
         task_hash = run_hash(run.config)
         rec["trace"] = f"runs/{task_hash}" if run.artefacts else ""
@@ -313,7 +316,8 @@ def write_table(df: pd.DataFrame, path_stem: Path) -> list[Path]:
 
 def run_capacity(exp: Experiment, runs: list[Run], runner: Runner,
                  log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Per series: bisection on the capacity key, and the max-throughput run."""
+    """Per series: the max-throughput run, then bisection on the capacity key (see
+    experiments/capacity.py for what a probe must meet)."""
     cap = exp.capacity
     assert cap is not None
     from tqdm import tqdm
@@ -326,39 +330,45 @@ def run_capacity(exp: Experiment, runs: list[Run], runner: Runner,
                disable=not runner.progress, file=sys.stderr, dynamic_ncols=True)
 
     def search(name: str, run: Run) -> dict[str, Any]:
-        evaluated: list[tuple[float, bool]] = []
+        rec: dict[str, Any] = {"series": name, "label": run.label, "policy": run.policy, "key": cap.key}
+        max_rps = None
+        if cap.max_throughput:
+            task = Task(max_throughput_config(run), name=f"max throughput {name}")
+            row = runner.run_one(task)
+            bar.update()
+            max_rps = row["throughput_rps"]
+            mt = {"max_throughput_rps": max_rps, "max_output_tps": row["output_tps"],
+                  "max_total_tps": row["total_tps"], "max_bubble_ratio": row["bubble_ratio"],
+                  "max_ttft_p99": row["ttft_p99"], "max_tpot_p99": row["tpot_p99"]}
+        evaluated: list[tuple[float, dict[str, list[str]]]] = []
 
         def meets(rate: float) -> bool:
             task = Task(probe_config(run, cap.key, rate), name=f"capacity probe {name}, {cap.key}={rate:g}")
             row = runner.run_one(task)
             bar.update()
-            bad = slo_failures(row, cap.slo)
-            evaluated.append((rate, not bad))
+            fails = probe_failures(row, cap.slo, cap.sustain, max_rps)
+            evaluated.append((rate, fails))
             with lock:
                 probes.append({"series": name, "label": run.label, "policy": run.policy, cap.key: rate,
-                               "meets": not bad, "failures": "; ".join(bad), **row, "hash": task.hash})
-            return not bad
+                               "meets": not fails, "failed": ",".join(fails),
+                               "failures": "; ".join(m for ms in fails.values() for m in ms),
+                               **row, "hash": task.hash})
+            return not fails
 
         capacity = find_capacity(meets, cap.lo, cap.hi, cap.tol) if cap.slo else math.nan
         at = [p for p in probes if p["series"] == name and p[cap.key] == capacity]
-        rec = {"series": name, "label": run.label, "policy": run.policy, "key": cap.key,
-               "capacity": capacity,
-               "capacity_rps": at[0]["offered_rps"] if at else math.nan,
-               "bound": ("at least hi" if capacity == cap.hi else "below lo" if capacity == 0.0 else ""),
-               "lo": cap.lo, "hi": cap.hi, "tol": cap.tol, "probes": len(evaluated),
-               **{f"slo.{k}": v for k, v in cap.slo.items()}}
+        rec.update({"capacity": capacity,
+                    "capacity_rps": at[0]["offered_rps"] if at else math.nan,
+                    "bound": binding_condition(evaluated, capacity, cap.lo, cap.hi) if cap.slo else "",
+                    "lo": cap.lo, "hi": cap.hi, "tol": cap.tol, "sustain": cap.sustain,
+                    "probes": len(evaluated), **{f"slo.{k}": v for k, v in cap.slo.items()}})
         if cap.max_throughput:
-            task = Task(max_throughput_config(run), name=f"max throughput {name}")
-            row = runner.run_one(task)
-            bar.update()
-            rec.update({"max_throughput_rps": row["throughput_rps"], "max_output_tps": row["output_tps"],
-                        "max_total_tps": row["total_tps"], "max_bubble_ratio": row["bubble_ratio"],
-                        "max_ttft_p99": row["ttft_p99"], "max_tpot_p99": row["tpot_p99"]})
+            rec.update(mt)
         unit = "req/s" if cap.key == "workload.arrival.rate" else f"({cap.key})"
         extra = f"; max throughput {rec['max_throughput_rps']:.2f} req/s" if cap.max_throughput else ""
         messages[name] = (f"capacity {name}: {fmt_value(capacity)} {unit}"
-                          f"{' (' + rec['bound'] + ')' if rec['bound'] else ''} after {len(evaluated)} probes{extra}"
-                          if cap.slo else f"{name}: {extra[2:]}")
+                          f"{' (bound by ' + rec['bound'] + ')' if rec['bound'] else ''} after "
+                          f"{len(evaluated)} probes{extra}" if cap.slo else f"{name}: {extra[2:]}")
         return rec
 
     try:

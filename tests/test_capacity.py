@@ -1,0 +1,98 @@
+"""The capacity search: only sustainable runs count, never above the max throughput, and the
+report names the condition that bound each search."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from experiments.capacity import binding_condition, probe_failures, sustain_failures, sustainability
+from experiments.config import ConfigError, expand, parse_experiment
+from experiments.runner import run_sweep
+
+PROFILE = "qwen2.5-32b_a100-80gb_pp4"
+
+
+def fifo_server(arrival_rate: float, service_rate: float, n: int = 2000, latency: float = 0.5) -> pd.DataFrame:
+    """Requests arriving evenly, scheduled in order at most `service_rate` a second, each
+    finishing `latency` after it is scheduled."""
+    arrival = np.arange(n) / arrival_rate
+    scheduled = np.empty(n)
+    free = 0.0
+    for k, a in enumerate(arrival):
+        scheduled[k] = free = max(a, free)
+        free += 1 / service_rate
+    return pd.DataFrame({"arrival": arrival, "first_scheduled": scheduled, "finish": scheduled + latency})
+
+
+def test_sustainability_of_a_light_and_an_overloaded_server():
+    light = sustainability(fifo_server(4.0, 5.0))
+    assert light["steady_offered_rps"] == pytest.approx(4.0)
+    assert light["steady_delivered_rps"] == pytest.approx(4.0)
+    assert light["queue_growth"] == pytest.approx(0.0, abs=1e-9)
+    assert sustain_failures(light, 0.05) == []
+
+    over = sustainability(fifo_server(5.0, 4.0))
+    assert over["steady_delivered_rps"] == pytest.approx(4.0)
+    assert over["queue_growth"] == pytest.approx(1 - 4.0 / 5.0, rel=0.02)
+    assert [m.split()[0] for m in sustain_failures(over, 0.05)] == ["delivered", "queue"]
+    # all at once: no arrival rate to keep up with, nothing to fail
+    assert all(math.isnan(v) for v in sustainability(fifo_server(math.inf, 1.0)).values())
+
+
+def test_unfinished_requests_count_as_never_delivered():
+    t = fifo_server(4.0, 5.0)
+    t.loc[t.index[len(t) // 2:], ["first_scheduled", "finish"]] = math.nan
+    s = sustainability(t)
+    assert s["steady_delivered_rps"] < 0.5 * s["steady_offered_rps"]
+    assert s["queue_growth"] > 0.9
+
+
+def test_probe_failures_and_the_binding_condition():
+    ok = {"ttft_p99": 1.0, "offered_rps": 3.0, "steady_offered_rps": 3.0, "steady_delivered_rps": 2.99,
+          "queue_growth": 0.0}
+    assert probe_failures(ok, {"ttft_p99": 2.0}, 0.05, max_rps=3.5) == {}
+    fast = {**ok, "offered_rps": 4.0}
+    assert list(probe_failures(fast, {"ttft_p99": 2.0}, 0.05, max_rps=3.5)) == ["max_throughput"]
+    slow = {**ok, "ttft_p99": 3.0, "steady_delivered_rps": 2.0}
+    assert list(probe_failures(slow, {"ttft_p99": 2.0}, 0.05)) == ["slo", "sustain"]
+    probes = [(1.0, {}), (2.0, {}), (3.0, {"slo": ["ttft_p99=3 > 2"], "sustain": ["x"]}),
+              (8.0, {"max_throughput": ["y"]})]
+    assert binding_condition(probes, 2.0, 1.0, 8.0) == "slo ttft_p99 + sustainability"
+    assert binding_condition([(8.0, {})], 8.0, 1.0, 8.0) == "search range (hi)"
+    assert binding_condition([(8.0, {"x": 1}), (1.0, {"max_throughput": ["y"]})], 0.0, 1.0, 8.0) \
+        == "below lo: max throughput"
+
+
+def test_capacity_config_sustain_is_checked():
+    d = {"base": {"profile": PROFILE}, "policies": ["sarathi"],
+         "capacity": {"slo": {"ttft_p99": 5}, "sustain": 1.5}}
+    with pytest.raises(ConfigError, match="capacity.sustain"):
+        expand(parse_experiment(d))
+    d["capacity"]["sustain"] = 0.1
+    assert parse_experiment(d).capacity.sustain == 0.1
+
+
+def test_an_overloaded_run_meeting_a_loose_slo_is_not_a_capacity(tmp_path):
+    # Sarathi with a small budget, 200 requests, a TTFT SLO loose enough that even the
+    # highest probe (every run is finite) meets it: by the SLO alone the capacity would be
+    # the search's top, 40 req/s, ten times what the policy can serve.
+    workload = {"num_requests": 200, "arrival": {"kind": "gamma", "rate": 2.0},
+                "prompt_len": {"kind": "lognormal", "mean": 1155, "spread": 0.96, "max": 8192},
+                "output_len": {"kind": "lognormal", "mean": 211, "spread": 0.771, "max": 2048}}
+    d = {"base": {"profile": PROFILE, "workload": workload}, "grid": {"workload.arrival.rate": [2]},
+         "policies": [{"name": "sarathi", "label": "Sarathi 512", "params": {"budget": 512}}],
+         "capacity": {"lo": 0.5, "hi": 40, "tol": 0.5, "slo": {"ttft_p99": 30}}, "report": {"plots": []}}
+    res = run_sweep(parse_experiment(d), tmp_path, workers=1, progress=False, report=False)
+    probes = pd.read_csv(tmp_path / "capacity_runs.csv")
+    top = probes[probes["workload.arrival.rate"] == 40].iloc[0]
+    cap = res.capacity.iloc[0]
+    assert top["ttft_p99"] <= 30 and top["unfinished"] == 0          # the SLO alone: capacity 40
+    assert top["offered_rps"] > 10 * cap["max_throughput_rps"]
+    assert top["steady_delivered_rps"] < 0.5 * top["steady_offered_rps"]
+    assert 0 < cap["capacity_rps"] <= cap["max_throughput_rps"]
+    assert cap["bound"] in ("max throughput", "sustainability", "max throughput + sustainability")
+    assert set(probes.loc[~probes["meets"], "failed"]) <= {"max_throughput", "sustain,max_throughput",
+                                                          "sustain"}

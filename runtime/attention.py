@@ -15,12 +15,18 @@ Tokens of all items are packed along one dim, no padding. Attention is split in 
   chunk's pages are consecutive).
 The metadata is built once per micro-batch and shared by every layer of the stage.
 Variants measured with benchmarks/attention_micro.py.
+
+The kernel backends (attention_backend triton / flashinfer, for GPUs) take the same
+batch as a few int32 tensors instead (KernelMeta): built with numpy, no per-row Python
+but the page lists' concatenation, packed in one buffer copied to the device once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -71,18 +77,25 @@ class BatchMeta:
     sample_idx: torch.Tensor     # [S] long, packed index of each sampling item's last token
     decode: DecodePlan | None = None
     chunks: list[Chunk] = field(default_factory=list)
+    kernel: "KernelMeta | None" = None   # set for the kernel backends (then no plan)
 
     @classmethod
     def build(cls, starts: Sequence[int], lens: Sequence[int], pages: Sequence[Sequence[int]],
               samples: Sequence[bool], page_size: int,
-              device: torch.device | str = "cpu", decode_mode: str = "auto") -> "BatchMeta":
+              device: torch.device | str = "cpu", decode_mode: str = "auto",
+              backend: str = "torch") -> "BatchMeta":
         """From plain lists (what stage 0 can send to the other stages): per item its
         first position, token count, page list and whether it samples. `decode_mode`
         (how single-token items are attended; see `plan_decodes`): "auto" (in-place
         runs on CPU, tails grouped by length), "grouped" (no runs), "padded"
-        (one group, every row padded to the longest context), "rows" (a group per row)."""
+        (one group, every row padded to the longest context), "rows" (a group per row).
+        `backend` "triton" or "flashinfer" (resolved, see `resolve_backend`): the
+        kernel metadata instead of the torch plan."""
         if not (len(starts) == len(lens) == len(pages) == len(samples)):
             raise ValueError("starts, lens, pages and samples must have one entry per item")
+        if backend != "torch":
+            return KernelMeta.build(starts, lens, pages, samples, page_size,
+                                    backend=backend).to_device(device)
         positions: list[int] = []
         slots: list[int] = []
         sample_idx: list[int] = []
@@ -267,6 +280,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _, page_size, kv_heads, d = k_cache.shape
     heads = q.shape[1]
     group = heads // kv_heads
+    if meta.kernel is not None:
+        return meta.kernel.attention(q, k, v, k_cache, v_cache)
     k_cache.view(-1, kv_heads, d).index_copy_(0, meta.slots, k)
     v_cache.view(-1, kv_heads, d).index_copy_(0, meta.slots, v)
     out = torch.empty_like(q)
@@ -347,3 +362,284 @@ def _decode_split(qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     num = (od.float() * w_t[..., None]).index_add_(0, rows, o_r * w_r[..., None])
     den = w_t.index_add_(0, rows, w_r)
     return (num / den[..., None]).to(qd.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel backends: metadata as a few int32 tensors of bucketed shapes.
+
+BACKENDS = ("auto", "torch", "triton", "flashinfer")
+FLASHINFER_MISSING = ("attention_backend 'flashinfer' needs FlashInfer: pip install "
+                      "flashinfer-python (a build matching your torch and CUDA)")
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """The backend to run: "auto" is triton on CUDA when it imports, else torch. Asking
+    for a backend that cannot load is a one-line error naming how to install it."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    from runtime import triton_attention
+    on_cuda = torch.device(device).type == "cuda"
+    if name == "auto":
+        return "triton" if on_cuda and triton_attention.available() else "torch"
+    if name == "triton" and not triton_attention.available():
+        raise ValueError(triton_attention.MISSING)
+    if name == "flashinfer":
+        try:
+            import flashinfer  # noqa: F401
+        except ImportError:
+            raise ValueError(FLASHINFER_MISSING) from None
+        if not on_cuda:
+            raise ValueError("attention_backend 'flashinfer' runs on CUDA only (device is "
+                             f"{torch.device(device).type})")
+    if name == "triton" and not on_cuda and not triton_attention.interpreted():
+        raise ValueError("attention_backend 'triton' runs on CUDA (or on CPU under "
+                         "TRITON_INTERPRET=1, for tests); use torch on CPU")
+    return name
+
+
+def bucket_rows(n: int) -> int:
+    """Rows padded to 1, 2, 4, 8, 16, then multiples of 16: few shapes (CUDA graphs are
+    captured at these), little padding."""
+    if n <= 16:
+        return 1 << max(0, n - 1).bit_length()
+    return -(-n // 16) * 16
+
+
+def bucket_width(n: int) -> int:
+    """Page-table width (pages per row) padded to a power of two, at least 4."""
+    return max(4, 1 << max(0, n - 1).bit_length())
+
+
+# Flash-decoding split of long decode rows: as many splits as keep rows x splits within
+# this many (x kv heads = programs; an H200 has 132 SMs), each split >= MIN_SPLIT_KEYS keys.
+SPLIT_TARGET_ROWS = 128
+MIN_SPLIT_KEYS = 256
+MAX_SPLITS = 16
+
+
+def num_splits(rows: int, max_context: int) -> int:
+    s = 1
+    while (s * 2 <= MAX_SPLITS and rows * s * 2 <= SPLIT_TARGET_ROWS
+           and max_context >= s * 2 * MIN_SPLIT_KEYS):
+        s *= 2
+    return s
+
+
+@dataclass(slots=True)
+class KernelLaunch:
+    """One attention launch over `n` sequences (decode rows, or prefill chunks)."""
+    q_starts: torch.Tensor    # [n] int32, packed index of the sequence's first query token
+    q_lens: torch.Tensor      # [n] int32, its query tokens (0 = padding row)
+    seq_lens: torch.Tensor    # [n] int32, keys it attends (context incl. these tokens)
+    table: torch.Tensor       # [n, width] int32, its pages (padded with 0)
+    blk_seq: torch.Tensor | None    # [blocks] int32 (chunks): the sequence of each query block
+    blk_first: torch.Tensor | None  # [blocks] int32 (chunks): its first query in that sequence
+    block_q: int              # query tokens per block
+    block_n: int              # keys per tile
+    num_splits: int           # parts each row's keys are cut in (decode; 1 = none)
+
+
+@dataclass(slots=True)
+class PackedMeta:
+    """A micro-batch's kernel metadata on the host: one int32 array, and the sizes of
+    its segments (positions, slots, sample_idx, then per launch q_starts, q_lens,
+    seq_lens, table, blk_seq, blk_first). `views` cuts any buffer holding that array
+    (the device copy, or a CUDA graph's static buffer) into the tensors."""
+    host: np.ndarray
+    num_tokens: int
+    num_samples: int
+    dec_rows: int             # padded decode rows (0 = none)
+    chunk_rows: int
+    blocks: int
+    width: int
+    dec_splits: int
+    block_q: int
+    block_n: int
+    backend: str
+    page_size: int
+    flash_args: tuple | None = None   # host lists flashinfer's plan() needs
+
+    def sizes(self) -> list[int]:
+        t, s, d, c, w, b = (self.num_tokens, self.num_samples, self.dec_rows,
+                            self.chunk_rows, self.width, self.blocks)
+        return [t, t, s, d, d, d, d * w, c, c, c, c * w, b, b]
+
+    def views(self, buf: torch.Tensor) -> "BatchMeta":
+        parts = list(torch.split(buf[:self.host.size], self.sizes()))
+        pos, slots, samp = parts[:3]
+        dec = chunks = None
+        if self.dec_rows:
+            dec = KernelLaunch(parts[3], parts[4], parts[5], parts[6].view(self.dec_rows, self.width),
+                               None, None, 1, self.block_n, self.dec_splits)
+        if self.chunk_rows:
+            chunks = KernelLaunch(parts[7], parts[8], parts[9],
+                                  parts[10].view(self.chunk_rows, self.width),
+                                  parts[11], parts[12], self.block_q, self.block_n, 1)
+        km = KernelMeta(slots, dec, chunks, self.backend)
+        if self.backend == "flashinfer":
+            km.plan_flashinfer(self, buf.device)
+        return BatchMeta(self.num_tokens, pos, slots, samp, kernel=km)
+
+    def to_device(self, device: torch.device | str) -> "BatchMeta":
+        return self.views(_staging(torch.device(device)).upload(self.host))
+
+
+class _Staging:
+    """A reusable pinned host buffer per device: each micro-batch's metadata crosses to
+    the GPU in one asynchronous copy; the next one waits for that copy before reusing
+    the buffer. On CPU the numpy array is used in place."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buf: torch.Tensor | None = None
+        self.done = None
+
+    def upload(self, host: np.ndarray) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return torch.from_numpy(host)
+        n = host.size
+        if self.buf is None or self.buf.numel() < n:
+            self.buf = torch.empty(max(n, 4096, 2 * (0 if self.buf is None else self.buf.numel())),
+                                   dtype=torch.int32, pin_memory=True)
+        elif self.done is not None:
+            self.done.synchronize()
+        self.buf[:n].numpy()[:] = host
+        dev = self.buf[:n].to(self.device, non_blocking=True)
+        self.done = torch.cuda.Event()
+        self.done.record()
+        return dev
+
+
+_STAGING: dict[torch.device, _Staging] = {}
+
+
+def _staging(device: torch.device) -> _Staging:
+    if device not in _STAGING:
+        _STAGING[device] = _Staging(device)
+    return _STAGING[device]
+
+
+@dataclass(slots=True)
+class KernelMeta:
+    slots: torch.Tensor                 # [T] int32 flat cache slot per token (-1 = padding)
+    decode: KernelLaunch | None
+    chunks: KernelLaunch | None
+    backend: str = "triton"
+    flashinfer: object | None = None    # a planned flashinfer wrapper
+
+    @staticmethod
+    def build(starts: Sequence[int], lens: Sequence[int], pages: Sequence[Sequence[int]],
+              samples: Sequence[bool], page_size: int, *, backend: str = "triton",
+              dec_rows: int | None = None, width: int | None = None,
+              max_context: int | None = None, block_q: int = 16,
+              block_n: int = 64) -> PackedMeta:
+        """Host-side metadata. Decode rows (one token) are padded to `bucket_rows` (or
+        `dec_rows`), the page table to `bucket_width` (or `width`); the decode split
+        follows the rows and the longest context (or `max_context`)."""
+        n = len(starts)
+        if not (n == len(lens) == len(pages) == len(samples)):
+            raise ValueError("starts, lens, pages and samples must have one entry per item")
+        st = np.asarray(starts, dtype=np.int64).reshape(n)
+        ln = np.asarray(lens, dtype=np.int64).reshape(n)
+        if n and (ln.min() < 1 or st.min() < 0):
+            i = int(np.flatnonzero((ln < 1) | (st < 0))[0])
+            raise ValueError(f"item with start={st[i]}, num_tokens={ln[i]} is empty or negative")
+        ctx = st + ln
+        need = -(-ctx // page_size)
+        have = np.fromiter(map(len, pages), dtype=np.int64, count=n)
+        if n and (have < need).any():
+            i = int(np.flatnonzero(have < need)[0])
+            raise ValueError(f"item needs {need[i]} pages for {ctx[i]} tokens, has {have[i]}")
+        flat = np.fromiter(chain.from_iterable(pages), dtype=np.int64, count=int(have.sum()))
+        page_off = np.cumsum(have) - have
+        w = int(need.max()) if n else 1
+        width = bucket_width(w) if width is None else width
+        if w > width:
+            raise ValueError(f"a row needs {w} pages, more than the table width {width}")
+        cols = np.arange(width)
+        valid = cols[None, :] < need[:, None]
+        table = np.zeros((n, width), dtype=np.int64)
+        table[valid] = flat[(page_off[:, None] + cols[None, :])[valid]]
+
+        offsets = np.cumsum(ln) - ln
+        t = int(ln.sum())
+        item = np.repeat(np.arange(n), ln)
+        pos = np.arange(t) - offsets[item] + st[item]
+        slots = table[item, pos // page_size] * page_size + pos % page_size
+        samp = np.asarray(samples, dtype=bool).reshape(n)
+        sample_idx = (offsets + ln - 1)[samp]
+
+        is_dec = ln == 1
+        dec, ch = np.flatnonzero(is_dec), np.flatnonzero(~is_dec)
+        nd = 0
+        splits = 1
+        if dec.size:
+            nd = bucket_rows(dec.size) if dec_rows is None else dec_rows
+            if dec.size > nd:
+                raise ValueError(f"{dec.size} decode rows, more than the {nd} asked for")
+            longest = int(ctx[dec].max()) if max_context is None else max_context
+            splits = num_splits(nd, longest)
+        pad = nd - dec.size
+
+        def padded(x: np.ndarray) -> np.ndarray:
+            return np.concatenate([x, np.zeros((pad,) + x.shape[1:], dtype=x.dtype)])
+
+        nblk = -(-ln[ch] // block_q)
+        blk_seq = np.repeat(np.arange(ch.size), nblk)
+        blk_first = (np.arange(int(nblk.sum())) - np.repeat(np.cumsum(nblk) - nblk, nblk)) * block_q
+        segs = [pos, slots, sample_idx]
+        if nd:
+            segs += [padded(offsets[dec]), padded(ln[dec]), padded(ctx[dec]),
+                     padded(table[dec]).ravel()]
+        else:
+            segs += [np.zeros(0, np.int64)] * 4
+        segs += [offsets[ch], ln[ch], ctx[ch], table[ch].ravel(), blk_seq, blk_first]
+        host = np.concatenate(segs).astype(np.int32)
+        flash_args = None
+        if backend == "flashinfer":
+            flash_args = (ln, need, flat, page_off, ctx)
+        return PackedMeta(host, t, int(sample_idx.size), nd, int(ch.size), int(nblk.sum()),
+                          width, splits, block_q, block_n, backend, page_size, flash_args)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        from runtime import triton_attention as ta
+        if self.backend == "flashinfer":
+            return _flashinfer_attention(self, q, k, v, k_cache, v_cache)
+        ta.store_kv(k, v, k_cache, v_cache, self.slots)
+        out = torch.empty_like(q)
+        if self.decode is not None:
+            ta.attend(q, k_cache, v_cache, out, self.decode, per_seq=True)
+        if self.chunks is not None:
+            ta.attend(q, k_cache, v_cache, out, self.chunks, per_seq=False)
+        return out
+
+    def plan_flashinfer(self, packed: PackedMeta, device: torch.device) -> None:
+        """FlashInfer's batch prefill wrapper over the paged cache (decodes are 1-token
+        queries), planned once per micro-batch and run by every layer. Not testable
+        without a GPU and FlashInfer: written against its documented API, untested."""
+        import flashinfer
+        ln, need, flat, page_off, ctx = packed.flash_args
+        qo_indptr = np.concatenate([[0], np.cumsum(ln)])
+        kv_indptr = np.concatenate([[0], np.cumsum(need)])
+        idx = np.concatenate([flat[o:o + k] for o, k in zip(page_off, need)]) if len(ln) else flat[:0]
+        last = ctx - (need - 1) * packed.page_size
+
+        def dev(x: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(x, dtype=np.int32), device=device)
+
+        ws = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device)
+        wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, kv_layout="NHD")
+        self.flashinfer = (wrapper, (dev(qo_indptr), dev(kv_indptr), dev(idx), dev(last)))
+
+
+def _flashinfer_attention(km: KernelMeta, q, k, v, k_cache, v_cache) -> torch.Tensor:
+    wrapper, (qo, kv, idx, last) = km.flashinfer
+    kv_heads, d = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, kv_heads, d).index_copy_(0, km.slots.long(), k)
+    v_cache.view(-1, kv_heads, d).index_copy_(0, km.slots.long(), v)
+    if not getattr(wrapper, "_pipetwin_planned", False):
+        wrapper.plan(qo, kv, idx, last, q.shape[1], kv_heads, d, k_cache.shape[1],
+                     causal=True, q_data_type=q.dtype, kv_data_type=k_cache.dtype)
+        wrapper._pipetwin_planned = True
+    return wrapper.run(q, (k_cache, v_cache))

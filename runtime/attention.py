@@ -481,7 +481,7 @@ class PackedMeta:
         return BatchMeta(self.num_tokens, pos, slots, samp, kernel=km)
 
     def to_device(self, device: torch.device | str) -> "BatchMeta":
-        return self.views(_staging(torch.device(device)).upload(self.host))
+        return self.views(staging(torch.device(device)).upload(self.host))
 
 
 class _Staging:
@@ -497,23 +497,31 @@ class _Staging:
     def upload(self, host: np.ndarray) -> torch.Tensor:
         if self.device.type == "cpu":
             return torch.from_numpy(host)
+        return self.upload_into(host, None)
+
+    def upload_into(self, host: np.ndarray, dst: torch.Tensor | None) -> torch.Tensor:
+        """`host` to the device: into `dst` (a CUDA graph's static buffer) or a new tensor."""
         n = host.size
         if self.buf is None or self.buf.numel() < n:
             self.buf = torch.empty(max(n, 4096, 2 * (0 if self.buf is None else self.buf.numel())),
-                                   dtype=torch.int32, pin_memory=True)
+                                   dtype=torch.int32, pin_memory=self.device.type == "cuda")
         elif self.done is not None:
             self.done.synchronize()
         self.buf[:n].numpy()[:] = host
-        dev = self.buf[:n].to(self.device, non_blocking=True)
-        self.done = torch.cuda.Event()
-        self.done.record()
-        return dev
+        if dst is None:
+            dst = self.buf[:n].to(self.device, non_blocking=True)
+        else:
+            dst[:n].copy_(self.buf[:n], non_blocking=True)
+        if self.device.type == "cuda":
+            self.done = torch.cuda.Event()
+            self.done.record()
+        return dst
 
 
 _STAGING: dict[torch.device, _Staging] = {}
 
 
-def _staging(device: torch.device) -> _Staging:
+def staging(device: torch.device) -> _Staging:
     if device not in _STAGING:
         _STAGING[device] = _Staging(device)
     return _STAGING[device]
@@ -571,13 +579,12 @@ class KernelMeta:
 
         is_dec = ln == 1
         dec, ch = np.flatnonzero(is_dec), np.flatnonzero(~is_dec)
-        nd = 0
+        nd = dec_rows if dec_rows is not None else (bucket_rows(dec.size) if dec.size else 0)
+        if dec.size > nd:
+            raise ValueError(f"{dec.size} decode rows, more than the {nd} asked for")
         splits = 1
-        if dec.size:
-            nd = bucket_rows(dec.size) if dec_rows is None else dec_rows
-            if dec.size > nd:
-                raise ValueError(f"{dec.size} decode rows, more than the {nd} asked for")
-            longest = int(ctx[dec].max()) if max_context is None else max_context
+        if nd:
+            longest = max_context if max_context is not None else int(ctx[dec].max(initial=0))
             splits = num_splits(nd, longest)
         pad = nd - dec.size
 
@@ -600,6 +607,29 @@ class KernelMeta:
             flash_args = (ln, need, flat, page_off, ctx)
         return PackedMeta(host, t, int(sample_idx.size), nd, int(ch.size), int(nblk.sum()),
                           width, splits, block_q, block_n, backend, page_size, flash_args)
+
+    @staticmethod
+    def build_decode_graph(starts: Sequence[int], pages: Sequence[Sequence[int]], page_size: int,
+                           rows: int, width: int, max_context: int,
+                           block_n: int = 64) -> PackedMeta:
+        """A decode-only micro-batch padded to `rows` tokens for a CUDA graph captured
+        at that size: padding tokens at position 0 write no K/V (slot -1) and attend
+        nothing (query length 0); every row "samples" (the caller keeps the real ones).
+        The split depends on `rows` and `max_context` only, so it is the captured one."""
+        b = len(starts)
+        if b > rows:
+            raise ValueError(f"{b} decode rows, more than the graph's {rows}")
+        packed = KernelMeta.build(starts, [1] * b, pages, [True] * b, page_size, dec_rows=rows,
+                                  width=width, max_context=max_context, block_n=block_n)
+        pad = rows - b
+        t = packed.num_tokens
+        h = packed.host
+        host = np.concatenate([h[:t], np.zeros(pad, np.int32),            # positions
+                               h[t:2 * t], np.full(pad, -1, np.int32),     # slots
+                               np.arange(rows, dtype=np.int32),            # every row
+                               h[3 * t:]])
+        packed.host, packed.num_tokens, packed.num_samples = host, rows, rows
+        return packed
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,110 @@
+"""CUDA-graph decode steps, on CPU: bucketing, padding and the static-buffer path
+(GraphRunner with capture=False runs exactly what a graph would replay, eagerly),
+against the torch backend's eager forward."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from runtime.attention import BatchMeta, KernelMeta  # noqa: E402
+from runtime.config import ModelConfig  # noqa: E402
+from runtime.cuda_graphs import GraphStep, GraphRunner, graph_buckets  # noqa: E402
+from runtime.model import StageModel  # noqa: E402
+
+CFG = ModelConfig(model_type="llama", hidden_size=64, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=16, intermediate_size=96, vocab_size=101)
+
+
+def test_buckets():
+    assert graph_buckets(1) == [1]
+    assert graph_buckets(20) == [1, 2, 4, 8, 16, 32]
+    assert graph_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+
+
+def test_decode_graph_padding():
+    """3 rows padded to 4: the padding token sits at position 0, writes no K/V (slot -1)
+    and attends nothing (query length 0); all 4 rows "sample"."""
+    packed = KernelMeta.build_decode_graph([4, 20, 0], [[7], [3, 5], [9]], 16, rows=4, width=8,
+                                           max_context=128)
+    meta = packed.views(torch.from_numpy(packed.host))
+    assert meta.num_tokens == 4
+    assert meta.positions.tolist() == [4, 20, 0, 0]
+    assert meta.slots.tolist() == [7 * 16 + 4, 5 * 16 + 4, 9 * 16, -1]
+    assert meta.sample_idx.tolist() == [0, 1, 2, 3]
+    d = meta.kernel.decode
+    assert d.q_lens.tolist() == [1, 1, 1, 0] and d.seq_lens.tolist() == [5, 21, 1, 0]
+    assert d.table.shape == (4, 8) and d.table[1, :2].tolist() == [3, 5]
+    # the split follows rows and max_context only: what the capture saw
+    empty = KernelMeta.build_decode_graph([], [], 16, rows=4, width=8, max_context=128)
+    assert empty.dec_splits == packed.dec_splits and empty.host.size == packed.host.size
+    with pytest.raises(ValueError, match="5 decode rows, more than the graph's 4"):
+        KernelMeta.build_decode_graph([1] * 5, [[0]] * 5, 16, rows=4, width=8, max_context=128)
+
+
+def test_which_steps_take_a_graph():
+    model = StageModel(CFG)
+    kv = model.make_kv_cache(8, 16)
+    r = GraphRunner(model, kv, 16, "triton", "cpu", enforce_eager=False, max_rows=8, max_context=64)
+    assert r.buckets == [1, 2, 4, 8] and r.width == 4
+    assert r.graph_rows([1, 1, 1], [10, 20, 30]) == 4
+    assert r.graph_rows([1, 2], [10, 20]) is None              # a prefill chunk: eager
+    assert r.graph_rows([1] * 9, [10] * 9) is None             # past the largest bucket
+    assert r.graph_rows([1], [65]) is None                     # past the captured width
+    assert not GraphRunner(model, kv, 16, "triton", "cpu").use_graphs        # CPU default: eager
+    assert not GraphRunner(model, kv, 16, "torch", "cpu", enforce_eager=False).use_graphs
+    assert not GraphRunner(model, kv, 16, "triton", "cpu", enforce_eager=True).use_graphs
+
+
+def _init(model: StageModel) -> None:
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_static_path_matches_eager(pp):
+    """Prefill two prompts eagerly, then three decode steps of the graph path (3 rows in
+    a bucket of 4, one row not sampling) on both stages of a pp=2 split: the same
+    logits as the torch backend's eager forward, and the same KV cache."""
+    stages = [StageModel(CFG, s, pp) for s in range(pp)]
+    for m in stages:
+        _init(m)
+    prompts = [[5, 9, 2, 7, 1], [3] * 19, [8, 8]]
+    pages = [[2], [0, 5], [7]]
+    results = []
+    for backend in ("torch", "triton"):
+        kvs = [m.make_kv_cache(8, 16) for m in stages]
+        runners = [GraphRunner(m, kv, 16, backend, "cpu", enforce_eager=backend == "torch",
+                               capture=False, max_rows=8, max_context=64)
+                   for m, kv in zip(stages, kvs)]
+        starts = [0, 0, 0]
+        lens = [len(p) for p in prompts]
+        ids = torch.tensor([t for p in prompts for t in p])
+        logits = []
+        for step in range(4):
+            samples = [True, step != 2, True]
+            x = ids
+            for r in runners:
+                meta = r.build_meta(starts, lens, pages, samples)
+                assert isinstance(meta, GraphStep) == (step > 0 and backend == "triton")
+                x = r.forward(x, meta)
+            logits.append(x)
+            ids = x.argmax(-1)
+            if step == 2:   # the middle row did not sample: feed it a fixed token
+                ids = torch.tensor([ids[0].item(), 4, ids[1].item()])
+            starts = [s + n for s, n in zip(starts, lens)]
+            lens = [1, 1, 1]
+        results.append((logits, [kv.data.clone() for kv in kvs], runners[-1]))
+    (ref, ref_kv, _), (out, out_kv, runner) = results
+    assert runner.replays == 3 and runner.eager_steps == 1
+    for a, b in zip(ref, out):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for a, b in zip(ref_kv, out_kv):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

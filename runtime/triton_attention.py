@@ -110,7 +110,10 @@ if triton is not None:
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            s = tl.dot(q, k) * scale_log2             # [M, N], in log2 units
+            if UPCAST:   # float32 operands: full precision, not TF32
+                s = tl.dot(q, k, input_precision="ieee") * scale_log2
+            else:
+                s = tl.dot(q, k) * scale_log2         # [M, N], in log2 units
             seen = k_ok[None, :] & (kpos[None, :] <= q_pos[:, None])
             s = tl.where(seen, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -118,7 +121,10 @@ if triton is not None:
             p = tl.math.exp2(s - m_use[:, None])
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if UPCAST:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)

@@ -1,0 +1,63 @@
+"""benchmarks/gpu_check.py's CPU-runnable part (--device cpu --quick): greedy equality
+with Hugging Face, the triton kernel (interpreted) against the torch reference, and
+stage steps through the CUDA-graph runner's static-buffer path; its table and folder."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("transformers")
+pytest.importorskip("triton", reason="the gpu extra (triton) is not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = mod      # its dataclass looks itself up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_cpu_run(tmp_path, capsys):
+    gc = _load()
+    out = tmp_path / "gc"
+    assert gc.main(["--device", "cpu", "--quick", "--sections", "equality,kernel,steps",
+                    "--attention-backend", "triton", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "rows.csv").open()))
+    by_case = {(r["section"], r["case"]): r for r in rows}
+    eq = [r for r in rows if r["section"] == "equality"]
+    # 2 families x (4 LocalPipeline splits + 3 policies); pp=2 on one GPU is CUDA-only
+    assert len(eq) == 14
+    assert all(r["value"] == "4/4 prompts equal" and r["status"] == "ok" for r in eq), eq
+    kern = [r for r in rows if r["section"] == "kernel"]
+    assert [r["case"] for r in kern] == ["decode 1 rows, varied contexts",
+                                         "decode 8 rows, varied contexts",
+                                         "prefill chunk 64 after 300"]
+    for r in kern:
+        assert r["status"] == "ok" and r["value"].startswith("triton: max abs diff")
+        assert float(r["value"].rsplit(" ", 1)[1]) <= 1e-4
+    steps = [r for r in rows if r["section"] == "steps"]
+    assert len(steps) == 4 and all(r["status"] == "info" for r in steps)
+    assert all("ms (no roofline on cpu)" in r["value"] for r in steps[:3])
+    # two warm-up + 3 timed decode steps at each of 1 and 8 rows took the static path
+    assert by_case[("steps", "graph replays / eager steps")]["value"] == "10 / 5"
+    assert not any(r["section"] == "device" for r in rows)      # no NVML here: absent
+    table = (out / "table.md").read_text()
+    assert table.startswith("| section | case | value | goal | status |")
+    assert table.count("\n") == len(rows) + 2
+    assert "| kernel | prefill chunk 64 after 300 | triton: max abs diff" in capsys.readouterr().out
+
+
+def test_bad_sections(tmp_path):
+    gc = _load()
+    with pytest.raises(SystemExit):
+        gc.main(["--device", "cpu", "--sections", "steps,gpus", "--out", str(tmp_path)])

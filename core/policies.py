@@ -9,8 +9,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
+from core.batch import MicroBatch
+
+from core.cost_model import StageTimeModel
 from core.validation import check_keys, suggest
 
 
@@ -33,6 +36,8 @@ class SchedulerView(Protocol):
     def num_running(self) -> int: ...        # ready + requests inside in-flight batches (Rn)
     @property
     def num_holding_pages(self) -> int: ...  # started, unfinished requests (vLLM "running")
+    stage_time_model: StageTimeModel | None  # predicted slowest-stage time of a batch shape, if given
+    in_flight: Mapping[int, MicroBatch]      # batch id -> micro-batch in the pipeline, oldest first
 
 
 @dataclass(slots=True)
@@ -44,6 +49,10 @@ class BatchPlan:
     max_chunk: int | None = None      # per-request chunk cap (vLLM long_prefill_token_threshold)
     reserve_page_per_decode: bool = False  # gLLM: preempt while free pages < decodes
     requeue_chunks: bool = False      # next chunk schedulable before the previous returns
+    # Seconds: prefill chunks are cut so the batch's predicted time on its slowest stage
+    # (the scheduler's stage_time_model) stays within it; decodes are taken first, uncut.
+    time_budget: float | None = None
+    min_prefill: int = 0              # prefill tokens the time budget never cuts
 
 
 class Policy(Protocol):
@@ -147,7 +156,106 @@ class VLLM:
                          max_chunk=self.long_prefill_token_threshold or None)
 
 
-POLICIES: dict[str, type] = {"token_throttling": TokenThrottling, "sarathi": Sarathi, "vllm": VLLM}
+@dataclass(slots=True)
+class StageTimeBalanced:
+    """Token Throttling, with every micro-batch filled up to the slowest one in flight.
+
+    Why: with `pp` micro-batches circulating, a batch goes round the pipeline no faster
+    than pp times the slowest batch in flight (each stage runs every batch in turn), so the
+    cycle is pp * max(t_i) while the stages are busy only sum(t_i): the bubble share is
+    1 - mean(t) / max(t). Token Throttling equalises *token counts*, yet its batches' times
+    differ: the backlog rule (WT // iterp) makes one batch big after a burst and the next
+    ones thin, a decode costs far less than a prefill token, a late chunk of a long prompt
+    costs more attention than an early one, and the last stage carries the LM head. A batch
+    shorter than the slowest one in flight does not shorten the cycle; the time it leaves
+    is a bubble. So this policy prices batches with the latency model of the table it runs
+    with (`stage_time_model`: predicted time on the slowest stage) and lets prefill beyond
+    Token Throttling's budget into a batch only while its predicted time stays within
+    `fill` x the slowest in-flight batch's predicted time: prefill that runs for free.
+
+    The target time T is thus adaptive: the time of the slowest in-flight batch, which Token
+    Throttling's own sizing set. It never exceeds what Token Throttling would form at some
+    point (a batch grows past the current level only through TT's own budget), so there is
+    no new knob to set in seconds; `fill` < 1 lets the level decay once the burst that set it
+    is over (with fill = 1 a level holds while a backlog lasts, which keeps the cycle, and so
+    TPOT, at that level). A fixed target (tuned seconds) was considered: it needs a value
+    per model, GPU and SLO, which the in-flight level gets from the pipeline itself.
+
+    Token Throttling's protections are unchanged: its decodes (Rn/pp, rotating jitter,
+    optional `maxd`) are taken first and never cut by time; its prefill budget (KV reserve,
+    utilisation ramp, backlog rule WT // iterp with floor minp) is always granted; the
+    extra prefill is capped by the same KV reserve and ramp (ramp x maxp tokens), so KV
+    pressure still throttles admissions.
+    """
+    maxp: int = 2048          # most prefill tokens in one micro-batch (scaled by the KV ramp)
+    minp: int = 32            # least prefill tokens while any are waiting
+    iterp: int = 8            # micro-batches over which Token Throttling spreads the backlog
+    kvthresh: float = 0.05    # fraction of KV pages kept free for decode growth
+    maxd: int | None = None   # optional cap on decode tokens per micro-batch
+    fill: float = 1.0         # fill up to this fraction of the slowest in-flight batch's time
+    requeue_chunks: bool = False
+    _tt: TokenThrottling = dataclasses.field(default=None, init=False, repr=False)  # type: ignore[assignment]
+    _model: StageTimeModel | None = dataclasses.field(default=None, init=False, repr=False)
+    _times: dict[int, float] = dataclasses.field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        n = "time_balanced"
+        _check(isinstance(self.fill, (int, float)) and not isinstance(self.fill, bool) and 0 <= self.fill <= 4,
+               n, "fill", "a number in [0, 4] (fraction of the slowest in-flight batch's time)", self.fill)
+        # The token rules are Token Throttling's: it validates them, under this policy's name.
+        try:
+            self._tt = TokenThrottling(maxp=self.maxp, minp=self.minp, iterp=self.iterp, kvthresh=self.kvthresh,
+                                       maxd=self.maxd, requeue_chunks=self.requeue_chunks)
+        except ValueError as e:
+            raise ValueError(str(e).replace("token_throttling.", f"{n}.", 1)) from None
+
+    def bind(self, view: SchedulerView) -> None:
+        model = getattr(view, "stage_time_model", None)
+        if model is None:
+            raise ValueError("policy time_balanced needs a stage-time model (the fitted latency model of "
+                             "the table it runs with) and the scheduler was given none: the simulator and "
+                             "the runtime pass theirs; a bare Scheduler needs stage_time_model=")
+        self._model = model
+        self._times = {}
+        self._tt.bind(view)
+
+    def in_flight_level(self, view: SchedulerView) -> float:
+        """Predicted time of the slowest batch in flight (0 when none); each batch priced once."""
+        times, predict = self._times, self._model.predict  # type: ignore[union-attr]
+        level = 0.0
+        for bid, b in view.in_flight.items():
+            t = times.get(bid)
+            if t is None:
+                t = times[bid] = predict(b.prefill_tokens, b.decode_tokens, b.prefill_attention_work,
+                                         b.decode_context)
+            if t > level:
+                level = t
+        if len(times) > 4 * view.pp:  # forget batches that have left the pipeline
+            for bid in [k for k in times if k not in view.in_flight]:
+                del times[bid]
+        return level
+
+    def plan(self, view: SchedulerView) -> BatchPlan:
+        tt = self._tt
+        plan = tt.plan(view)
+        level = self.in_flight_level(view) * self.fill
+        if level > 0.0:
+            free, pp = view.free_pages, view.pp
+            cap = int(view.page_size * max(free - tt._reserve, 0))         # hard page reserve
+            if pp > 1 and cap > 0:
+                ramp = max(0.0, (free / view.total_pages - tt.kvthresh) / (1 - tt.kvthresh))
+                cap = min(cap, round(ramp * tt.maxp))                       # TT's UT rule
+            else:
+                cap = min(tt.maxp, cap)
+            if cap > plan.prefill_budget:
+                plan.min_prefill = plan.prefill_budget   # TT's own budget is never cut
+                plan.prefill_budget = cap
+                plan.time_budget = level
+        return plan
+
+
+POLICIES: dict[str, type] = {"token_throttling": TokenThrottling, "sarathi": Sarathi, "vllm": VLLM,
+                             "time_balanced": StageTimeBalanced}
 
 
 def policy_class(name: str) -> type:

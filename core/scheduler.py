@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from core.batch import BatchItem, MicroBatch
+from core.cost_model import StageTimeModel, largest_chunk
 from core.kv_cache import PageAllocator
 from core.policies import BatchPlan, Policy
 from core.request import Request, Status
@@ -36,7 +37,10 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, policy: Policy, recorder: TraceRecorder | None = None) -> None:
+    def __init__(self, config: SchedulerConfig, policy: Policy, recorder: TraceRecorder | None = None,
+                 stage_time_model: StageTimeModel | None = None) -> None:
+        """`stage_time_model`: the predicted stage time of a batch shape (the latency model of
+        the table the caller runs with); policies that plan in seconds need it."""
         self.config = config
         self.pp = config.pp
         self.page_size = config.page_size
@@ -44,6 +48,7 @@ class Scheduler:
         self.kv = PageAllocator(config.num_pages, config.page_size)
         self.policy = policy
         self.recorder = recorder
+        self.stage_time_model = stage_time_model
         self.requests: list[Request] = []          # every request ever added, in order
         self.waiting: deque[Request] = deque()     # prompt (or recompute) left to schedule
         self.ready: deque[Request] = deque()       # can decode one more token
@@ -278,6 +283,10 @@ class Scheduler:
         # batch sums are read and written inline.
         waiting, kv, page_size = self.waiting, self.kv, self.page_size
         new_allowed, max_chunk, requeue = plan.max_new_requests, plan.max_chunk, plan.requeue_chunks
+        time_budget = plan.time_budget
+        if time_budget is not None and self.stage_time_model is None:
+            raise ValueError(f"{type(self.policy).__name__} planned a time_budget, but the scheduler has no "
+                             "stage_time_model to price prefill chunks with")
         running = Status.RUNNING
         kept: list[Request] = []  # partly scheduled requests that stay at the front (requeue_chunks)
         while budget > 0 and waiting:
@@ -292,8 +301,14 @@ class Scheduler:
             if max_chunk is not None:
                 n = min(n, max_chunk)
             n = min(n, (held + kv.num_free) * page_size - start)  # room in pages held + free
+            if time_budget is not None and n > 0:
+                # The chunk the predicted time allows; the first `min_prefill` tokens of the
+                # batch are exempt, so a backlog drains even when decodes fill the budget.
+                fit = largest_chunk(self.stage_time_model, batch.prefill_tokens, batch.decode_tokens,
+                                    batch.prefill_attention_work, batch.decode_context, start, n, time_budget)
+                n = max(fit, min(n, plan.min_prefill - batch.prefill_tokens))
             if n <= 0:
-                break  # FIFO: the head waits for pages, nobody overtakes it
+                break  # FIFO: the head waits for pages (or time), nobody overtakes it
             waiting.popleft()
             r.status = running
             self._waiting_tokens -= n

@@ -204,6 +204,26 @@ class LatencyModel:
         return self.transfer_base_s + num_bytes * self.transfer_s_per_byte
 
 
+class SlowestStage:
+    """A latency model seen as core.cost_model.StageTimeModel: a batch shape's predicted time
+    on its slowest stage. What the simulator and the runtime hand the scheduler, so a policy
+    prices batches with the very model (or table) that times them. Any object with
+    `stage_time(stage, *features)` works (the simulator's StageLatency)."""
+    __slots__ = ("latency", "pp")
+
+    def __init__(self, latency, pp: int | None = None) -> None:
+        self.latency = latency
+        self.pp = int(pp if pp is not None else latency.pp)
+        if self.pp < 1:
+            raise ValueError(f"SlowestStage needs pp >= 1, got {self.pp}")
+
+    def predict(self, prefill_tokens: float, decode_tokens: float,
+                prefill_attention_work: float, decode_context: float) -> float:
+        stage_time = self.latency.stage_time
+        return max([stage_time(s, prefill_tokens, decode_tokens, prefill_attention_work, decode_context)
+                    for s in range(self.pp)])
+
+
 def _fit_transfer(df) -> tuple[float, float, float]:
     if len(df) == 0:   # pp=1 tables may have no transfer rows: nothing is ever sent
         return 0.0, 0.0, 0.0

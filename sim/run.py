@@ -17,6 +17,7 @@ from core.scheduler import Scheduler, SchedulerConfig
 from core.trace import Trace, TraceRecorder
 from core.workloads import Workload
 from profiles import LatencyModel, fit, load_profile
+from profiles.latency_model import SlowestStage
 from sim.config import SimConfig
 from sim.pipeline import PipelineSim, StageJitter, StageLatency
 
@@ -99,7 +100,9 @@ def simulate(config: SimConfig, *, latency: StageLatency | None = None, pp: int 
 
     recorder = TraceRecorder()
     policy = make_policy(config.policy, config.policy_params)
-    scheduler = Scheduler(SchedulerConfig(pp, num_pages, config.page_size), policy, recorder)
+    # The policy may price batches (time_balanced does) with the model that times them here.
+    scheduler = Scheduler(SchedulerConfig(pp, num_pages, config.page_size), policy, recorder,
+                          stage_time_model=SlowestStage(latency, pp))
     env = simpy.Environment()
     stage_jitter = None
     if config.stage_jitter:

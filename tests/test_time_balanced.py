@@ -1,0 +1,236 @@
+"""time_balanced (StageTimeBalanced) and the scheduler's time budget: hand-computed plans
+and batches under a linear cost model, the protections it keeps from Token Throttling, the
+missing-model error, and on a simulated workload that its consecutive batches take more
+equal time than Token Throttling's.
+
+Linear model used by hand: t = 1 ms + 10 us * prefill + 2 us * decode + 1 ns * attention work
+(+ 0 * decode context), so a fresh n-token chunk costs 1 ms + 10 us n + 1 ns n^2.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from core.cost_model import largest_chunk
+from core.policies import BatchPlan, StageTimeBalanced, make_policy
+from core.request import Request
+from core.scheduler import Scheduler, SchedulerConfig
+from tests.helpers import check_invariants, complete_oldest, drive, items_of, make_requests
+
+
+class LinearTime:
+    def __init__(self, base=1e-3, prefill=1e-5, decode=2e-6, attention=1e-9, context=0.0):
+        self.c = (base, prefill, decode, attention, context)
+        self.calls = 0
+
+    def predict(self, p, d, a, c):
+        self.calls += 1
+        base, cp, cd, ca, cc = self.c
+        return base + cp * p + cd * d + ca * a + cc * c
+
+
+def scheduler(pp=2, num_pages=1000, model=None, policy="time_balanced", **params) -> Scheduler:
+    return Scheduler(SchedulerConfig(pp=pp, num_pages=num_pages, page_size=16), make_policy(policy, params),
+                     stage_time_model=LinearTime() if model is None else model)
+
+
+def peek(s) -> BatchPlan:
+    return copy.deepcopy(s.policy).plan(s)
+
+
+def pre(rid, start, n):
+    return (rid, start, n, True)
+
+
+def dec(rid, pos):
+    return (rid, pos, 1, False)
+
+
+# ---------------------------------------------------------------- the model is required
+def test_time_balanced_without_a_model_fails_naming_policy_and_model():
+    with pytest.raises(ValueError, match=r"time_balanced needs a stage-time model.*stage_time_model="):
+        Scheduler(SchedulerConfig(pp=2, num_pages=100), make_policy("time_balanced"))
+
+
+def test_a_time_budget_without_a_model_is_an_error_not_ignored():
+    class Timed:
+        def bind(self, view): pass
+        def plan(self, view): return BatchPlan(0, 100, time_budget=1.0)
+    s = Scheduler(SchedulerConfig(pp=2, num_pages=100), Timed())
+    s.add(Request(0, 50, 2))
+    with pytest.raises(ValueError, match="time_budget.*no stage_time_model"):
+        s.next_batch(0.0)
+
+
+@pytest.mark.parametrize("field,value", [("fill", -0.1), ("fill", True), ("maxp", 0), ("iterp", 0),
+                                         ("minp", 4096), ("kvthresh", 1.0)])
+def test_bad_parameters_name_the_policy_and_field(field, value):
+    with pytest.raises(ValueError, match=rf"time_balanced\.{field} must be"):
+        make_policy("time_balanced", {field: value})
+
+
+# ---------------------------------------------------------------- the scheduler's time budget
+def test_largest_chunk_is_the_brute_force_answer():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        m = LinearTime(*rng.uniform(0, 1e-4, 5) * np.array([10, 1, 1, 1e-3, 1e-3]))
+        shape = [int(x) for x in rng.integers(0, 3000, 4)]
+        start, cap, budget = int(rng.integers(0, 5000)), int(rng.integers(0, 3000)), float(rng.uniform(0, 0.3))
+        want = max([n for n in range(cap + 1)
+                    if n == 0 or m.predict(shape[0] + n, shape[1], shape[2] + n * (start + n), shape[3]) <= budget])
+        assert largest_chunk(m, *shape, start, cap, budget) == want
+
+
+def test_time_budget_cuts_prefill_after_uncut_decodes_and_spares_min_prefill():
+    class Plan:
+        def __init__(self): self.plan_ = None
+        def bind(self, view): pass
+        def plan(self, view): return self.plan_
+    pol = Plan()
+    s = Scheduler(SchedulerConfig(pp=2, num_pages=1000), pol, stage_time_model=LinearTime())
+    r0, r1 = make_requests([(100, 5), (1000, 5)])
+    s.add(r0)
+    pol.plan_ = BatchPlan(0, 4096)
+    s.next_batch(0.0), complete_oldest(s, 1.0)             # r0 prefilled, now ready
+    s.add(r1)
+    # decode of r0 at position 100 (context 101): t = 1 ms + 2 us = 1.002 ms, never cut.
+    # budget 3 ms: 1.002 ms + 10 us n + 1 ns n^2 <= 3 ms -> n = 180 (1.002 + 1.8 + 0.0324 = 2.8344 ms;
+    # n = 181: 1.002 + 1.81 + 0.032761 = 2.844761 ... still fits; solve 1e-9 n^2 + 1e-5 n <= 1.998e-3:
+    # n = 191: 1.91e-3 + 3.6481e-5 = 1.946481e-3 fits; n = 196: 1.96e-3 + 3.8416e-5 = 1.998416e-3 > 1.998e-3;
+    # n = 195: 1.95e-3 + 3.8025e-5 = 1.988025e-3 fits -> 195
+    pol.plan_ = BatchPlan(1, 4096, time_budget=3e-3)
+    assert items_of(s.next_batch(1.0)) == [dec(0, 100), pre(1, 0, 195)]
+    complete_oldest(s, 2.0)
+    # A budget the decode alone exceeds: no prefill, except min_prefill tokens, which are never cut.
+    pol.plan_ = BatchPlan(1, 4096, time_budget=1e-4)
+    assert items_of(s.next_batch(2.0)) == [dec(0, 101)]
+    complete_oldest(s, 3.0)
+    pol.plan_ = BatchPlan(1, 4096, time_budget=1e-4, min_prefill=40)
+    assert items_of(s.next_batch(3.0)) == [dec(0, 102), pre(1, 195, 40)]
+    check_invariants(s)
+
+
+# ---------------------------------------------------------------- the policy
+def test_fills_a_batch_up_to_the_slowest_in_flight_where_tt_takes_the_backlog_rule():
+    # pp=2, N=1000, ps=16, defaults (maxp 2048, minp 32, iterp 8, kvthresh 0.05 -> R0 = 50).
+    s = scheduler()
+    tt = scheduler(policy="token_throttling")
+    for sched in (s, tt):
+        sched.add(Request(0, 1600, 4))
+        # nothing in flight: TT's own plan, P = max(1600 // 8, 32) = 200
+        assert items_of(sched.next_batch(0.0)) == [pre(0, 0, 200)]
+        sched.add(Request(1, 150, 4))
+    # batch 0 predicted: 1 ms + 10 us * 200 + 1 ns * 200 * 200 = 3.04 ms = the level.
+    # TT: WT = 150 -> P = max(150 // 8, 32) = 32.
+    assert items_of(tt.next_batch(0.0)) == [pre(1, 0, 32)]
+    # time_balanced: TT's 32 are granted (min_prefill); the KV cap is F = 1000 - 13 = 987,
+    # P_mem = 16 * 937 = 14992, ramp = (0.987 - 0.05) / 0.95 -> round(0.98632 * 2048) = 2020;
+    # the whole 150-token prompt costs 1 + 1.5 + 0.0225 = 2.5225 ms <= 3.04 ms: all of it.
+    plan = peek(s)
+    assert (plan.min_prefill, plan.prefill_budget) == (32, 2020)
+    assert plan.time_budget == pytest.approx(3.04e-3)
+    assert items_of(s.next_batch(0.0)) == [pre(1, 0, 150)]
+    check_invariants(s)
+
+
+def test_fill_fraction_cuts_the_extra_prefill_by_predicted_time():
+    s = scheduler(fill=0.9)
+    s.add(Request(0, 1600, 4))
+    s.next_batch(0.0)                                    # 200 tokens, 3.04 ms
+    s.add(Request(1, 400, 4))
+    # level = 0.9 * 3.04 ms = 2.736 ms: 1 ms + 10 us n + 1 ns n^2 <= 2.736 ms
+    # n = 170: 1 + 1.7 + 0.0289 = 2.7289 ms fits; n = 171: 1 + 1.71 + 0.029241 = 2.739241 ms does not
+    assert items_of(s.next_batch(0.0)) == [pre(1, 0, 170)]
+
+
+def test_decodes_come_first_uncut_and_prefill_fills_what_time_leaves():
+    # pp=2, 10+ running requests, maxd = 5 -> D = min((Rn + jitter) // 2, 5) = 5 per batch;
+    # requeue_chunks keeps the prompt's next chunk schedulable while its first is in flight.
+    s = scheduler(maxd=5, requeue_chunks=True)
+    for i in range(10):
+        s.add(Request(i, 16, 50))
+    while s.num_ready < 10:                              # prefill all ten, one batch at a time
+        s.next_batch(0.0)
+        complete_oldest(s, 0.0)
+    s.add(Request(100, 400, 4))
+    b1 = s.next_batch(1.0)                               # nothing in flight: TT's plan, P = 400 // 8 = 50
+    assert (b1.decode_tokens, b1.prefill_tokens) == (5, 50)
+    # level = b1: 1 ms + 5 * 2 us + 10 us * 50 + 1 ns * 50 * 50 = 1.5125 ms. b2: 5 decodes
+    # (1.010 ms with the base), TT's P = max(350 // 8, 32) = 43 granted; time leaves 0.5025 ms:
+    # 10 us n + 1 ns n (50 + n) <= 0.5025 ms -> n = 49 (0.494851 ms); n = 50 gives 0.505 ms.
+    plan = peek(s)
+    assert (plan.max_decodes, plan.min_prefill) == (5, 43)
+    b2 = s.next_batch(1.0)
+    assert (b2.decode_tokens, b2.prefill_tokens) == (5, 49)
+    check_invariants(s)
+
+
+def test_kv_pressure_throttles_the_extra_prefill_like_tt():
+    # pp=2, N=100, ps=16, kvthresh 0.05 -> R0 = 5; maxp 4096, iterp 1
+    s = scheduler(num_pages=100, maxp=4096, iterp=1)
+    s.add(Request(0, 1280, 10))                          # 80 pages
+    assert items_of(s.next_batch(0.0)) == [pre(0, 0, 1280)]
+    s.add(Request(1, 1000, 1))
+    # level = 1 ms + 12.8 ms + 1.6384 ms = 15.4384 ms. F = 20: P_mem = 16 * 15 = 240,
+    # ramp = (0.2 - 0.05) / 0.95 -> round(0.157895 * 4096) = 647, WT = 1000 -> TT's P = 240;
+    # the KV cap is min(240, 647) = 240 = TT's own P:
+    # nothing extra to fill although time would allow ~1200 tokens.
+    plan = peek(s)
+    assert plan.prefill_budget == 240 and plan.time_budget is None
+    assert items_of(s.next_batch(0.0)) == [pre(1, 0, 240)]
+    assert s.free_pages == 5                             # = R0: the reserve holds
+
+
+def test_backlog_drains_and_every_request_finishes_with_invariants():
+    reqs = make_requests([(int(p), int(o)) for p, o in
+                          zip(np.random.default_rng(1).integers(1, 600, 60), np.random.default_rng(2).integers(1, 40, 60))])
+    s = scheduler(pp=3, num_pages=300, model=LinearTime())
+    res = drive(s, reqs, arrivals=True, seed=3)
+    assert all(r.finish_reason == "length" for r in reqs)
+    assert not s.waiting and not s.ready and not s.in_flight
+
+
+def test_same_inputs_same_decisions():
+    def log():
+        reqs = make_requests([(int(p), 8) for p in np.random.default_rng(4).integers(1, 900, 40)])
+        return drive(scheduler(pp=4, num_pages=400), reqs, arrivals=True, seed=5, check=False).log
+    assert log() == log()
+
+
+# ---------------------------------------------------------------- in the simulator
+def _consecutive_imbalance(batches) -> float:
+    """Mean over windows of pp consecutive micro-batches of 1 - mean(t) / max(t), t = time on
+    the slowest stage: the bubble share such a set of batches in flight leaves."""
+    t = batches.assign(dur=batches["end"] - batches["start"]).groupby("batch_id")["dur"].max().to_numpy()
+    pp = int(batches["stage"].max()) + 1
+    w = np.lib.stride_tricks.sliding_window_view(t, pp)
+    return float(np.mean(1 - w.mean(axis=1) / w.max(axis=1)))
+
+
+def test_in_simulation_consecutive_batches_take_more_equal_time_than_tt():
+    from sim import SimConfig, simulate
+    from sim.run import fitted_model
+    workload = {"num_requests": 300, "arrival": {"kind": "gamma", "rate": 5.0},
+                "prompt_len": {"kind": "lognormal", "mean": 1155, "spread": 0.96, "max": 8192},
+                "output_len": {"kind": "lognormal", "mean": 211, "spread": 0.771, "max": 2048}}
+    runs = {p: simulate(SimConfig(profile="qwen2.5-32b_a100-80gb_pp4", policy=p, workload=workload))
+            for p in ("token_throttling", "time_balanced")}
+    tt, tb = (runs[p] for p in ("token_throttling", "time_balanced"))
+    assert _consecutive_imbalance(tb.trace.batches) < 0.95 * _consecutive_imbalance(tt.trace.batches)
+    assert tb.summary["bubble_ratio"] < tt.summary["bubble_ratio"]
+    again = simulate(SimConfig(profile="qwen2.5-32b_a100-80gb_pp4", policy="time_balanced", workload=workload))
+    assert again.trace.batches.equals(tb.trace.batches)
+
+
+def test_slowest_stage_adapter_is_the_max_over_the_fitted_stages():
+    from profiles.latency_model import SlowestStage
+    from sim.run import fitted_model
+    model = fitted_model("qwen2.5-32b_a100-80gb_pp4")[0]
+    slowest = SlowestStage(model)
+    for shape in [(0, 1, 0, 100), (512, 0, 512 * 512, 0), (2048, 64, 2048 * 3000, 64 * 1500)]:
+        per_stage = [model.stage_time(s, *shape) for s in range(4)]
+        assert slowest.predict(*shape) == max(per_stage)
+    # The last stage carries the LM head: a decode-heavy batch is slowest there.
+    assert slowest.predict(0, 256, 0, 256 * 1000) == model.stage_time(3, 0, 256, 0, 256 * 1000)

@@ -125,7 +125,7 @@ class EngineRunner:
 
     def __init__(self, path: Path, pp: int, policy: str, threads: int | None, num_pages: int,
                  split: str | None, policy_params: dict | None = None) -> None:
-        from runtime.llm import LLM, SamplingParams
+        from runtime import LLM, SamplingParams
 
         self.SamplingParams = SamplingParams
         self.pp, self.policy = pp, policy

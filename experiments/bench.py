@@ -24,29 +24,7 @@ import yaml
 from core.request import Request
 from core.trace import Trace
 from core.workloads import Workload
-
-
-def resolve_model(model: Any) -> Any:
-    """What `runtime.llm.LLM` accepts: a dict stays a dict; "dummy:<preset>" (runtime.profiler
-    presets, e.g. dummy:llama-32m) becomes the preset's config dict; anything else as is."""
-    if isinstance(model, str) and model.startswith("dummy:"):
-        from runtime.profiler import PRESETS
-        body = model[len("dummy:"):].strip()
-        if body in PRESETS:
-            return dict(PRESETS[body])
-    return model
-
-
-def model_name(model: Any) -> str:
-    """A short name for reports: presets and paths as given, configs by their shape."""
-    if isinstance(model, str) and model.startswith("dummy:{"):
-        try:
-            model = json.loads(model[len("dummy:"):])
-        except json.JSONDecodeError:
-            return model[:60]
-    if isinstance(model, dict):
-        return f"dummy:{model.get('model_type', 'llama')}-h{model.get('hidden_size')}-l{model.get('num_hidden_layers')}"
-    return str(model)
+from runtime.model_specs import display_name
 
 
 def workload_requests(workload: dict[str, Any], seed: int) -> list[Request]:
@@ -60,10 +38,6 @@ def prompt_ids(requests: Sequence[Request], vocab: int, seed: int) -> list[list[
     return [rng.integers(0, vocab, r.prompt_len).tolist() for r in requests]
 
 
-DEVICES = ("cpu", "cuda")                      # cuda: one GPU per stage (NCCL), as runtime.engine
-DTYPES = (None, "float32", "bfloat16", "float16")  # None: the model config's torch_dtype
-
-
 class Bench:
     """The runtime, started once (start-up and a warm-up are not part of any run)."""
 
@@ -71,13 +45,12 @@ class Bench:
                  policy_params: dict[str, Any] | None = None, *, num_pages: int | None = None,
                  page_size: int = 16, layer_split: Any = None, num_threads: int | None = None,
                  seed: int = 0, device: str = "cpu", dtype: str | None = None) -> None:
-        from runtime.llm import LLM, SamplingParams
+        from runtime import LLM, SamplingParams  # why: torch, loaded only when a bench runs
 
         self.SamplingParams = SamplingParams
-        self.name = model_name(model)
-        self.model = resolve_model(model)
+        self.name = display_name(model)
         self.pp = pp
-        self.llm = LLM(self.model, pp=pp, policy=policy, policy_params=policy_params, num_pages=num_pages,
+        self.llm = LLM(model, pp=pp, policy=policy, policy_params=policy_params, num_pages=num_pages,
                        page_size=page_size, layer_split=layer_split, num_threads=num_threads, seed=seed,
                        device=device, dtype=dtype)
         self.llm.generate([[1] * 16] * 2, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up

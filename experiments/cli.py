@@ -237,15 +237,15 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- profile (runtime/profiler.py; torch imported on run)
+# ---------------------------------------------------------------- profile (profiles/measure; torch imported on run)
 
 def add_profile(p: argparse.ArgumentParser) -> None:
-    from runtime.profiler import add_arguments
+    from profiles.measure.options import add_arguments
     add_arguments(p)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from runtime.profiler import run_cli
+    from profiles.measure.profiler import run_cli
     return run_cli(args)
 
 
@@ -255,18 +255,13 @@ def add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML file (model, pp, policy, policy_params, workload, seed, "
                                              "num_pages, page_size, layer_split, threads, device, dtype); flags "
                                              "override it")
-    p.add_argument("--model", help="model directory or dummy:<preset | config.json | inline JSON>")
-    p.add_argument("--pp", type=int, help="pipeline stages (one process each)")
+    from runtime.engine_args import add_engine_args
+
+    add_engine_args(p, defaults=False, seed=False)   # the workload flags have --seed
     p.add_argument("--policy", help="token_throttling | sarathi | vllm | dotted.path.Class")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
                    help="policy parameter (repeatable); values parsed as YAML")
     add_workload_flags(p, "request rate in req/s, or inf")
-    p.add_argument("--num-pages", type=int, help="KV pages (default: the runtime's, 1 GiB per stage on CPU)")
-    p.add_argument("--page-size", type=int, help="tokens per KV page (default 16)")
-    p.add_argument("--layer-split", help="layers per stage, e.g. 5,3 or 4.5,3.5 (a .5 puts the boundary between a layer's attention and its MLP)")
-    p.add_argument("--threads", type=int, help="torch threads per stage process (default 1 on CPU)")
-    p.add_argument("--device", help="cpu | cuda (one GPU per stage; default cpu)")
-    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: the model config's torch_dtype)")
     p.add_argument("--out", help="results folder (default results/bench/<policy>_<model>)")
     p.add_argument("--formats", type=_formats, default=("csv",), help="trace tables: csv,parquet (default csv)")
 
@@ -299,16 +294,11 @@ def bench_config(args: argparse.Namespace) -> dict[str, Any]:
     d.setdefault("page_size", 16)
     d.setdefault("device", "cpu")
     d.setdefault("dtype", None)
-    from experiments.bench import DEVICES, DTYPES
-    if d["device"] not in DEVICES:
-        raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {d['device']!r}")
-    if d["dtype"] not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(t for t in DTYPES if t)} (or left out), got {d['dtype']!r}")
-    for flag, key, low in (("--pp", "pp", 1), ("--num-pages", "num_pages", 1), ("--page-size", "page_size", 1),
-                           ("--seed", "seed", 0), ("--threads", "threads", 1)):
-        v = d.get(key)
-        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
-            raise UsageError(f"{flag} must be an integer >= {low}, got {v!r}")
+    from runtime.engine_args import check_engine_values
+    try:
+        check_engine_values(d)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     try:
         make_policy(d["policy"], d["policy_params"])
     except (ValueError, TypeError) as e:

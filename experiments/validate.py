@@ -52,6 +52,9 @@ import pandas as pd
 import yaml
 
 from core.trace import Trace
+from profiles.measure.options import cpu_name
+from runtime.engine_args import check_engine_values
+from runtime.model_specs import display_name
 
 # metric key -> summary key; the error is the signed relative error (sim - real) / real
 REL_METRICS: dict[str, str] = {
@@ -104,15 +107,8 @@ class ValidationConfig:
 
         if not self.model:
             raise ValueError("model is required (a directory or dummy:<preset | config.json | inline JSON>)")
-        if not (isinstance(self.pp, int) and self.pp >= 1):
-            raise ValueError(f"pp must be an int >= 1, got {self.pp!r}")
-        from experiments.bench import DEVICES, DTYPES
-
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(t for t in DTYPES if t)} (or left out), "
-                             f"got {self.dtype!r}")
+        check_engine_values({k: getattr(self, k) for k in ("pp", "num_pages", "page_size", "threads", "seed",
+                                                           "device", "dtype")}, name=str)
         if not isinstance(self.loads, list) or not self.loads:
             raise ValueError("loads must be a non-empty list of request rates (req/s, or 'inf')")
         for i, r in enumerate(self.loads):
@@ -479,7 +475,7 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
     earlier run of this config recorded in `out`: for iterating on the latency model
     or the simulator without the hardware."""
     from core.metrics import summarize
-    from experiments.bench import Bench, model_name
+    from experiments.bench import Bench
     from sim import fitted_model
 
     out = Path(cfg.out or Path("results") / cfg.name)
@@ -556,7 +552,7 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
     plots = make_plots(out / "plots", traces, errors)
     text = format_table(errors)
     report = write_report(out, cfg, errors, ranking, plots, text, num_pages,
-                          time.perf_counter() - t_start, model_name(cfg.model), profile, reuse_real)
+                          time.perf_counter() - t_start, display_name(cfg.model), profile, reuse_real)
     return ValidationResult(errors, ranking, report, text, out)
 
 
@@ -723,7 +719,6 @@ def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking
                  plots: list[Path], table: str, num_pages: int, wall_s: float, model: str,
                  profile: str | None = None, reuse_real: bool = False) -> Path:
     try:
-        from runtime.profiler import cpu_name
         cpu = cpu_name()
     except Exception:  # noqa: BLE001 - the report still gets written
         cpu = platform.processor() or "?"

@@ -1,6 +1,6 @@
 """Latency tables measured in situ: from the real runtime's own trace, not a profiler.
 
-The profiler (runtime/profiler.py) times one stage at a time with the machine otherwise
+The profiler (profiles/measure/profiler.py) times one stage at a time with the machine otherwise
 idle. In a running pipeline the stages share the host (on CPU: cores, caches, memory
 bandwidth, the driver and receive threads), so each stage runs slower than the profiler
 saw, and more so under load. An in-situ table takes the stage rows a runtime run recorded

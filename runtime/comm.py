@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime
 import pickle
 import queue
+import socket
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -99,6 +100,20 @@ def init_groups(backend: str, timeout_s: float, device: torch.device | None = No
 def destroy_groups() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def destroy_groups_quietly() -> None:
+    try:
+        destroy_groups()
+    except Exception:  # noqa: BLE001 - already failing; the original error matters
+        pass
+
+
+def free_port() -> int:
+    """A free loopback port for an env:// rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class SendQueue:

@@ -15,9 +15,11 @@ from typing import Any, Sequence
 
 import torch
 
+from runtime.engine_args import DTYPES
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 @dataclass(slots=True, frozen=True)
@@ -57,14 +59,14 @@ class ModelConfig:
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError(f"rms_norm_eps and rope_theta must be > 0, got "
                              f"{self.rms_norm_eps} and {self.rope_theta}")
-        if self.dtype not in _DTYPES:
+        if self.dtype not in TORCH_DTYPES:
             raise ValueError(f"torch_dtype {self.dtype!r} is not supported "
-                             f"(supported: {', '.join(_DTYPES)})")
+                             f"(supported: {', '.join(TORCH_DTYPES)})")
         _check_rope_scaling(self.rope_scaling)
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return TORCH_DTYPES[self.dtype]
 
     @property
     def q_size(self) -> int:

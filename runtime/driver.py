@@ -1,19 +1,24 @@
-"""Stage 0's side of a pipeline: the driver loop around the core scheduler and the pipes
-it launches micro-batches into.
+"""Stage 0's side of a pipeline: the scheduler loop that drives it.
 
-`Driver.run` serves one offline generate job: inject arrivals at their instants, hand
-completions to the scheduler, launch what it decides, and wait (without spinning) only
-when nothing can be launched. `LocalPipe` runs the one stage in-process (pp = 1);
-`DistPipe` sends metadata to every stage, computes stage 0 here, passes activations on
-and receives sampled tokens from the last stage on a thread. runtime.online reuses the
-same driver and pipes for online serving.
+`Stage0Loop` is the cycle, written once: take new work, hand returned micro-batches to
+the core scheduler, launch the next batch it decides (its metadata to every stage, via
+the pipe, runtime.pipes), and wait without spinning only when nothing can be launched.
+Two kinds of work feed it:
+- `GenerateLoop`: one offline generate job (`LLM.generate`): arrivals injected at their
+  instants, ends when every request is finished; the result is the requests and trace.
+- `OnlineLoop`: online serving (`AsyncLLM`): ("add" | "abort" | "stop", payload)
+  commands come in on a queue; ("step", deltas, stats) after every finished micro-batch
+  and ("rows", busy rows) now and then go out; runs until "stop".
+`Driver` holds what both need (config, stage 0's runner, the pipe, the KV page count).
 """
 from __future__ import annotations
 
+import itertools
+import multiprocessing
+import queue
 import time
-from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -22,12 +27,15 @@ from core.policies import make_policy
 from core.request import Request
 from core.scheduler import Scheduler, SchedulerConfig
 from core.trace import Trace, TraceRecorder
-from runtime.comm import Groups, SendQueue, StepMeta, TokenReceiver, isend_obj, recv_obj
+from runtime.comm import StepMeta
+from runtime.engine_config import EngineConfig
+from runtime.pipes import DistPipe, LocalPipe
 from runtime.sampling import SamplingParams
-from runtime.worker import StageRunner, destroy_groups_quietly
+from runtime.worker import StageRunner
 
-if TYPE_CHECKING:
-    from runtime.engine import EngineConfig
+_POLL_S = 0.002        # online: how long stage 0 waits on the pipe before looking for new commands
+_ROWS_EVERY_S = 0.5    # online: how often busy rows travel to the frontend
+_FINISH = {"aborted": "abort"}  # core reasons -> OpenAI-style ones ("length", "stop" as is)
 
 
 @dataclass(slots=True)
@@ -75,199 +83,308 @@ class GenerateResult:
         return trace
 
 
-# ------------------------------------------------------------------ pipes (stage 0's side)
-
-class LocalPipe:
-    """pp = 1: the one stage computes and samples at launch; results wait in a deque."""
-
-    def __init__(self, runner: StageRunner) -> None:
-        self.runner = runner
-        self._done: deque[tuple[int, list[int]]] = deque()
-
-    def launch(self, m: StepMeta, ids: list[int]) -> float:
-        """Run the batch; returns the perf_counter time its result was handed off."""
-        r = self.runner
-        r.check_fault(m.batch_id)
-        x = torch.tensor(ids, dtype=torch.long, device=r.device)
-        logits = r.forward(x, r.build_meta(m))
-        self._done.append((m.batch_id, r.sample(logits, m)))
-        return time.perf_counter()
-
-    def poll(self, timeout: float | None) -> tuple[int, list[int]] | None:
-        return self._done.popleft() if self._done else None
-
-    def collect(self) -> list[tuple]:
-        self.runner.reset()
-        return []
-
-    def stream_rows(self) -> None:
-        pass  # online serving: stage 0 records its own rows
-
-    def close(self) -> None:
-        pass
-
-
-class DistPipe:
-    """pp > 1 on stage 0: metadata to every stage at launch, stage 0's layers here,
-    activations to stage 1, sampled tokens back from the last stage on a thread."""
-
-    def __init__(self, runner: StageRunner, g: Groups) -> None:
-        self.runner, self.g = runner, g
-        self.others = list(range(1, g.world))
-        self.sends = SendQueue(keep=g.world + 1)
-        self.receiver = TokenReceiver(g.world - 1, g.tokens)
-        self._closed = False
-
-    def launch(self, m: StepMeta, ids: list[int]) -> float:
-        r = self.runner
-        isend_obj(("batch", m), self.others, self.g.ctrl, self.sends)  # stages prepare early
-        self.receiver.expect(m.batch_id, m.num_samples)
-        r.check_fault(m.batch_id)
-        x = torch.tensor(ids, dtype=torch.long, device=r.device)
-        hidden, residual = r.forward(x, r.build_meta(m))
-        x = torch.stack((hidden, residual))  # one message, not two: see runtime.comm
-        r.sync()  # on GPU: the busy interval ends when the kernels are done
-        end = time.perf_counter()  # before posting the send, as the other stages (runtime.worker)
-        self.sends.add(torch.distributed.isend(x, 1, group=self.g.next), x)
-        self.sends.close_launch()
-        return end
-
-    def poll(self, timeout: float | None) -> tuple[int, list[int]] | None:
-        return self.receiver.get(timeout)
-
-    def stream_rows(self) -> None:
-        """Online serving: the other stages push their busy rows to the frontend."""
-        isend_obj(("stream_rows", None), self.others, self.g.ctrl, self.sends)
-
-    def collect(self) -> list[tuple]:
-        """Every stage's busy rows of this generate call (epoch seconds)."""
-        isend_obj(("collect", None), self.others, self.g.ctrl, self.sends)
-        rows: list[tuple] = []
-        for s in self.others:
-            rows.extend(recv_obj(s, self.g.reply))
-        self.sends.drain()
-        self.runner.reset()
-        return rows
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            isend_obj(("stop", None), self.others, self.g.ctrl, self.sends)
-            self.sends.drain()
-            self.receiver.close()
-        finally:
-            destroy_groups_quietly()
-
-
-# ------------------------------------------------------------------ the driver loop
-
 class Driver:
-    """Stage 0's loop: inject arrivals, hand completions to the scheduler, launch what it
-    decides, and wait (without spinning) only when nothing can be launched."""
+    """Stage 0's part of the pipeline: runs generate jobs and online serving on it."""
 
-    def __init__(self, opts: "EngineConfig", runner: StageRunner, pipe: LocalPipe | DistPipe,
+    def __init__(self, opts: EngineConfig, runner: StageRunner, pipe: LocalPipe | DistPipe,
                  num_pages: int) -> None:
         self.opts, self.runner, self.pipe, self.num_pages = opts, runner, pipe, num_pages
 
-    def run(self, job: GenerateJob) -> GenerateResult:
+    def scheduler(self, policy: str, policy_params: dict, recorder: TraceRecorder | None = None) -> Scheduler:
         o = self.opts
-        recorder = TraceRecorder()
-        sched = Scheduler(SchedulerConfig(o.pp, self.num_pages, o.page_size),
-                          make_policy(job.policy, job.policy_params), recorder)
-        n = len(job.prompts)
-        arrivals = job.arrivals or [0.0] * n
-        requests = [Request(id=i, prompt_len=len(p), max_output=job.max_tokens[i], arrival=float(arrivals[i]),
-                            prompt_ids=list(p), stop_token_ids=job.stop_token_ids[i])
-                    for i, p in enumerate(job.prompts)]
-        order = sorted(range(n), key=lambda i: (requests[i].arrival, i))
-        greedy = all(p.greedy for p in job.params)
-        launched: dict[int, MicroBatch] = {}
-        release: list[int] = []
-        extras: list[tuple] = []
-        t0 = time.perf_counter()
+        return Scheduler(SchedulerConfig(o.pp, self.num_pages, o.page_size), make_policy(policy, policy_params),
+                         recorder)
 
-        def clock() -> float:
-            return time.perf_counter() - t0
+    def run(self, job: GenerateJob) -> GenerateResult:
+        """One offline generate job to completion."""
+        loop = GenerateLoop(self, job)
+        loop.run()
+        return loop.result()
 
-        def complete(got: tuple[int, list[int]]) -> None:
-            batch = launched.pop(got[0])
-            now = clock()
-            extras.append((batch.id, batch.prefill_attention_work, batch.decode_context, now))
-            release.extend(r.id for r in sched.complete(batch, now, got[1]))
-
-        k = 0
-        while True:
-            now = clock()
-            while k < n and requests[order[k]].arrival <= now:
-                sched.add(requests[order[k]], now)
-                k += 1
-            while (got := self.pipe.poll(0)) is not None:
-                complete(got)
-            if sched.has_work:
-                start = clock()
-                batch = sched.next_batch(start)
-                if batch is not None:
-                    launched[batch.id] = batch
-                    m, ids = self.step_meta(batch, job.params, greedy, release)
-                    release = []
-                    end = self.pipe.launch(m, ids) - t0
-                    recorder.stage(batch.id, 0, start, end, batch.prefill_tokens,
-                                   batch.decode_tokens, len(batch))
-                    continue
-            elif k == n and not launched:
-                break
-            # Nothing to launch: wait for the oldest micro-batch or the next arrival.
-            timeout = max(0.0, requests[order[k]].arrival - clock()) if k < n else None
-            if launched:
-                if (got := self.pipe.poll(timeout)) is not None:
-                    complete(got)
-            elif timeout is not None:
-                time.sleep(timeout)
-            else:
-                raise RuntimeError("scheduler holds unfinished requests but launched nothing "
-                                   "with nothing in flight")
-        t0_epoch = t0 + self.runner.offset
-        recorder.add_stage_rows((b, s, start - t0_epoch, end - t0_epoch, *rest)
-                                for b, s, start, end, *rest in self.pipe.collect())
-        meta = {"world": "runtime", "pp": o.pp, "policy": job.policy, "policy_params": dict(job.policy_params),
-                "seed": o.seed, "model": o.model_path or f"dummy:{o.model_cfg.model_type}",
-                "model_type": o.model_cfg.model_type, "layer_split": list(o.layer_split),
-                "num_pages": self.num_pages, "page_size": o.page_size, "device": o.device,
-                "dtype": str(self.runner.model.dtype).removeprefix("torch."),
-                "threads_per_stage": o.threads_for(o.pp > 1) or torch.get_num_threads(),
-                "forced_batches": sched.forced_batches, "torch": torch.__version__}
-        return GenerateResult(requests, recorder, meta, extras)
-
-    def step_meta(self, batch: MicroBatch, params: Sequence[SamplingParams], greedy: bool,
-              release: list[int]) -> tuple[StepMeta, list[int]]:
-        """The metadata every stage gets, and the packed token ids stage 0 embeds."""
-        its, ps = batch.items, self.opts.page_size  # decodes first, then chunks: token order
-        sample_ids = [it.request.id for it in its if it.samples]
-        ids: list[int] = []
-        for it in its:
-            r, end = it.request, it.start + it.num_tokens
-            p = r.prompt_len
-            if it.start >= p:      # a decode (or a recompute past the prompt)
-                ids.extend(r.output_ids[it.start - p:end - p])
-            else:                  # prompt, maybe running on into generated tokens (recompute)
-                ids.extend(r.prompt_ids[it.start:end])
-                if end > p:
-                    ids.extend(r.output_ids[:end - p])
-        return StepMeta(
-            batch_id=batch.id,
-            starts=[it.start for it in its],
-            lens=[it.num_tokens for it in its],
-            # a copy of just the pages this pass reads: the request's list keeps growing
-            pages=[it.request.pages[:-(-it.context_len // ps)] for it in its],
-            samples=[it.samples for it in its],
-            prefill_tokens=batch.prefill_tokens,
-            decode_tokens=batch.decode_tokens,
-            sample_ids=sample_ids,
-            sample_params=None if greedy else [params[i] for i in sample_ids],
-            release=tuple(release),
-        ), ids
+    def serve(self, inbox: Any, outbox: Any, policy: str, policy_params: dict) -> None:
+        """Online serving until a ("stop", None) command on `inbox` (see OnlineLoop)."""
+        OnlineLoop(self, inbox, outbox, policy, policy_params).run()
 
     def close(self) -> None:
         self.pipe.close()
+
+
+def step_meta(batch: MicroBatch, params: Sequence[SamplingParams] | Mapping[int, SamplingParams], greedy: bool,
+              release: list[int], page_size: int) -> tuple[StepMeta, list[int]]:
+    """The metadata every stage gets, and the packed token ids stage 0 embeds."""
+    its, ps = batch.items, page_size  # decodes first, then chunks: token order
+    sample_ids = [it.request.id for it in its if it.samples]
+    ids: list[int] = []
+    for it in its:
+        r, end = it.request, it.start + it.num_tokens
+        p = r.prompt_len
+        if it.start >= p:      # a decode (or a recompute past the prompt)
+            ids.extend(r.output_ids[it.start - p:end - p])
+        else:                  # prompt, maybe running on into generated tokens (recompute)
+            ids.extend(r.prompt_ids[it.start:end])
+            if end > p:
+                ids.extend(r.output_ids[:end - p])
+    return StepMeta(
+        batch_id=batch.id,
+        starts=[it.start for it in its],
+        lens=[it.num_tokens for it in its],
+        # a copy of just the pages this pass reads: the request's list keeps growing
+        pages=[it.request.pages[:-(-it.context_len // ps)] for it in its],
+        samples=[it.samples for it in its],
+        prefill_tokens=batch.prefill_tokens,
+        decode_tokens=batch.decode_tokens,
+        sample_ids=sample_ids,
+        sample_params=None if greedy else [params[i] for i in sample_ids],
+        release=tuple(release),
+    ), ids
+
+
+# ------------------------------------------------------------------ the loop
+
+class Stage0Loop:
+    """The scheduler cycle both kinds of work share. Subclasses give `params`/`greedy`
+    and say where work comes from (`take_work`, `wait`) and where results go
+    (`completed`, `after_completions`, `launched_row`)."""
+
+    params: Sequence[SamplingParams] | Mapping[int, SamplingParams]
+
+    def __init__(self, driver: Driver, sched: Scheduler) -> None:
+        self.driver, self.pipe, self.sched = driver, driver.pipe, sched
+        self.launched: dict[int, MicroBatch] = {}
+        self.release: list[int] = []   # finished ids whose sampler state the last stage drops
+        self.t0 = time.perf_counter()
+
+    def clock(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def run(self) -> None:
+        while self.take_work():
+            while (got := self.pipe.poll(0)) is not None:
+                self.complete(got)
+            self.after_completions()
+            had_work = self.sched.has_work
+            if had_work and self.launch_next():
+                continue
+            if not self.wait(had_work):
+                return
+
+    def launch_next(self) -> bool:
+        start = self.clock()
+        batch = self.sched.next_batch(start)
+        if batch is None:
+            return False
+        self.launched[batch.id] = batch
+        m, ids = step_meta(batch, self.params, self.greedy, self.release, self.driver.opts.page_size)
+        self.release = []
+        end = self.pipe.launch(m, ids) - self.t0
+        self.launched_row(batch, start, end)
+        return True
+
+    def complete(self, got: tuple[int, list[int]]) -> None:
+        self.completed(self.launched.pop(got[0]), got[1])
+
+    # ---- what differs between a generate job and online serving ----
+    @property
+    def greedy(self) -> bool:
+        raise NotImplementedError
+
+    def take_work(self) -> bool:
+        """Bring new requests in; False ends the loop."""
+        raise NotImplementedError
+
+    def completed(self, batch: MicroBatch, tokens: list[int]) -> None:
+        raise NotImplementedError
+
+    def after_completions(self) -> None:
+        pass
+
+    def launched_row(self, batch: MicroBatch, start: float, end: float) -> None:
+        raise NotImplementedError
+
+    def wait(self, had_work: bool) -> bool:
+        """Nothing was launched: wait for a result or new work; False ends the loop."""
+        raise NotImplementedError
+
+
+class GenerateLoop(Stage0Loop):
+    """One generate job: arrivals at their instants, until every request is finished."""
+
+    def __init__(self, driver: Driver, job: GenerateJob) -> None:
+        self.job = job
+        self.recorder = TraceRecorder()
+        sched = driver.scheduler(job.policy, job.policy_params, self.recorder)
+        n = self.n = len(job.prompts)
+        arrivals = job.arrivals or [0.0] * n
+        self.requests = [Request(id=i, prompt_len=len(p), max_output=job.max_tokens[i], arrival=float(arrivals[i]),
+                                 prompt_ids=list(p), stop_token_ids=job.stop_token_ids[i])
+                         for i, p in enumerate(job.prompts)]
+        self.order = sorted(range(n), key=lambda i: (self.requests[i].arrival, i))
+        self.k = 0                       # requests handed to the scheduler, in arrival order
+        self.params = job.params
+        self._greedy = all(p.greedy for p in job.params)
+        self.extras: list[tuple] = []
+        super().__init__(driver, sched)
+
+    @property
+    def greedy(self) -> bool:
+        return self._greedy
+
+    def take_work(self) -> bool:
+        now = self.clock()
+        while self.k < self.n and self.requests[self.order[self.k]].arrival <= now:
+            self.sched.add(self.requests[self.order[self.k]], now)
+            self.k += 1
+        return True
+
+    def completed(self, batch: MicroBatch, tokens: list[int]) -> None:
+        now = self.clock()
+        self.extras.append((batch.id, batch.prefill_attention_work, batch.decode_context, now))
+        self.release.extend(r.id for r in self.sched.complete(batch, now, tokens))
+
+    def launched_row(self, batch: MicroBatch, start: float, end: float) -> None:
+        self.recorder.stage(batch.id, 0, start, end, batch.prefill_tokens, batch.decode_tokens, len(batch))
+
+    def wait(self, had_work: bool) -> bool:
+        if not had_work and self.k == self.n and not self.launched:
+            return False
+        # wait for the oldest micro-batch or the next arrival
+        timeout = max(0.0, self.requests[self.order[self.k]].arrival - self.clock()) if self.k < self.n else None
+        if self.launched:
+            if (got := self.pipe.poll(timeout)) is not None:
+                self.complete(got)
+        elif timeout is not None:
+            time.sleep(timeout)
+        else:
+            raise RuntimeError("scheduler holds unfinished requests but launched nothing "
+                               "with nothing in flight")
+        return True
+
+    def result(self) -> GenerateResult:
+        """The finished requests, every stage's busy rows and the run's meta."""
+        o, d = self.driver.opts, self.driver
+        t0_epoch = self.t0 + d.runner.offset
+        self.recorder.add_stage_rows((b, s, start - t0_epoch, end - t0_epoch, *rest)
+                                     for b, s, start, end, *rest in self.pipe.collect())
+        job = self.job
+        meta = {"world": "runtime", "pp": o.pp, "policy": job.policy, "policy_params": dict(job.policy_params),
+                "seed": o.seed, "model": o.model_path or f"dummy:{o.model_cfg.model_type}",
+                "model_type": o.model_cfg.model_type, "layer_split": list(o.layer_split),
+                "num_pages": d.num_pages, "page_size": o.page_size, "device": o.device,
+                "dtype": str(d.runner.model.dtype).removeprefix("torch."),
+                "threads_per_stage": o.threads_for(o.pp > 1) or torch.get_num_threads(),
+                "forced_batches": self.sched.forced_batches, "torch": torch.__version__}
+        return GenerateResult(self.requests, self.recorder, meta, self.extras)
+
+
+class OnlineLoop(Stage0Loop):
+    """Online serving: requests are added and aborted by commands at any time; token
+    deltas, queue/KV stats and stage 0's busy rows stream out on `outbox`."""
+
+    def __init__(self, driver: Driver, inbox: Any, outbox: Any, policy: str, policy_params: dict) -> None:
+        self.inbox, self.outbox = inbox, outbox
+        sched = driver.scheduler(policy, policy_params)
+        self.live: dict[int, Request] = {}
+        self.sent: dict[int, int] = {}          # output tokens already reported, per live request
+        self.params: dict[int, SamplingParams] = {}
+        self.non_greedy = 0
+        self.deltas: list[tuple[int, tuple[int, ...], str | None]] = []
+        self.rows: list[tuple] = []
+        self.last_stats: tuple = ()
+        super().__init__(driver, sched)
+        self.epoch0 = self.t0 + driver.runner.offset
+        self.last_rows = self.t0
+        self.pipe.stream_rows()
+
+    @property
+    def greedy(self) -> bool:
+        return self.non_greedy == 0
+
+    def take_work(self) -> bool:
+        try:
+            while True:
+                if not self.handle(*self.inbox.get_nowait()):
+                    self.flush()
+                    return False
+        except queue.Empty:
+            return True
+
+    def handle(self, cmd: str, payload: Any) -> bool:
+        """Apply one command; False for "stop"."""
+        if cmd == "add":
+            rid, prompt, max_tokens, stop_ids, sp = payload
+            r = Request(id=rid, prompt_len=len(prompt), max_output=max_tokens, arrival=self.clock(),
+                        prompt_ids=prompt, stop_token_ids=stop_ids)
+            self.live[rid], self.sent[rid], self.params[rid] = r, 0, sp
+            self.non_greedy += not sp.greedy
+            if not self.sched.add(r, r.arrival):  # the frontend checks lengths first; never silent
+                self.deltas.append((rid, (), r.finish_reason))
+                self.forget(rid)
+            # the scheduler's every-request history would grow for as long as we serve
+            self.sched.requests.clear()
+        elif cmd == "abort":
+            r = self.live.get(payload)
+            if r is not None:
+                self.sched.abort(r, self.clock())
+                self.deltas.append((payload, (), "abort"))
+                self.forget(payload)
+        elif cmd == "stop":
+            return False
+        else:
+            raise ValueError(f"online serving: unknown command {cmd!r}")
+        return True
+
+    def forget(self, rid: int) -> None:
+        self.live.pop(rid, None)
+        self.sent.pop(rid, None)
+        if not self.params.pop(rid).greedy:
+            self.non_greedy -= 1
+        self.release.append(rid)
+
+    def completed(self, batch: MicroBatch, tokens: list[int]) -> None:
+        self.sched.complete(batch, self.clock(), tokens)
+        for r in itertools.chain(batch.decodes, (it.request for it in batch.chunks)):
+            k = self.sent.get(r.id)
+            if k is None:   # aborted while in flight
+                continue
+            n = len(r.output_ids)
+            if n > k or r.is_finished:
+                reason = _FINISH.get(r.finish_reason, r.finish_reason) if r.is_finished else None
+                self.deltas.append((r.id, tuple(r.output_ids[k:n]), reason))
+                self.sent[r.id] = n
+                if r.is_finished:
+                    self.forget(r.id)
+
+    def after_completions(self) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        """Send new tokens, and the queue/KV state whenever it changed (an aborted
+        request's pages come free only when its last in-flight batch returns)."""
+        s = self.sched
+        stats = (s.num_unfinished - s.num_waiting, s.num_waiting, s.total_pages - s.free_pages, s.total_pages)
+        if self.deltas or stats != self.last_stats:
+            self.outbox.put(("step", self.deltas, stats))
+            self.deltas, self.last_stats = [], stats
+
+    def launched_row(self, batch: MicroBatch, start: float, end: float) -> None:
+        self.rows.append((batch.id, 0, self.epoch0 + start, self.epoch0 + end, batch.prefill_tokens,
+                          batch.decode_tokens, len(batch)))
+
+    def wait(self, had_work: bool) -> bool:
+        if self.rows and time.perf_counter() - self.last_rows > _ROWS_EVERY_S:
+            self.outbox.put(("rows", self.rows))
+            self.rows, self.last_rows = [], time.perf_counter()
+        if self.launched:
+            if (got := self.pipe.poll(_POLL_S)) is not None:
+                self.complete(got)
+            return True
+        try:
+            cmd = self.inbox.get(timeout=_ROWS_EVERY_S)
+        except queue.Empty:
+            parent = multiprocessing.parent_process()
+            # orphaned (the server was killed): end, and the stages shut down
+            return parent is None or parent.is_alive()
+        if not self.handle(*cmd):
+            self.flush()
+            return False
+        return True

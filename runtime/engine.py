@@ -3,7 +3,7 @@
 Process layout (pp > 1, Python API): the caller's process is a frontend; it spawns one
 process per stage (torch.multiprocessing, spawn context, env:// rendezvous on a free
 loopback port). The stage-0 process also runs the one authoritative `core.Scheduler`
-(runtime.driver.Driver): it takes generate jobs from the frontend over a queue, and returns
+(runtime.driver.Driver, started by runtime.processes): it takes generate jobs from the frontend over a queue, and returns
 finished requests and trace rows. Keeping torch.distributed out of the caller's process
 means a failed pipeline can simply be killed, and the next LLM starts clean.
 
@@ -20,112 +20,19 @@ from __future__ import annotations
 import gc
 import os
 import queue
-import socket
+import threading
 import time
-from dataclasses import dataclass
+import traceback
 from typing import Any
 
 import torch
 
-from runtime.config import ModelConfig, layer_split
-from runtime.driver import Driver, GenerateJob, GenerateResult, LocalPipe
-from runtime.worker import StageRunner, run_stage, stage_main
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(slots=True, frozen=True)
-class EngineConfig:
-    """Everything a stage process needs to build its part (pickled to each of them)."""
-    model_path: str | None            # HF directory (None: dummy weights of `model_cfg`)
-    model_cfg: ModelConfig
-    load_format: str = "safetensors"  # "safetensors" | "dummy"
-    pp: int = 1
-    # layers per stage (filled from pp when empty): ints, or x.5 floats where a boundary
-    # falls between a layer's attention and its MLP, e.g. (4.5, 3.5); a string such as
-    # "4.5,3.5" is parsed into that tuple
-    layer_split: tuple[int | float, ...] = ()
-    num_pages: int | None = None      # KV pages; None: sized from memory on every stage
-    page_size: int = 16
-    kv_cache_gib: float | None = None  # KV memory per stage; None: 1 GiB on CPU, see below on GPU
-    gpu_memory_utilization: float = 0.9
-    device: str = "cpu"
-    dtype: str | None = None          # None: the config's torch_dtype
-    seed: int = 0
-    num_threads: int | None = None    # torch threads per stage process (None: 1 on CPU)
-    dist_timeout_s: float = 7 * 24 * 3600.0  # idle stages block in recv between generate calls
-    startup_timeout_s: float = 600.0
-
-    def __post_init__(self) -> None:
-        def bad(name: str, want: str, value: Any) -> ValueError:
-            return ValueError(f"{name} must be {want}, got {value!r}")
-
-        if self.load_format not in ("safetensors", "dummy"):
-            raise bad("load_format", "'safetensors' or 'dummy'", self.load_format)
-        if self.load_format == "safetensors" and self.model_path is None:
-            raise ValueError("load_format 'safetensors' needs a model directory")
-        if not (isinstance(self.pp, int) and self.pp >= 1):
-            raise bad("pp", "an int >= 1", self.pp)
-        raw: Any = self.layer_split
-        if isinstance(raw, str):   # "4.5,3.5" from the API or a command line; "" means even
-            raw = raw if raw.strip() else None
-        else:
-            raw = list(raw) or None
-        split = layer_split(self.model_cfg.num_layers, self.pp, raw)
-        object.__setattr__(self, "layer_split", tuple(split))
-        if self.num_pages is not None and not (isinstance(self.num_pages, int) and self.num_pages >= 1):
-            raise bad("num_pages", "an int >= 1 (or None to size the KV cache from memory)", self.num_pages)
-        if not (isinstance(self.page_size, int) and self.page_size >= 1):
-            raise bad("page_size", "an int >= 1", self.page_size)
-        if self.kv_cache_gib is not None and not (isinstance(self.kv_cache_gib, (int, float)) and self.kv_cache_gib > 0):
-            raise bad("kv_cache_gib", "a number > 0", self.kv_cache_gib)
-        if not (isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
-            raise bad("gpu_memory_utilization", "a number in (0, 1]", self.gpu_memory_utilization)
-        if self.dtype is not None and self.dtype not in _DTYPES:
-            raise bad("dtype", f"one of {sorted(_DTYPES)} or None", self.dtype)
-        if self.num_threads is not None and not (isinstance(self.num_threads, int) and self.num_threads >= 1):
-            raise bad("num_threads", "an int >= 1 or None", self.num_threads)
-        dev = torch.device(self.device)
-        if dev.type not in ("cpu", "cuda"):
-            raise bad("device", "'cpu' or 'cuda'", self.device)
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
-            if self.pp > 1 and torch.cuda.device_count() < self.pp and "WORLD_SIZE" not in os.environ:
-                raise ValueError(f"pp={self.pp} on CUDA needs one GPU per stage; "
-                                 f"{torch.cuda.device_count()} visible")
-
-    @property
-    def torch_dtype(self) -> torch.dtype | None:
-        return None if self.dtype is None else _DTYPES[self.dtype]
-
-    @property
-    def backend(self) -> str:
-        return "nccl" if torch.device(self.device).type == "cuda" else "gloo"
-
-    def stage_device(self, stage: int) -> str:
-        dev = torch.device(self.device)
-        if dev.type == "cpu":
-            return "cpu"
-        if self.pp == 1:
-            return str(dev) if dev.index is not None else "cuda:0"
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', stage))}"  # one GPU per stage
-
-    def threads_for(self, multi_process: bool) -> int | None:
-        """torch threads: the explicit value, else 1 per stage process on CPU (measured:
-        2 threads per process thrash when stages share a 2-core machine); in-process pp=1
-        leaves the caller's setting alone."""
-        if self.num_threads is not None:
-            return self.num_threads
-        return 1 if multi_process and torch.device(self.device).type == "cpu" else None
-
-
-# ------------------------------------------------------------------ the engine (frontend)
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from runtime.comm import free_port
+from runtime.driver import Driver, GenerateJob, GenerateResult
+from runtime.engine_config import EngineConfig
+from runtime.pipes import LocalPipe
+from runtime.processes import run_stage, stage_main
+from runtime.worker import StageRunner
 
 
 def launched_by_torchrun() -> bool:
@@ -141,7 +48,7 @@ class StageFailure(RuntimeError):
 
 
 class OnlineChannel:
-    """Commands to runtime.online.serve_online and its events back: over the spawned
+    """Commands to stage 0's online loop (runtime.driver.OnlineLoop) and its events back: over the spawned
     processes' queues, or to a thread running it in this process (pp = 1)."""
 
     def __init__(self, engine: "Engine", cmd: Any, events: Any, thread: Any = None) -> None:
@@ -299,9 +206,7 @@ class Engine:
 
     # ---- API ----
     def open_stream(self, policy: str, policy_params: dict[str, Any]) -> OnlineChannel:
-        """Switch the engine to online serving (runtime.online); it serves until shutdown."""
-        from runtime.online import serve_online
-
+        """Switch the engine to online serving (runtime.driver.OnlineLoop); it serves until shutdown."""
         if self.mode == "torchrun":
             raise ValueError("online serving runs stages it spawns itself (or pp=1), not under torchrun")
         if self._closed or self._failed is not None:
@@ -309,15 +214,12 @@ class Engine:
         if self.mode == "spawn":
             self._cmd.put(("serve", (policy, policy_params)))
             return OnlineChannel(self, self._cmd, self._events)
-        import threading
-
         cmd, events = queue.Queue(), queue.Queue()
 
         def run() -> None:
             try:
-                serve_online(self._driver, cmd, events, policy, policy_params)
+                self._driver.serve(cmd, events, policy, policy_params)
             except BaseException:  # noqa: BLE001 - reported to the frontend
-                import traceback
                 events.put(("error", 0, traceback.format_exc()))
 
         thread = threading.Thread(target=run, name="pipetwin-stage0", daemon=True)

@@ -1,13 +1,13 @@
 """The user-facing API, shaped like vLLM's offline `LLM`.
 
-    from runtime.llm import LLM, SamplingParams
+    from runtime import LLM, SamplingParams
     with LLM("path/to/hf_model", pp=2, policy="token_throttling") as llm:
         outs = llm.generate([[1, 2, 3], "text works with a tokenizer"], SamplingParams(max_tokens=32))
         summary = core.metrics.summarize(llm.trace())
 
 `model` is a Hugging Face directory (config.json + safetensors, Llama or Qwen2 family),
-or "dummy:<config.json path, model directory, or inline JSON>" / a config dict for
-seeded random weights (as is load_format="dummy" with a directory).
+or "dummy:<preset, config.json path, model directory, or inline JSON>" (runtime.model_specs)
+/ a config dict for seeded random weights (as is load_format="dummy" with a directory).
 Under torchrun (WORLD_SIZE = pp) only rank 0 returns from `LLM(...)`; the other ranks
 serve their stage and exit when rank 0 shuts down.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,53 +24,14 @@ import torch
 from core.kv_cache import PageAllocator
 from core.policies import make_policy
 from core.trace import Trace
-from runtime import sampling
-from runtime.config import ModelConfig, read_config_json
+from runtime.config import ModelConfig
 from runtime.driver import GenerateJob, GenerateResult
-from runtime.engine import Engine, EngineConfig
+from runtime.engine import Engine
+from runtime.engine_config import EngineConfig
+from runtime.model_specs import dummy_config, is_dummy
+from runtime.sampling import SamplingParams, is_int
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-@dataclass(slots=True, frozen=True)
-class SamplingParams:
-    """Per-request generation settings (vLLM names; greedy by default)."""
-    max_tokens: int = 16
-    temperature: float = 0.0       # 0 = greedy
-    top_p: float = 1.0             # 1 = off
-    top_k: int = 0                 # 0 = off
-    seed: int | None = None        # None: derived from the LLM seed and the request's index
-    ignore_eos: bool = False       # True: always generate max_tokens
-    stop_token_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        def bad(field: str, want: str, value: Any) -> ValueError:
-            return ValueError(f"SamplingParams.{field} must be {want}, got {value!r}")
-
-        if not (_is_int(self.max_tokens) and self.max_tokens >= 1):
-            raise bad("max_tokens", "an int >= 1", self.max_tokens)
-        if not (isinstance(self.temperature, numbers.Real) and not isinstance(self.temperature, bool)
-                and math.isfinite(self.temperature) and self.temperature >= 0):
-            raise bad("temperature", "a finite number >= 0", self.temperature)
-        if not (isinstance(self.top_p, numbers.Real) and not isinstance(self.top_p, bool) and 0 < self.top_p <= 1):
-            raise bad("top_p", "a number in (0, 1]", self.top_p)
-        if not (_is_int(self.top_k) and self.top_k >= 0):
-            raise bad("top_k", "an int >= 0 (0 = off)", self.top_k)
-        if self.seed is not None and not _is_int(self.seed):
-            raise bad("seed", "an int or None", self.seed)
-        if not isinstance(self.ignore_eos, bool):
-            raise bad("ignore_eos", "True or False", self.ignore_eos)
-        ids = self.stop_token_ids
-        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not all(_is_int(t) and t >= 0 for t in ids):
-            raise bad("stop_token_ids", "a list of token ids (ints >= 0)", ids)
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
-
-    def to_sampler(self) -> sampling.SamplingParams:
-        return sampling.SamplingParams(float(self.temperature), int(self.top_k), float(self.top_p), self.seed)
 
 
 @dataclass(slots=True, frozen=True)
@@ -155,7 +115,7 @@ class LLM:
             raise ValueError(f"sampling_params has {len(params)} entries for {n} prompts")
         for i, p in enumerate(params):
             if not isinstance(p, SamplingParams):
-                raise ValueError(f"sampling_params[{i}] must be a runtime.llm.SamplingParams, got {type(p).__name__}")
+                raise ValueError(f"sampling_params[{i}] must be a runtime.SamplingParams, got {type(p).__name__}")
         if arrival_times is not None:
             arrival_times = [float(t) for t in arrival_times]
             if len(arrival_times) != n:
@@ -177,7 +137,7 @@ class LLM:
             prompts=token_prompts, max_tokens=[p.max_tokens for p in params],
             stop_token_ids=[frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self._eos)
                             for p in params],
-            params=[p.to_sampler() for p in params], arrivals=arrival_times,
+            params=params, arrivals=arrival_times,
             policy=self.policy, policy_params=self.policy_params)
         self._last, self._trace = None, None
         result = engine.generate(job)
@@ -201,7 +161,7 @@ class LLM:
                                    r.finish_time, r.preemptions))
 
     def _tokenize(self, prompts: Any) -> list[list[int]]:
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, Sequence) and prompts and _is_int(prompts[0])):
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, Sequence) and prompts and is_int(prompts[0])):
             prompts = [prompts]
         if not isinstance(prompts, Sequence):
             raise ValueError(f"prompts must be a list of strings or token-id lists, got {type(prompts).__name__}")
@@ -276,7 +236,7 @@ def build_engine_config(model: Any, pp: int = 1, layer_split: str | Sequence[flo
 
 def check_prompt_ids(ids: Any, vocab: int) -> None:
     """ValueError unless `ids` is a non-empty list of token ids inside the vocabulary."""
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not all(_is_int(t) for t in ids):
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not all(is_int(t) for t in ids):
         raise ValueError("a prompt must be a string or a list of int token ids")
     if not ids:
         raise ValueError("the prompt is empty")
@@ -292,23 +252,16 @@ def _resolve_model(model: Any, load_format: str) -> tuple[Path | None, ModelConf
     if isinstance(model, dict):
         return None, _cfg_from_dict(model, "config dict"), _dummy_only(load_format), _eos_of(model)
     if not isinstance(model, (str, Path)):
-        raise ValueError(f"model must be a directory, 'dummy:<config.json path>' or a config dict, "
+        raise ValueError(f"model must be a directory, 'dummy:<preset | config.json path>' or a config dict, "
                          f"got {type(model).__name__}")
     text = str(model)
-    if text.startswith("dummy:"):
-        spec = text[len("dummy:"):].strip()
-        if spec.startswith("{"):
-            try:
-                d = json.loads(spec)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"model {text[:60]!r}: inline config is not valid JSON ({e})") from None
-            where = "inline config"
-        else:
-            file = Path(spec)
-            if file.is_dir():
-                file = file / "config.json"
-            d = read_config_json(file, " (model 'dummy:<path>')")
-            where = str(file)
+    if is_dummy(text):
+        try:
+            d, where = dummy_config(text)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e} (model 'dummy:<path>')") from None
+        except ValueError as e:
+            raise ValueError(f"model {text[:60]!r}: {e}") from None
         return None, _cfg_from_dict(d, where), _dummy_only(load_format), _eos_of(d)
     path = Path(text)
     if not path.is_dir():

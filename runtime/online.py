@@ -1,15 +1,11 @@
-"""Online serving: requests come and go at any time, tokens stream out as micro-batches
-finish, a client can abort. The offline `LLM.generate` runs a closed job; a server needs
-this instead.
+"""Online serving, the caller's side: `AsyncLLM`, an asyncio API (`async for delta in
+llm.generate(ids, params)`), a dispatcher thread that routes token deltas to the waiting
+streams, counters and a recent window of stage busy rows for /metrics. The offline
+`LLM.generate` runs a closed job; a server needs this instead.
 
-Two halves, one channel (runtime.engine.OnlineChannel) between them:
-- `serve_online` runs where the scheduler lives (the stage-0 process, or a thread for
-  pp = 1): it takes ("add" | "abort" | "stop", payload) commands and answers with
-  ("step", deltas, stats) after every finished micro-batch and ("rows", busy rows) now
-  and then. It is the same core `Scheduler`, the same pipe and metadata as `generate`.
-- `AsyncLLM`, in the caller's process: an asyncio API (`async for delta in
-  llm.generate(ids, params)`), a dispatcher thread that routes deltas to the waiting
-  streams, counters and a recent window of stage busy rows for /metrics.
+Stage 0's side is runtime.driver.OnlineLoop (the same core `Scheduler`, pipe and
+metadata as `generate`); runtime.engine.OnlineChannel carries commands to it and its
+events back.
 
 Leaving a stream early (client gone: the task is cancelled or the generator closed)
 aborts the request; the scheduler frees its KV pages once no in-flight micro-batch
@@ -19,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import multiprocessing
-import queue
 import threading
 import time
 from collections import deque
@@ -30,139 +24,11 @@ from typing import Any, AsyncIterator
 import numpy as np
 import pandas as pd
 
-from core.batch import MicroBatch
 from core.metrics import bubble_ratio
 from core.policies import make_policy
-from core.request import Request
-from core.scheduler import Scheduler, SchedulerConfig
-from runtime.llm import SamplingParams, build_engine_config, check_prompt_ids
-
-_POLL_S = 0.002        # how long stage 0 waits on the pipe before looking for new commands
-_ROWS_EVERY_S = 0.5    # how often busy rows travel to the frontend
-_FINISH = {"aborted": "abort"}  # core reasons -> OpenAI-style ones ("length", "stop" as is)
-
-
-# ------------------------------------------------------------------ stage 0's side
-
-def serve_online(driver: Any, inbox: Any, outbox: Any, policy: str, policy_params: dict) -> None:
-    """Stage 0's loop until a ("stop", None) command. `driver` is runtime.driver.Driver."""
-    o, pipe, runner = driver.opts, driver.pipe, driver.runner
-    sched = Scheduler(SchedulerConfig(o.pp, driver.num_pages, o.page_size), make_policy(policy, policy_params))
-    live: dict[int, Request] = {}
-    sent: dict[int, int] = {}           # output tokens already reported, per live request
-    params: dict[int, Any] = {}          # runtime.sampling params of live requests
-    non_greedy = 0
-    launched: dict[int, MicroBatch] = {}
-    release: list[int] = []              # finished ids whose sampler state the last stage drops
-    deltas: list[tuple[int, tuple[int, ...], str | None]] = []
-    rows: list[tuple] = []
-    t0 = time.perf_counter()
-    epoch0 = t0 + runner.offset
-    last_rows = t0
-    last_stats: tuple = ()
-    pipe.stream_rows()
-
-    def clock() -> float:
-        return time.perf_counter() - t0
-
-    def forget(rid: int) -> None:
-        nonlocal non_greedy
-        live.pop(rid, None)
-        sent.pop(rid, None)
-        if not params.pop(rid).greedy:
-            non_greedy -= 1
-        release.append(rid)
-
-    def handle(cmd: str, payload: Any) -> bool:
-        nonlocal non_greedy
-        if cmd == "add":
-            rid, prompt, max_tokens, stop_ids, sp = payload
-            r = Request(id=rid, prompt_len=len(prompt), max_output=max_tokens, arrival=clock(),
-                        prompt_ids=prompt, stop_token_ids=stop_ids)
-            live[rid], sent[rid], params[rid] = r, 0, sp
-            non_greedy += not sp.greedy
-            if not sched.add(r, r.arrival):  # the frontend checks lengths first; never silent
-                deltas.append((rid, (), r.finish_reason))
-                forget(rid)
-            # the scheduler's every-request history would grow for as long as we serve
-            sched.requests.clear()
-        elif cmd == "abort":
-            r = live.get(payload)
-            if r is not None:
-                sched.abort(r, clock())
-                deltas.append((payload, (), "abort"))
-                forget(payload)
-        elif cmd == "stop":
-            return False
-        else:
-            raise ValueError(f"online serving: unknown command {cmd!r}")
-        return True
-
-    def complete(got: tuple[int, list[int]]) -> None:
-        batch = launched.pop(got[0])
-        sched.complete(batch, clock(), got[1])
-        for r in itertools.chain(batch.decodes, (it.request for it in batch.chunks)):
-            k = sent.get(r.id)
-            if k is None:   # aborted while in flight
-                continue
-            n = len(r.output_ids)
-            if n > k or r.is_finished:
-                reason = _FINISH.get(r.finish_reason, r.finish_reason) if r.is_finished else None
-                deltas.append((r.id, tuple(r.output_ids[k:n]), reason))
-                sent[r.id] = n
-                if r.is_finished:
-                    forget(r.id)
-
-    def flush() -> None:
-        """Send new tokens, and the queue/KV state whenever it changed (an aborted
-        request's pages come free only when its last in-flight batch returns)."""
-        nonlocal deltas, last_stats
-        stats = (sched.num_unfinished - sched.num_waiting, sched.num_waiting,
-                 sched.total_pages - sched.free_pages, sched.total_pages)
-        if deltas or stats != last_stats:
-            outbox.put(("step", deltas, stats))
-            deltas, last_stats = [], stats
-
-    while True:
-        try:
-            while True:
-                cmd = inbox.get_nowait()
-                if not handle(*cmd):
-                    flush()
-                    return
-        except queue.Empty:
-            pass
-        while (got := pipe.poll(0)) is not None:
-            complete(got)
-        flush()
-        if sched.has_work:
-            start = clock()
-            batch = sched.next_batch(start)
-            if batch is not None:
-                launched[batch.id] = batch
-                m, ids = driver.step_meta(batch, params, non_greedy == 0, release)
-                release = []
-                end = pipe.launch(m, ids) - t0
-                rows.append((batch.id, 0, epoch0 + start, epoch0 + end, batch.prefill_tokens,
-                             batch.decode_tokens, len(batch)))
-                continue
-        if rows and time.perf_counter() - last_rows > _ROWS_EVERY_S:
-            outbox.put(("rows", rows))
-            rows, last_rows = [], time.perf_counter()
-        if launched:
-            if (got := pipe.poll(_POLL_S)) is not None:
-                complete(got)
-        else:
-            try:
-                cmd = inbox.get(timeout=_ROWS_EVERY_S)
-            except queue.Empty:
-                parent = multiprocessing.parent_process()
-                if parent is not None and not parent.is_alive():
-                    return  # orphaned (the server was killed): shut the stages down
-                continue
-            if not handle(*cmd):
-                flush()
-                return
+from runtime.engine import Engine
+from runtime.llm import build_engine_config, check_prompt_ids
+from runtime.sampling import SamplingParams
 
 
 # ------------------------------------------------------------------ the caller's side
@@ -209,8 +75,6 @@ class AsyncLLM:
     def __init__(self, model: Any, pp: int = 1, policy: str = "token_throttling",
                  policy_params: dict[str, Any] | None = None, *, bubble_window_s: float = 10.0,
                  max_rows: int = 200_000, **engine_kwargs: Any) -> None:
-        from runtime.engine import Engine
-
         if not (isinstance(bubble_window_s, (int, float)) and bubble_window_s > 0):
             raise ValueError(f"bubble_window_s must be a number > 0, got {bubble_window_s!r}")
         if not (isinstance(max_rows, int) and not isinstance(max_rows, bool) and max_rows >= 1):
@@ -268,7 +132,7 @@ class AsyncLLM:
         """ValueError naming what is wrong with a request this engine can never serve."""
         check_prompt_ids(prompt_ids, self.model_config.vocab_size)
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a runtime.llm.SamplingParams, got {type(params).__name__}")
+            raise ValueError(f"params must be a runtime.SamplingParams, got {type(params).__name__}")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"{len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens} exceed the "
                              f"model length {self.max_model_len} (KV cache: {self.num_pages} pages of "
@@ -290,7 +154,7 @@ class AsyncLLM:
         finished = False
         try:
             self._channel.send(("add", (rid, [int(t) for t in prompt_ids], params.max_tokens, stop,
-                                        params.to_sampler())))
+                                        params)))
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):

@@ -1,4 +1,5 @@
-"""Token sampling on the last stage: greedy, temperature, top-k, top-p.
+"""Sampling settings (`SamplingParams`, the one class the API, the pipeline messages and
+the sampler share) and token sampling on the last stage: greedy, temperature, top-k, top-p.
 
 Each request draws from its own torch.Generator, seeded from the request's seed (or the
 sampler seed and request id), so a request's tokens do not depend on which other
@@ -6,26 +7,56 @@ requests share its micro-batches.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 
+def is_int(x: Any) -> bool:
+    """An int, not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
-    temperature: float = 0.0   # 0 => greedy
-    top_k: int = 0             # 0 => off
-    top_p: float = 1.0         # 1 => off
-    seed: int | None = None    # None => derived from the sampler seed and request id
+    """Per-request generation settings (vLLM names; greedy by default). The same object
+    travels to the last stage, whose `Sampler` reads temperature, top_k, top_p and seed."""
+    max_tokens: int = 16
+    temperature: float = 0.0       # 0 = greedy
+    top_p: float = 1.0             # 1 = off
+    top_k: int = 0                 # 0 = off
+    seed: int | None = None        # None: derived from the sampler seed and the request id
+    ignore_eos: bool = False       # True: always generate max_tokens
+    stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        def bad(field: str, want: str, value: Any) -> ValueError:
+            return ValueError(f"SamplingParams.{field} must be {want}, got {value!r}")
+
+        if not (is_int(self.max_tokens) and self.max_tokens >= 1):
+            raise bad("max_tokens", "an int >= 1", self.max_tokens)
+        if not (isinstance(self.temperature, numbers.Real) and not isinstance(self.temperature, bool)
+                and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise bad("temperature", "a finite number >= 0", self.temperature)
+        if not (isinstance(self.top_p, numbers.Real) and not isinstance(self.top_p, bool) and 0 < self.top_p <= 1):
+            raise bad("top_p", "a number in (0, 1]", self.top_p)
+        if not (is_int(self.top_k) and self.top_k >= 0):
+            raise bad("top_k", "an int >= 0 (0 = off)", self.top_k)
+        if self.seed is not None and not is_int(self.seed):
+            raise bad("seed", "an int or None", self.seed)
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "True or False", self.ignore_eos)
+        ids = self.stop_token_ids
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not all(is_int(t) and t >= 0 for t in ids):
+            raise bad("stop_token_ids", "a list of token ids (ints >= 0)", ids)
+        # plain Python numbers: the sampler builds float tensors from them
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
+        object.__setattr__(self, "top_k", int(self.top_k))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
 
     @property
     def greedy(self) -> bool:

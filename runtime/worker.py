@@ -1,7 +1,7 @@
-"""A pipeline stage: its model slice, KV cache and sampler, and the loop a stage process runs.
+"""A pipeline stage: its model slice, KV cache and sampler, and the loop stages 1..pp-1 run.
 
-Stage 0 is driven by the scheduler loop (runtime.driver.Driver); stages 1..pp-1
-run `serve`: receive a micro-batch's metadata from stage 0, build the attention metadata
+Stage 0 is driven by the scheduler loop (runtime.driver); stages 1..pp-1 run `serve`
+(runtime.processes starts both): receive a micro-batch's metadata from stage 0, build the attention metadata
 while the activations are still on their way, receive them from the previous stage,
 compute, then pass activations on (or, on the last stage, sample and send the token ids
 to stage 0). Each stage records one busy interval per micro-batch, in epoch seconds
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from runtime.attention import BatchMeta
-from runtime.comm import Groups, Inbox, SendQueue, StepMeta, destroy_groups, init_groups, recv_obj, send_obj
+from runtime.comm import Groups, Inbox, SendQueue, StepMeta, recv_obj, send_obj
+from runtime.engine_config import EngineConfig
 from runtime.kv_cache import NO_KV_LIMIT, KVCache, kv_bytes_per_page
 from runtime.model import StageModel
 from runtime.sampling import Sampler
@@ -76,8 +76,8 @@ class StageRunner:
     """One stage's model slice, KV cache and (last stage) sampler. Used in-process by the
     driver for stage 0 and by `serve` in the other stage processes."""
 
-    def __init__(self, opts: Any, stage: int) -> None:
-        self.opts = opts                      # runtime.engine.EngineConfig
+    def __init__(self, opts: EngineConfig, stage: int) -> None:
+        self.opts = opts
         self.stage, self.pp = stage, opts.pp
         self.device = torch.device(opts.stage_device(stage))
         if self.device.type == "cuda":
@@ -228,86 +228,3 @@ def negotiate_pages(runner: StageRunner, g: Groups) -> int:
         raise ValueError(f"KV cache: stage {worst} fits no page of {runner.opts.page_size} tokens "
                          f"({fits[worst][1]}); give num_pages or more KV memory")
     return n
-
-
-def stage_main(rank: int, opts: Any, addr: str, port: int, cmd_q: Any, events: Any) -> None:
-    """Entry point of a spawned stage process (torch.multiprocessing, spawn context).
-    Reports ("error", rank, traceback) on `events` before dying, so the engine can name
-    the stage; exit without a report (a kill) is caught by the engine's liveness checks."""
-    try:
-        os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(opts.pp), LOCAL_RANK=str(rank))
-        run_stage(rank, opts, cmd_q, events)
-    except BaseException:  # noqa: BLE001 - reported, then the process dies
-        events.put(("error", rank, traceback.format_exc()))
-        events.close()
-        events.join_thread()  # make sure the report leaves before the sockets close
-        os._exit(1)
-    events.close()
-    events.join_thread()
-    # Everything is flushed; skip interpreter teardown (torch + gloo take ~1 s to unwind).
-    os._exit(0)
-
-
-def run_stage(rank: int, opts: Any, cmd_q: Any = None, events: Any = None) -> Any:
-    """Join the process group and run stage `rank`. Stages >= 1 serve until told to stop.
-    Stage 0 builds the driver; with `cmd_q` (spawned) it serves generate commands from the
-    engine, else (torchrun, in the user's process) it returns the driver."""
-    from runtime.driver import DistPipe, Driver  # the driver imports this module
-
-    threads = opts.threads_for(multi_process=True)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    device = torch.device(opts.stage_device(rank))
-    g = init_groups(opts.backend, opts.dist_timeout_s, device if device.type == "cuda" else None)
-    try:
-        runner = StageRunner(opts, rank)
-        n = negotiate_pages(runner, g)
-        if n < 1:
-            return None  # stage 0 reports why
-        runner.allocate(n)
-        if rank != 0:
-            serve(runner, g, events)
-            destroy_groups_quietly()
-            return None
-        driver = Driver(opts, runner, DistPipe(runner, g), n)
-    except BaseException:
-        destroy_groups_quietly()
-        raise
-    if cmd_q is None:
-        return driver
-    events.put(("ready", {"num_pages": n}))
-    _serve_commands(driver, cmd_q, events)
-    return None
-
-
-def _serve_commands(driver: Any, cmd_q: Any, events: Any) -> None:
-    import multiprocessing
-    import queue as _queue
-
-    parent = multiprocessing.parent_process()
-    while True:
-        try:
-            cmd, payload = cmd_q.get(timeout=1.0)
-        except _queue.Empty:
-            if parent is not None and not parent.is_alive():
-                driver.close()  # orphaned: take the other stages down with us
-                return
-            continue
-        if cmd == "generate":
-            events.put(("result", driver.run(payload)))
-        elif cmd == "serve":  # online until a "stop" command, then shut down as below
-            from runtime.online import serve_online
-            serve_online(driver, cmd_q, events, *payload)
-            cmd = "stop"
-        if cmd == "stop":
-            driver.close()
-            events.put(("stopped", None))
-            return
-
-
-def destroy_groups_quietly() -> None:
-    try:
-        destroy_groups()
-    except Exception:  # noqa: BLE001 - already failing; the original error matters
-        pass

@@ -10,6 +10,8 @@ import threading
 import time
 from typing import Any
 
+from runtime.engine_args import add_engine_args, check_engine_values, engine_kwargs
+
 log = logging.getLogger("pipetwin.server")
 
 
@@ -60,21 +62,13 @@ class ServerThread:
 # ---------------------------------------------------------------- CLI
 
 def add_arguments(p: argparse.ArgumentParser, param_type: Any) -> None:
-    p.add_argument("--model", required=True, help="model directory or dummy:<preset | config.json | inline JSON>")
+    add_engine_args(p)
     p.add_argument("--served-model-name", help="the name clients put in `model` (default: --model as given)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages (one process each; default 1)")
     p.add_argument("--policy", default="token_throttling", help="token_throttling | sarathi | vllm | dotted.path.Class")
     p.add_argument("--param", type=param_type, action="append", default=[], metavar="KEY=VALUE",
                    help="policy parameter (repeatable); values parsed as YAML")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--num-pages", type=int, help="KV pages (default: the runtime's, 1 GiB per stage on CPU)")
-    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
-    p.add_argument("--layer-split", help="layers per stage, e.g. 5,3 or 4.5,3.5 (a .5 puts the boundary between a layer's attention and its MLP)")
-    p.add_argument("--threads", type=int, help="torch threads per stage process (default 1 on CPU)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bubble-window", type=float, default=10.0,
                    help="seconds of stage rows behind the /metrics bubble ratio (default 10)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -141,10 +135,9 @@ def check_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the flag."""
     from core.policies import make_policy
 
-    for flag, v, low in (("--pp", args.pp, 1), ("--page-size", args.page_size, 1), ("--num-pages", args.num_pages, 1),
-                         ("--threads", args.threads, 1), ("--seed", args.seed, 0), ("--port", args.port, 0)):
-        if v is not None and v < low:
-            raise ValueError(f"{flag} must be an integer >= {low}, got {v}")
+    check_engine_values(vars(args))
+    if args.port < 0:
+        raise ValueError(f"--port must be an integer >= 0, got {args.port}")
     if args.port > 65535:
         raise ValueError(f"--port must be <= 65535, got {args.port}")
     if not args.bubble_window > 0:
@@ -157,13 +150,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def make_engine(args: argparse.Namespace) -> Any:
-    from experiments.bench import resolve_model
-    from runtime.online import AsyncLLM
+    from runtime import AsyncLLM  # why: torch, loaded when the server starts, not for --help
 
-    return AsyncLLM(resolve_model(args.model), pp=args.pp, policy=args.policy, policy_params=dict(args.param),
-                    bubble_window_s=args.bubble_window, layer_split=args.layer_split, num_pages=args.num_pages,
-                    page_size=args.page_size, device=args.device, dtype=args.dtype, seed=args.seed,
-                    num_threads=args.threads)
+    kw = engine_kwargs(args)
+    return AsyncLLM(kw.pop("model"), policy=args.policy, policy_params=dict(args.param),
+                    bubble_window_s=args.bubble_window, **kw)
 
 
 def run_cli(args: argparse.Namespace) -> int:

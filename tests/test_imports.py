@@ -23,3 +23,14 @@ def test_every_core_module_leaves_simpy_and_torch_out():
 def test_simulator_and_profiles_leave_torch_out():
     loaded = imported_after("import sim, profiles, sim.run")
     assert "torch" not in loaded and "simpy" in loaded
+
+
+def test_runtime_exports_the_api_and_its_flags_leave_torch_out():
+    loaded = imported_after("import runtime.engine_args, runtime.model_specs, profiles.measure.options")
+    assert "torch" not in loaded
+    code = ("from runtime import LLM, AsyncLLM, SamplingParams\n"
+            "import runtime.llm, runtime.online, runtime.sampling\n"
+            "assert (LLM, AsyncLLM, SamplingParams) == (runtime.llm.LLM, runtime.online.AsyncLLM,"
+            " runtime.sampling.SamplingParams)\n"
+            "assert runtime.llm.SamplingParams is SamplingParams")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

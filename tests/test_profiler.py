@@ -1,4 +1,4 @@
-"""`pipetwin profile` (runtime/profiler.py) on a tiny dummy model: the table it writes
+"""`pipetwin profile` (profiles/measure/) on a tiny dummy model: the table it writes
 loads, fits and drives the simulator; bad flags fail with the flag named. No timing
 assertions (this machine may be shared)."""
 from __future__ import annotations
@@ -14,8 +14,9 @@ pytest.importorskip("safetensors")
 
 from experiments.cli import main  # noqa: E402
 from profiles import fit, load_profile  # noqa: E402
-from runtime.profiler import (GRIDS, ProfileOptions, ProfilerError, default_table_name,  # noqa: E402
-                              grid_shapes, profile)
+from profiles.measure.options import ProfileOptions, ProfilerError, default_table_name  # noqa: E402
+from profiles.measure.profile_grid import GRIDS, grid_shapes  # noqa: E402
+from profiles.measure.profiler import profile  # noqa: E402
 from sim import SimConfig, simulate  # noqa: E402
 
 TINY = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
@@ -85,7 +86,7 @@ def test_pp1_api_has_no_transfer_rows(tmp_path):
 def test_half_layer_split_table(tmp_path, monkeypatch):
     """--layer-split 1.5,1.5: rows say 1.5 layers; the KV per token counts the attentions a
     stage holds (stage 0: layers 0 and 1, stage 1: layer 2), not its split entry."""
-    from runtime import profiler
+    from profiles.measure import profiler
     # a stand-in for the two-process ping-pong, which has its own test above
     monkeypatch.setattr(profiler, "measure_transfers",
                         lambda opts: ([dict(bytes=1024, latency_median=1e-5, samples=1)], "stub"))

@@ -22,7 +22,7 @@ from core.kv_cache import PageAllocator  # noqa: E402
 from core.request import Request  # noqa: E402
 from runtime import attention  # noqa: E402
 from runtime.config import ModelConfig, kv_layers, layer_split  # noqa: E402
-from runtime.engine import EngineConfig  # noqa: E402
+from runtime.engine_config import EngineConfig  # noqa: E402
 from runtime.kv_cache import NO_KV_LIMIT, KVCache, kv_bytes_per_page, pages_that_fit  # noqa: E402
 from runtime.local import LocalPipeline  # noqa: E402
 from runtime.sampling import Sampler, SamplingParams  # noqa: E402

@@ -1,5 +1,5 @@
 """The profiler's micro-batch shape grid, ordered most-informative-first, and the running
-cost model that skips shapes predicted to overrun the time budget (runtime/profiler.py).
+cost model that skips shapes predicted to overrun the time budget (profiles/measure/profiler.py).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """What `pipetwin profile` times: each stage's forward over the shape grid, the
 activation transfer between two processes, and the scheduler's CPU time per micro-batch
-(see runtime/profiler.py for the conventions).
+(see profiles/measure/profiler.py for the conventions).
 """
 from __future__ import annotations
 
@@ -13,20 +13,29 @@ import random
 import statistics
 import tempfile
 import time
-
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
-from runtime.profile_grid import Shape, ShapeCostModel
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-if TYPE_CHECKING:
-    from runtime.profiler import ProfileOptions
+from core.policies import make_policy
+from core.request import Request
+from core.scheduler import Scheduler, SchedulerConfig
+from profiles.measure.options import ProfileOptions
+from profiles.measure.profile_grid import Shape, ShapeCostModel
+from runtime.attention import BatchMeta
+from runtime.comm import free_port
+from runtime.config import ModelConfig
+from runtime.driver import step_meta
+from runtime.weights import load_stage
 
 
 # ------------------------------------------------------------------ stage timing
 
 def _sync(device) -> None:
-    import torch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -34,8 +43,6 @@ def _sync(device) -> None:
 def time_shape(model, cache, shape: Shape, page_pool: Sequence[int], page_size: int,
                repeats: int, warmup: int, seed: int = 0) -> list[float]:
     """Seconds per forward (+ greedy sampling on the last stage), `repeats` samples."""
-    import torch
-    from runtime.attention import BatchMeta
 
     device = next(model.parameters()).device
     starts, lens, samples = shape.items()
@@ -84,9 +91,6 @@ def profile_stages(opts: ProfileOptions, shapes: list[Shape], deadline: float,
     to overrun), the rest re-times the same shapes in the same order, and a row keeps the
     visit with the lowest median: a burst of load from another job (this is often a
     shared machine) slows every repeat of one visit, rarely two visits a minute apart."""
-    import torch
-    from runtime.config import ModelConfig
-    from runtime.weights import load_stage
 
     cfg = ModelConfig.from_hf(opts.hf_config)
     device = torch.device(opts.device if opts.device == "cpu" else "cuda:0")
@@ -170,7 +174,6 @@ def profile_stages(opts: ProfileOptions, shapes: list[Shape], deadline: float,
 
 
 def _percentile(xs: Sequence[float], q: float) -> float:
-    import numpy as np
     return float(np.percentile(np.asarray(xs, dtype=float), q))
 
 
@@ -180,8 +183,6 @@ def _transfer_worker(rank: int, port: int, backend: str, tokens: Sequence[int], 
                      dtype: str, repeats: int, rounds: int, threads: int | None, out_path: str) -> None:
     """One of two processes: rank 0 sends (hidden, residual) to rank 1, which sends them
     back; one way = round trip / 2. Per size: the lowest of `rounds` medians."""
-    import torch
-    import torch.distributed as dist
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -226,9 +227,6 @@ def _transfer_worker(rank: int, port: int, backend: str, tokens: Sequence[int], 
 
 def measure_transfers(opts: ProfileOptions) -> tuple[list[dict], str]:
     """transfer.csv rows and a note on how they were measured (empty for pp=1)."""
-    import torch
-    import torch.multiprocessing as mp
-    from runtime.engine import free_port
 
     if opts.pp == 1:
         return [], "pp=1: no stage-to-stage transfer"
@@ -256,19 +254,11 @@ def measure_transfers(opts: ProfileOptions) -> tuple[list[dict], str]:
 def measure_sched_overhead(opts: ProfileOptions, decisions: int = 400, warm: int = 100,
                            live: int = 64) -> tuple[float, str]:
     """Median seconds of stage 0's per-micro-batch CPU work outside the model."""
-    import types
 
-    import torch
-    from core.policies import make_policy
-    from core.request import Request
-    from core.scheduler import Scheduler, SchedulerConfig
-    from runtime.attention import BatchMeta
-    from runtime.driver import Driver
 
     device = torch.device(opts.device if opts.device == "cpu" else "cuda:0")
     ps = opts.page_size
     sched = Scheduler(SchedulerConfig(opts.pp, 1_000_000, ps), make_policy("token_throttling"))
-    driver = types.SimpleNamespace(opts=types.SimpleNamespace(page_size=ps))
     rng = random.Random(opts.seed)
     next_id = 0
 
@@ -292,7 +282,7 @@ def measure_sched_overhead(opts: ProfileOptions, decisions: int = 400, warm: int
             t0 = time.perf_counter()
             batch = sched.next_batch(now)
             if batch is not None:
-                m, ids = Driver.step_meta(driver, batch, (), True, [])
+                m, ids = step_meta(batch, (), True, [], ps)
                 if opts.pp > 1:
                     pickle.dumps(("batch", m), protocol=pickle.HIGHEST_PROTOCOL)
                 BatchMeta.build(m.starts, m.lens, m.pages, m.samples, ps, device)

@@ -48,6 +48,7 @@ from server.access import Gate
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_body, chat_chunk,
                              completion_body, completion_chunk, error_body, new_id, usage_chunk)
+from server.supervisor import MODES, Supervisor
 from server.tokens import InvalidText, StopChecker, check_text, make_codec
 
 log = logging.getLogger("pipetwin.server")
@@ -64,8 +65,11 @@ class ServerOptions:
     disable_docs: bool = False                 # no /docs, /redoc, /openapi.json
     disable_pipetwin_api: bool = False         # no /v1/pipetwin/*
     allowed_hosts: tuple[str, ...] | None = None   # Host header names accepted; None: any
+    on_engine_failure: str = "exit"            # restart | exit (server/supervisor.py)
 
     def __post_init__(self) -> None:
+        if self.on_engine_failure not in MODES:
+            raise ValueError(f"on_engine_failure must be one of {', '.join(MODES)}, got {self.on_engine_failure!r}")
         if not (isinstance(self.max_request_bytes, int) and self.max_request_bytes >= 1024):
             raise ValueError(f"max_request_bytes must be an int >= 1024, got {self.max_request_bytes!r}")
         if self.api_key is not None and not (isinstance(self.api_key, str) and self.api_key.strip()
@@ -180,7 +184,8 @@ class OpenAIServer:
 
     def __init__(self, engine: Any, *, model_name: str, info: dict[str, Any] | None = None,
                  sampling_params: Callable[..., Any] | None = None,
-                 on_shutdown: Callable[[], None] | None = None, options: ServerOptions | None = None) -> None:
+                 on_shutdown: Callable[[], None] | None = None, options: ServerOptions | None = None,
+                 on_fatal: Callable[[int], None] | None = None) -> None:
         if sampling_params is None:
             from runtime.llm import SamplingParams as sampling_params  # noqa: N813
         self.engine, self.model_name, self.info = engine, model_name, dict(info or {})
@@ -192,7 +197,7 @@ class OpenAIServer:
         self.max_len = int(engine.max_model_len)
         self.eos = frozenset(getattr(engine, "eos_token_ids", frozenset()))
         self.created = int(time.time())
-        self._logged_error: str | None = None
+        self.supervisor = Supervisor(engine, self.options.on_engine_failure, on_fatal=on_fatal).start()
         self.app = self._build()
 
     # ---------------------------------------------------------------- wiring
@@ -227,6 +232,7 @@ class OpenAIServer:
         try:
             yield
         finally:
+            self.supervisor.stop()
             if self.on_shutdown is not None:
                 log.info("shutting the engine down")
                 await asyncio.to_thread(self.on_shutdown)
@@ -252,16 +258,16 @@ class OpenAIServer:
                     status_code=500)
 
     def check_alive(self) -> None:
-        """APIError 503 with a short reason while the engine is down; the full cause is logged once."""
+        """APIError 503 with a short reason while the engine is down (the supervisor logs the
+        full cause)."""
         engine = self.engine
         if engine.healthy:
             return
-        cause = engine.error or "unknown cause"
-        if cause != self._logged_error:
-            self._logged_error = cause
-            log.error("engine is down: %s", cause)
-        raise APIError(503, f"the engine is down: {public_reason(cause)}; restart the server",
-                       type="server_error", code="engine_dead")
+        reason = public_reason(engine.error)
+        if self.supervisor.restarting:
+            raise APIError(503, f"the engine is restarting after a failure ({reason}); retry shortly",
+                           type="server_error", code="engine_restarting")
+        raise APIError(503, f"the engine is down: {reason}", type="server_error", code="engine_dead")
 
     # ---------------------------------------------------------------- requests in
 
@@ -564,12 +570,14 @@ class _ChatChunks(_CompletionChunks):
 
 def build_app(engine: Any, *, model_name: str, info: dict[str, Any] | None = None,
               sampling_params: Callable[..., Any] | None = None,
-              on_shutdown: Callable[[], None] | None = None, options: ServerOptions | None = None) -> FastAPI:
+              on_shutdown: Callable[[], None] | None = None, options: ServerOptions | None = None,
+              on_fatal: Callable[[int], None] | None = None) -> FastAPI:
     """The FastAPI app serving `engine` under the model name `model_name` (`app.state.server`
     is its OpenAIServer).
 
     sampling_params: the SamplingParams class (default runtime.llm.SamplingParams).
     on_shutdown: called (in a thread) when the server shuts down, e.g. engine.shutdown: uvicorn
-    re-raises SIGINT/SIGTERM after its graceful shutdown, so code after uvicorn.run may not run."""
+    re-raises SIGINT/SIGTERM after its graceful shutdown, so code after uvicorn.run may not run.
+    on_fatal: called with an exit status when the engine is down for good (server/supervisor.py)."""
     return OpenAIServer(engine, model_name=model_name, info=info, sampling_params=sampling_params,
-                        on_shutdown=on_shutdown, options=options).app
+                        on_shutdown=on_shutdown, options=options, on_fatal=on_fatal).app

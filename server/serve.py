@@ -72,14 +72,14 @@ def add_arguments(p: argparse.ArgumentParser, param_type: Any) -> None:
     p.add_argument("--bubble-window", type=float, default=10.0,
                    help="seconds of stage rows behind the /metrics bubble ratio (default 10)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    add_access_arguments(p)
+    add_server_arguments(p)
 
 
 API_KEY_ENV = "PIPETWIN_API_KEY"
 
 
-def add_access_arguments(p: argparse.ArgumentParser) -> None:
-    """Who may call the server, and how much one request may send."""
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """Who may call the server, how much one request may send, what happens when the engine fails."""
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1/* and the docs "
                                       f"(default: ${API_KEY_ENV} if set, else no key)")
     p.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
@@ -88,6 +88,8 @@ def add_access_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-pipetwin-api", action="store_true", help="no /v1/pipetwin/* (stage rows, stats, info)")
     p.add_argument("--allowed-hosts", help="comma list of Host header names to answer, or '*' for any "
                                            "(default: loopback names when --host is loopback, else any)")
+    p.add_argument("--on-engine-failure", default="exit", choices=("exit",),
+                   help="when a stage dies or hangs: exit non-zero (let a process supervisor restart the server)")
 
 
 def is_loopback(host: str) -> bool:
@@ -117,7 +119,8 @@ def server_options(args: argparse.Namespace) -> Any:
         hosts = LOOPBACK_HOSTS if is_loopback(args.host) else None
     try:
         return ServerOptions(api_key=key, max_request_bytes=args.max_request_bytes, disable_docs=args.disable_docs,
-                             disable_pipetwin_api=args.disable_pipetwin_api, allowed_hosts=hosts)
+                             disable_pipetwin_api=args.disable_pipetwin_api, allowed_hosts=hosts,
+                             on_engine_failure=args.on_engine_failure)
     except ValueError as e:
         flag = "--api-key" if "api_key" in str(e) else "--max-request-bytes"
         raise ValueError(f"{flag}: {e}") from None
@@ -174,10 +177,21 @@ def run_cli(args: argparse.Namespace) -> int:
         warning = exposure_warning(args.host, options)
         if warning:
             log.warning("%s", warning)
-        app = build_app(engine, model_name=name, info=info, on_shutdown=engine.shutdown, options=options)
+        status = 0
+        server: Any = None
+
+        def fatal(code: int) -> None:   # the engine is down for good: stop serving, exit non-zero
+            nonlocal status
+            status = code
+            server.should_exit = True
+
+        app = build_app(engine, model_name=name, info=info, on_shutdown=engine.shutdown, options=options,
+                        on_fatal=fatal)
         log.info("serving %s on http://%s:%d (%d KV pages of %d tokens, max_model_len %d)", name, args.host,
                  args.port, engine.num_pages, engine.page_size, engine.max_model_len)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                               timeout_graceful_shutdown=5))
+        server.run()
     finally:
         engine.shutdown()
-    return 0
+    return status

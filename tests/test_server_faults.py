@@ -44,6 +44,21 @@ def metrics(url: str) -> dict[str, float]:
     return out
 
 
+def stage_pids(server_pid: int) -> list[int]:
+    """The spawned stage processes of a server process (children running spawn_main)."""
+    from pathlib import Path
+
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) if d.name.isdigit() else -1
+            if ppid == server_pid and b"spawn_main" in (d / "cmdline").read_bytes():
+                out.append(int(d.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return sorted(out)
+
+
 def assert_clean(message: str) -> None:
     assert len(message) < 200 and not LEAKS.search(message), message
 
@@ -82,3 +97,42 @@ def test_killed_stage_clean_errors_health_and_metrics(caplog):
             assert m['pipetwin_http_requests_total{endpoint="health",status="503"}'] >= 1
     finally:
         engine.shutdown()
+
+
+def test_exit_mode_stops_the_server_non_zero(tmp_path):
+    """`pipetwin serve` (default --on-engine-failure exit): a killed stage ends the process
+    with status 1 (for a process supervisor to restart), the cause in its log."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "experiments.cli", "serve", "--model", "dummy:" + json.dumps(CFG), "--pp", "2",
+           "--num-pages", "32", "--port", str(port), "--log-level", "warning"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(url + "/health").status_code == 200
+            except httpx.HTTPError:
+                assert proc.poll() is None, log.read_text()
+                return False
+        wait_until(up, "the server is up", 120)
+        os.kill(max(stage_pids(proc.pid)), signal.SIGKILL)
+        assert proc.wait(60) == 1
+        text = log.read_text()
+        assert "engine is down" in text and "exiting (--on-engine-failure exit)" in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

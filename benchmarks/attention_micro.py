@@ -9,6 +9,10 @@ Pages: each request's prompt pages consecutive (prefill allocates them at once),
 later page from a shared pool (decodes interleave), like the runtime's allocator.
 
     flock /tmp/pipetwin-bench.lock .venv/bin/python benchmarks/attention_micro.py
+
+On a GPU, the kernel backend against the torch path's grouped mode (Triton compiles on
+the first call, which the warm-up takes):
+    python benchmarks/attention_micro.py --device cuda --dtype bfloat16 --backend triton
 """
 from __future__ import annotations
 
@@ -81,37 +85,55 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--scattered", action="store_true", help="every page random (no consecutive runs)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    ap.add_argument("--backend", default="torch",
+                    help="torch (its four decode modes) | triton (vs torch grouped)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from runtime.attention import BatchMeta, paged_attention
 
     num_pages = 4096
     torch.manual_seed(0)
-    kc = torch.randn(num_pages, PAGE, KV_HEADS, D)
-    vc = torch.randn(num_pages, PAGE, KV_HEADS, D)
-    modes = ["padded", "rows", "grouped", "auto"]
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    kc = torch.randn(num_pages, PAGE, KV_HEADS, D).to(dev, dtype)
+    vc = torch.randn(num_pages, PAGE, KV_HEADS, D).to(dev, dtype)
+    modes = ["padded", "rows", "grouped", "auto"] if args.backend == "torch" else ["grouped", "triton"]
+
+    def build(starts, b, pages, mode):
+        if mode == "triton":
+            return BatchMeta.build(starts, [1] * b, pages, [True] * b, PAGE, dev, backend="triton")
+        return BatchMeta.build(starts, [1] * b, pages, [True] * b, PAGE, dev, decode_mode=mode)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
     for name in args.scenarios.split(","):
         for seed in range(args.seeds if name.startswith("varied") else 1):
             rng = np.random.default_rng(seed)
             ctxs, prompts = contexts(name, rng)
             pages = page_lists(ctxs, prompts, num_pages, args.scattered, rng)
             b = len(ctxs)
-            q = torch.randn(b, HEADS, D)
-            k = torch.randn(b, KV_HEADS, D)
-            v = torch.randn(b, KV_HEADS, D)
+            q = torch.randn(b, HEADS, D).to(dev, dtype)
+            k = torch.randn(b, KV_HEADS, D).to(dev, dtype)
+            v = torch.randn(b, KV_HEADS, D).to(dev, dtype)
             starts = [c - 1 for c in ctxs]
             res = {}
             ref = None
             for mode in modes:
-                meta = BatchMeta.build(starts, [1] * b, pages, [True] * b, PAGE, decode_mode=mode)
-                t_build = timeit(lambda: BatchMeta.build(starts, [1] * b, pages, [True] * b, PAGE,
-                                                         decode_mode=mode), 5)
+                meta = build(starts, b, pages, mode)
+                t_build = timeit(lambda: build(starts, b, pages, mode), 5)
                 out = paged_attention(q, k, v, kc, vc, meta)
                 if ref is None:
                     ref = out
-                err = (out - ref).abs().max().item()
-                t = timeit(lambda: paged_attention(q, k, v, kc, vc, meta), args.reps)
-                res[mode] = (t, t_build, err, meta.describe_decode())
+                err = (out.float() - ref.float()).abs().max().item()
+
+                def step():
+                    paged_attention(q, k, v, kc, vc, meta)
+                    sync()
+                t = timeit(step, args.reps)
+                desc = "kernel" if meta.kernel is not None else meta.describe_decode()
+                res[mode] = (t, t_build, err, desc)
             sum_ctx, pad = sum(ctxs), b * max(ctxs)
             print(f"{name:<9} seed {seed} B={b} sum ctx {sum_ctx} max {max(ctxs)} padded {pad} "
                   f"(waste {1 - sum_ctx / pad:.0%})")

@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+POLICIES = ("token_throttling", "sarathi", "vllm")
 SECTIONS = ("equality", "kernel", "steps", "serve", "validate")
 GOAL_ROOFLINE = 1.5
 LLAMA3_8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=8, num_attention_heads=32,
@@ -103,7 +104,6 @@ class Check:
     def equality(self) -> None:
         import transformers
 
-        from core.policies import POLICIES
         from runtime.llm import LLM, SamplingParams
         from runtime.local import LocalPipeline
         prompts = [[5, 17, 99, 3, 200, 41, 7], [1, 2, 3], [250, 9, 14, 88, 120, 66, 31, 12, 190], [42]]
@@ -129,7 +129,7 @@ class Check:
                 case = f"{fam} LocalPipeline pp={pp}" + (f" split {split}" if split else "")
                 self.guard("equality", case, lambda: self._local(
                     LocalPipeline, path, pp, split, prompts, new, want))
-            for policy in POLICIES:
+            for policy in POLICIES:   # the three the twin validates
                 self.guard("equality", f"{fam} LLM pp=1 {policy}", lambda: self._llm(
                     LLM, SamplingParams, path, 1, policy, prompts, new, want))
             if self.device.type == "cuda" and fam == "llama":

@@ -82,7 +82,9 @@ class GraphRunner:
 
     def build_meta(self, starts: Sequence[int], lens: Sequence[int],
                    pages: Sequence[Sequence[int]], samples: Sequence[bool]) -> BatchMeta | GraphStep:
-        rows = self.graph_rows(lens, [s + n for s, n in zip(starts, lens)])
+        rows = None
+        if self.use_graphs:   # the CPU path pays nothing for graphs
+            rows = self.graph_rows(lens, [s + n for s, n in zip(starts, lens)])
         if rows is None:
             self.eager_steps += 1
             return BatchMeta.build(starts, lens, pages, samples, self.page_size, self.device,

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints-cpu.txt -e '.[runtime,parquet,dev,serve,gpu]'
+	$(PY) -m pip install --quiet -c constraints-cpu.txt -e '.[runtime,parquet,dev,serve,gpu,tune,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)

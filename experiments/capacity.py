@@ -33,21 +33,23 @@ def find_capacity(meets: Callable[[float], bool], lo: float, hi: float, tol: flo
 
     Returns `hi` when `meets(hi)` (capacity is at least hi), 0.0 when not `meets(lo)` (capacity
     is below lo), else a rate r with meets(r) and not meets(r') for some r' <= r + tol.
-    Calls `meets` at hi, then lo, then at midpoints: at most 2 + ceil(log2((hi-lo)/tol)) calls.
+    Calls `meets` at hi, then at midpoints, and at lo only when every midpoint failed (a low
+    rate is the slowest to simulate): at most 2 + ceil(log2((hi-lo)/tol)) calls.
     """
     if not (0 <= lo < hi) or not (tol > 0) or not all(map(math.isfinite, (lo, hi, tol))):
         raise ValueError(f"need finite 0 <= lo < hi and tol > 0, got lo={lo}, hi={hi}, tol={tol}")
     if meets(hi):
         return hi
-    if not meets(lo):
-        return 0.0
-    while hi - lo > tol * (1 + 1e-9):   # (1 + eps): 1.6 / 2**5 must count as 0.05
-        mid = (lo + hi) / 2
+    low, high = lo, hi
+    while high - low > tol * (1 + 1e-9):   # (1 + eps): 1.6 / 2**5 must count as 0.05
+        mid = (low + high) / 2
         if meets(mid):
-            lo = mid
+            low = mid
         else:
-            hi = mid
-    return lo
+            high = mid
+    if low == lo and not meets(lo):
+        return 0.0
+    return low
 
 
 def slo_failures(row: Mapping[str, Any], slo: Mapping[str, float]) -> list[str]:

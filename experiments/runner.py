@@ -13,12 +13,11 @@ import functools
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -126,18 +125,25 @@ class RunError(RuntimeError):
 
 
 class Runner:
-    """Runs tasks with a cache under `out`; `workers` processes (1 = in this process)."""
+    """Runs tasks with a cache under `out`: in this process (`workers` 1), on a local process
+    pool (`workers` processes, the default), or on `executor` (experiments/executors.py,
+    e.g. a Ray cluster). The cache and the result rows are the same whichever runs them."""
 
     def __init__(self, out: Path, workers: int | None = None, use_cache: bool = True,
-                 progress: bool = True) -> None:
+                 progress: bool = True, executor: Any = None) -> None:
+        from experiments.executors import LocalPool
+
         self.out = Path(out)
-        self.workers = max(1, workers or os.cpu_count() or 1)
+        self.executor = executor
+        self.workers = executor.workers if executor is not None else max(1, workers or os.cpu_count() or 1)
+        if executor is None and self.workers > 1:
+            self.executor = LocalPool(self.workers)
         self.use_cache = use_cache
         self.progress = progress
         self.computed = 0
         self.cached = 0
         self._lock = threading.Lock()
-        self._pool: ProcessPoolExecutor | None = None
+        self._started = False
         (self.out / "cache").mkdir(parents=True, exist_ok=True)
 
     # -- cache
@@ -164,24 +170,26 @@ class Runner:
         os.replace(tmp, path)
 
     # -- execution
+    @property
+    def in_process(self) -> bool:
+        return self.executor is None
+
     def start(self, profiles: Iterable[str] = ()) -> None:
-        """Fit the profiles here, then start the worker processes (call from the main thread,
-        before any other thread: with fork the workers inherit the fitted models, and no
-        thread can hold a lock while the process forks)."""
-        if self.workers == 1 or self._pool is not None:
+        """Fit the profiles here, then start the executor (call from the main thread, before
+        any other thread: with fork the workers inherit the fitted models, and no thread can
+        hold a lock while the process forks)."""
+        if self.in_process or self._started:
             return
-        from sim import fitted_model
-        for p in profiles:
-            fitted_model(p)
-        ctx = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
-        self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
-        self._pool.submit(int).result()   # fork launches every worker on the first submit
+        from experiments.executors import warm_profiles
+        self.executor.start(warm_profiles(profiles))
+        self.workers = self.executor.workers
+        self._started = True
 
     def _submit(self, task: Task) -> Future:
-        if self._pool is None:
+        if not self._started:
             self.start([task.config["profile"]])
         art = str(self.trace_dir(task)) if task.keep_trace else None
-        return self._pool.submit(execute, task.config, art)
+        return self.executor.submit(execute, task.config, art)
 
     def _done(self, task: Task, row: dict[str, Any]) -> dict[str, Any]:
         self.store(task, row)
@@ -197,7 +205,7 @@ class Runner:
                 self.cached += 1
             return row
         try:
-            if self.workers == 1:
+            if self.in_process:
                 row = execute(task.config, str(self.trace_dir(task)) if task.keep_trace else None)
             else:
                 row = self._submit(task).result()
@@ -219,7 +227,7 @@ class Runner:
         bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=desc, unit="run",
                    disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
         try:
-            if self.workers == 1:
+            if self.in_process:
                 for i in todo:
                     rows[i] = self.run_one(tasks[i])
                     bar.update()
@@ -244,12 +252,9 @@ class Runner:
     def close(self, kill: bool = False) -> None:
         """Stop the workers; `kill` (on an interrupt or error) ends running simulations too
         instead of waiting for them (finished runs are already cached)."""
-        if self._pool is not None:
-            if kill:
-                for p in list(getattr(self._pool, "_processes", {}).values()):
-                    p.terminate()
-            self._pool.shutdown(wait=not kill, cancel_futures=True)
-            self._pool = None
+        if self.executor is not None and self._started:
+            self.executor.shutdown(kill)
+            self._started = False
 
 
 # ---------------------------------------------------------------- the sweep
@@ -314,65 +319,93 @@ def write_table(df: pd.DataFrame, path_stem: Path) -> list[Path]:
     return paths
 
 
+def offered_rps(config: dict[str, Any]) -> float:
+    """A run's offered rate as `execute` reports it, from its workload alone (no simulation)."""
+    from core.workloads import Workload
+    from sim import SimConfig
+
+    arrivals = [r.arrival for r in Workload.from_dict(SimConfig.from_dict(config).workload_spec()).requests()]
+    span = max(arrivals) - min(arrivals) if len(arrivals) > 1 else 0.0
+    return (len(arrivals) - 1) / span if span > 0 else math.inf
+
+
+def search_capacity(name: str, run: Run, cap: Any, runner: Runner,
+                    on_run: Callable[[], None] = lambda: None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One series' capacity record and its probe rows: the max-throughput run first (when
+    asked), then bisection on `cap.key` (experiments/capacity.py says what a probe must meet;
+    a probe offering more than the max throughput fails without being simulated).
+    `on_run` is called after each simulation (progress bars)."""
+    rec: dict[str, Any] = {"series": name, "label": run.label, "policy": run.policy, "key": cap.key}
+    probes: list[dict[str, Any]] = []
+    max_rps = None
+    mt: dict[str, Any] = {}
+    if cap.max_throughput:
+        row = runner.run_one(Task(max_throughput_config(run), name=f"max throughput {name}"))
+        on_run()
+        max_rps = row["throughput_rps"]
+        mt = {"max_throughput_rps": max_rps, "max_output_tps": row["output_tps"],
+              "max_total_tps": row["total_tps"], "max_bubble_ratio": row["bubble_ratio"],
+              "max_ttft_p99": row["ttft_p99"], "max_tpot_p99": row["tpot_p99"]}
+    evaluated: list[tuple[float, dict[str, list[str]]]] = []
+
+    def meets(rate: float) -> bool:
+        task = Task(probe_config(run, cap.key, rate), name=f"capacity probe {name}, {cap.key}={rate:g}")
+        if max_rps is not None:
+            offered = offered_rps(task.config)
+            if offered > max_rps:   # fails whatever the simulation says: not simulated
+                fails = probe_failures({"offered_rps": offered}, {}, cap.sustain, max_rps)
+                evaluated.append((rate, fails))
+                probes.append({"series": name, "label": run.label, "policy": run.policy, cap.key: rate,
+                               "meets": False, "failed": "max_throughput", "simulated": False,
+                               "failures": fails["max_throughput"][0], "offered_rps": offered,
+                               "hash": task.hash})
+                on_run()
+                return False
+        row = runner.run_one(task)
+        on_run()
+        fails = probe_failures(row, cap.slo, cap.sustain, max_rps)
+        evaluated.append((rate, fails))
+        probes.append({"series": name, "label": run.label, "policy": run.policy, cap.key: rate,
+                       "meets": not fails, "failed": ",".join(fails), "simulated": True,
+                       "failures": "; ".join(m for ms in fails.values() for m in ms),
+                       **row, "hash": task.hash})
+        return not fails
+
+    capacity = find_capacity(meets, cap.lo, cap.hi, cap.tol) if cap.slo else math.nan
+    at = [p for p in probes if p[cap.key] == capacity]
+    rec.update({"capacity": capacity,
+                "capacity_rps": at[0]["offered_rps"] if at else math.nan,
+                "bound": binding_condition(evaluated, capacity, cap.lo, cap.hi) if cap.slo else "",
+                "lo": cap.lo, "hi": cap.hi, "tol": cap.tol, "sustain": cap.sustain,
+                "probes": len(evaluated), **{f"slo.{k}": v for k, v in cap.slo.items()}, **mt})
+    return rec, probes
+
+
 def run_capacity(exp: Experiment, runs: list[Run], runner: Runner,
                  log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Per series: the max-throughput run, then bisection on the capacity key (see
-    experiments/capacity.py for what a probe must meet)."""
+    """Per series: `search_capacity`; writes capacity.csv and capacity_runs.csv."""
     cap = exp.capacity
     assert cap is not None
     from tqdm import tqdm
 
     groups = capacity_groups(exp, runs)
-    probes: list[dict[str, Any]] = []
-    lock = threading.Lock()
+    probes: dict[str, list[dict[str, Any]]] = {}
     messages: dict[str, str] = {}
     bar = tqdm(total=len(groups) * (cap.probes() + cap.max_throughput), desc="capacity", unit="run",
                disable=not runner.progress, file=sys.stderr, dynamic_ncols=True)
 
     def search(name: str, run: Run) -> dict[str, Any]:
-        rec: dict[str, Any] = {"series": name, "label": run.label, "policy": run.policy, "key": cap.key}
-        max_rps = None
-        if cap.max_throughput:
-            task = Task(max_throughput_config(run), name=f"max throughput {name}")
-            row = runner.run_one(task)
-            bar.update()
-            max_rps = row["throughput_rps"]
-            mt = {"max_throughput_rps": max_rps, "max_output_tps": row["output_tps"],
-                  "max_total_tps": row["total_tps"], "max_bubble_ratio": row["bubble_ratio"],
-                  "max_ttft_p99": row["ttft_p99"], "max_tpot_p99": row["tpot_p99"]}
-        evaluated: list[tuple[float, dict[str, list[str]]]] = []
-
-        def meets(rate: float) -> bool:
-            task = Task(probe_config(run, cap.key, rate), name=f"capacity probe {name}, {cap.key}={rate:g}")
-            row = runner.run_one(task)
-            bar.update()
-            fails = probe_failures(row, cap.slo, cap.sustain, max_rps)
-            evaluated.append((rate, fails))
-            with lock:
-                probes.append({"series": name, "label": run.label, "policy": run.policy, cap.key: rate,
-                               "meets": not fails, "failed": ",".join(fails),
-                               "failures": "; ".join(m for ms in fails.values() for m in ms),
-                               **row, "hash": task.hash})
-            return not fails
-
-        capacity = find_capacity(meets, cap.lo, cap.hi, cap.tol) if cap.slo else math.nan
-        at = [p for p in probes if p["series"] == name and p[cap.key] == capacity]
-        rec.update({"capacity": capacity,
-                    "capacity_rps": at[0]["offered_rps"] if at else math.nan,
-                    "bound": binding_condition(evaluated, capacity, cap.lo, cap.hi) if cap.slo else "",
-                    "lo": cap.lo, "hi": cap.hi, "tol": cap.tol, "sustain": cap.sustain,
-                    "probes": len(evaluated), **{f"slo.{k}": v for k, v in cap.slo.items()}})
-        if cap.max_throughput:
-            rec.update(mt)
+        rec, probes[name] = search_capacity(name, run, cap, runner, bar.update)
+        capacity = rec["capacity"]
         unit = "req/s" if cap.key == "workload.arrival.rate" else f"({cap.key})"
         extra = f"; max throughput {rec['max_throughput_rps']:.2f} req/s" if cap.max_throughput else ""
         messages[name] = (f"capacity {name}: {fmt_value(capacity)} {unit}"
                           f"{' (bound by ' + rec['bound'] + ')' if rec['bound'] else ''} after "
-                          f"{len(evaluated)} probes{extra}" if cap.slo else f"{name}: {extra[2:]}")
+                          f"{rec['probes']} probes{extra}" if cap.slo else f"{name}: {extra[2:]}")
         return rec
 
     try:
-        if runner.workers == 1 or len(groups) == 1:
+        if runner.in_process or len(groups) == 1:
             recs = [search(n, r) for n, r in groups]
         else:
             with ThreadPoolExecutor(max_workers=min(len(groups), runner.workers * 2)) as tp:
@@ -381,26 +414,25 @@ def run_capacity(exp: Experiment, runs: list[Run], runner: Runner,
         bar.close()
     for name, _ in groups:
         log(messages[name])
-    if probes:
-        order = {n: i for i, (n, _) in enumerate(groups)}
-        pdf = pd.DataFrame(probes)
-        pdf["_o"] = pdf["series"].map(order)
-        pdf = pdf.sort_values(["_o", cap.key], kind="stable").drop(columns="_o")
-        write_table(pdf.drop(columns=["wall_s"], errors="ignore"), runner.out / "capacity_runs")
+    rows = [p for name, _ in groups for p in sorted(probes.get(name, []), key=lambda p: p[cap.key])]
+    if rows:
+        write_table(pd.DataFrame(rows).drop(columns=["wall_s"], errors="ignore"), runner.out / "capacity_runs")
     df = pd.DataFrame(recs)
     write_table(df, runner.out / "capacity")
     return df
 
 
 def run_sweep(exp: Experiment, out: str | Path, *, workers: int | None = None, use_cache: bool = True,
-              progress: bool = True, report: bool = True, log: Callable[[str], None] = print) -> SweepResult:
-    """Validate every run, run the grid (cached), the capacity searches, write results and report."""
+              progress: bool = True, report: bool = True, log: Callable[[str], None] = print,
+              executor: Any = None) -> SweepResult:
+    """Validate every run, run the grid (cached), the capacity searches, write results and report.
+    `executor`: an experiments.executors pool (default: a local one with `workers` processes)."""
     t0 = time.perf_counter()
     runs = expand(exp)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump(exp.raw | {"name": exp.name}, sort_keys=False))
-    runner = Runner(out, workers, use_cache, progress)
+    runner = Runner(out, workers, use_cache, progress, executor)
     try:
         runner.start(dict.fromkeys(r.config["profile"] for r in runs))
         tasks = [Task(r.config, r.artefacts, name=f"run {r.index} ({describe_run(r.label, r.settings)})")

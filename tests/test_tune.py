@@ -1,0 +1,145 @@
+"""`pipetwin tune`: config checks, seeded and resumable studies, constraints, objectives,
+the best setting as a config the other commands take."""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+pytest.importorskip("optuna")
+
+from experiments.config import ConfigError  # noqa: E402
+from experiments.tune import run_tune  # noqa: E402
+from experiments.tune_config import parse_tune  # noqa: E402
+
+PROFILE = "qwen2.5-32b_a100-80gb_pp4"
+WORKLOAD = {"num_requests": 30, "arrival": {"kind": "gamma", "rate": 2.0},
+            "prompt_len": {"kind": "lognormal", "mean": 600, "spread": 0.8, "max": 4096},
+            "output_len": {"kind": "lognormal", "mean": 30, "spread": 0.7, "max": 128}}
+
+
+def small(**over) -> dict:
+    d = {"name": "t", "policy": "token_throttling",
+         "params": {"maxp": {"type": "int", "low": 128, "high": 4096, "log": True},
+                    "minp": {"type": "int", "low": 0, "high": 1024, "step": 64},
+                    "kvthresh": {"type": "float", "low": 0.0, "high": 0.3}},
+         "constraints": ["minp <= maxp"],
+         "base": {"profile": PROFILE, "workload": copy.deepcopy(WORKLOAD)},
+         "objective": {"kind": "capacity"},
+         "capacity": {"lo": 1, "hi": 17, "tol": 4, "slo": {"ttft_p99": 2.0, "tpot_p99": 0.2}},
+         "trials": 6, "batch": 3, "startup_trials": 3, "seed": 1}
+    d.update(over)
+    return d
+
+
+def tune(tmp_path: Path, d: dict, name: str = "out", **kw):
+    return run_tune(parse_tune(d), tmp_path / name, progress=False, plots=False, log=lambda s: None, **kw)
+
+
+def table(res) -> pd.DataFrame:
+    return res.trials.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- config errors
+
+@pytest.mark.parametrize("mutate, named", [
+    (lambda d: d["params"].update(maxq={"type": "int", "low": 1, "high": 2}), ["maxq", "maxp"]),
+    (lambda d: d["params"]["maxp"].update(type="integer"), ["params.maxp.type", "int, float, categorical"]),
+    (lambda d: d["params"]["maxp"].update(low=0), ["params.maxp.low", "log"]),
+    (lambda d: d["params"]["kvthresh"].update(high=-1), ["params.kvthresh.high", "> low"]),
+    (lambda d: d["params"]["minp"].update(stpe=2), ["stpe", "step"]),
+    (lambda d: d.update(constraints=["minq <= maxp"]), ["constraints[0]", "minq", "minp"]),
+    (lambda d: d.update(constraints=["minp =< maxp"]), ["constraints[0]", "<="]),
+    (lambda d: d.update(objective={"kind": "capacit"}), ["objective.kind", "capacity"]),
+    (lambda d: d.update(objective={"kind": "goodput", "rate": 2}, capacity=None), ["goodput", "base.slo"]),
+    (lambda d: d.update(objective={"kind": "throughput"}, capacity=None), ["objective.rate"]),
+    (lambda d: d.update(objective={"kind": "mix", "weights": {"capacity": 1, "latency": 1}}), ["latency", "objective.weights"]),
+    (lambda d: d.update(objective={"kind": "capacity", "aggregate": "best"}), ["objective.aggregate", "worst"]),
+    (lambda d: d.update(targets=[{"name": "a", "workload.arival.rate": 2}]), ["targets[0]", "arrival"]),
+    (lambda d: d.update(fixed={"maxp": 512}), ["params.maxp", "fixed"]),
+    (lambda d: d.update(batch=0), ["batch", ">= 1"]),
+    (lambda d: d.update(trails=5), ["trails", "trials"]),
+])
+def test_config_errors_name_the_field(mutate, named):
+    d = small()
+    mutate(d)
+    with pytest.raises(ConfigError) as e:
+        parse_tune(d)
+    for word in named:
+        assert word in str(e.value), str(e.value)
+
+
+def test_missing_optuna_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.raises(ConfigError, match=r"pip install 'pipetwin\[tune\]'"):
+        tune(tmp_path, small())
+
+
+# ---------------------------------------------------------------- studies
+
+def test_same_file_and_seed_same_trials_whatever_the_workers(tmp_path):
+    a = tune(tmp_path, small(), "a", workers=1)
+    b = tune(tmp_path, small(), "b", workers=2)
+    pd.testing.assert_frame_equal(table(a), table(b))
+    assert len(a.trials) == 6 and a.trials["state"].eq("COMPLETE").all()
+    assert a.best_value == a.trials.loc[a.trials["feasible"], "objective"].max() > 0
+    c = tune(tmp_path, small(seed=2), "c", workers=2)
+    assert not table(c)["params.maxp"].equals(table(a)["params.maxp"])
+
+
+def test_resumed_study_continues_with_the_trials_it_would_have_run(tmp_path):
+    full = tune(tmp_path, small(), "full")
+    first = tune(tmp_path, small(), "resumed", trials=3)
+    assert len(first.trials) == 3
+    again = tune(tmp_path, small(), "resumed")
+    assert len(again.trials) == 6
+    pd.testing.assert_frame_equal(table(again), table(full))
+    assert (tmp_path / "resumed" / "study.db").is_file()
+    # a different config in the same folder is refused rather than mixed in
+    other = small()
+    other["params"]["maxp"]["high"] = 2048
+    with pytest.raises(ConfigError, match="different config"):
+        tune(tmp_path, other, "resumed")
+
+
+def test_constraint_breakers_are_not_simulated(tmp_path):
+    d = small(params={"maxp": {"type": "int", "low": 64, "high": 256},
+                      "minp": {"type": "int", "low": 0, "high": 512}}, trials=6)
+    res = tune(tmp_path, d)
+    bad = res.trials[~res.trials["feasible"]]
+    assert len(bad) >= 1
+    assert (bad["params.minp"] > bad["params.maxp"]).all()
+    assert bad["infeasible"].eq("minp <= maxp").all() and bad["base.capacity"].isna().all()
+    ok = res.trials[res.trials["feasible"]]
+    assert (ok["params.minp"] <= ok["params.maxp"]).all() and ok["base.capacity"].notna().all()
+
+
+def test_mix_objective_worst_over_two_targets(tmp_path):
+    d = small(objective={"kind": "mix", "weights": {"capacity": 1.0, "throughput": 0.5}, "rate": 3.0,
+                         "aggregate": "worst"},
+              targets=[{"name": "light"}, {"name": "long", "workload.output_len.mean": 60}],
+              trials=3, constraints=None)
+    res = tune(tmp_path, d)
+    t = res.trials
+    for target in ("light", "long"):
+        expect = t[f"{target}.capacity"] + 0.5 * t[f"{target}.throughput"]
+        pd.testing.assert_series_equal(t[f"{target}.objective"], expect, check_names=False)
+    pd.testing.assert_series_equal(t["objective"], t[["light.objective", "long.objective"]].min(axis=1),
+                                   check_names=False)
+
+
+def test_best_yaml_runs_as_a_sim_config_and_the_outputs(tmp_path):
+    from experiments.cli import main
+
+    res = run_tune(parse_tune(small(trials=3)), tmp_path / "out", progress=False, log=lambda s: None)
+    best = yaml.safe_load((tmp_path / "out" / "best.yaml").read_text())
+    assert best == {"policy": "token_throttling", "policy_params": res.best_params}
+    assert main(["sim", str(tmp_path / "out" / "best.yaml"), "--num-requests", "10",
+                 "--out", str(tmp_path / "sim")]) == 0
+    assert yaml.safe_load((tmp_path / "sim" / "config.yaml").read_text())["policy_params"] == res.best_params
+    names = {p.name for p in (tmp_path / "out").iterdir()} | {p.name for p in (tmp_path / "out" / "plots").iterdir()}
+    assert {"trials.csv", "tune_report.md", "study.db", "history.png", "importance.png", "top2.png"} <= names

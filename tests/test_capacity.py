@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from experiments.capacity import binding_condition, probe_failures, sustain_failures, sustainability
-from experiments.config import ConfigError, expand, parse_experiment
-from experiments.runner import run_sweep
+from experiments.config import ConfigError, expand, parse_experiment, probe_config
+from experiments.runner import execute, run_sweep
 
 PROFILE = "qwen2.5-32b_a100-80gb_pp4"
 
@@ -85,14 +85,20 @@ def test_an_overloaded_run_meeting_a_loose_slo_is_not_a_capacity(tmp_path):
     d = {"base": {"profile": PROFILE, "workload": workload}, "grid": {"workload.arrival.rate": [2]},
          "policies": [{"name": "sarathi", "label": "Sarathi 512", "params": {"budget": 512}}],
          "capacity": {"lo": 0.5, "hi": 40, "tol": 0.5, "slo": {"ttft_p99": 30}}, "report": {"plots": []}}
-    res = run_sweep(parse_experiment(d), tmp_path, workers=1, progress=False, report=False)
+    exp = parse_experiment(d)
+    res = run_sweep(exp, tmp_path, workers=1, progress=False, report=False)
     probes = pd.read_csv(tmp_path / "capacity_runs.csv")
-    top = probes[probes["workload.arrival.rate"] == 40].iloc[0]
     cap = res.capacity.iloc[0]
-    assert top["ttft_p99"] <= 30 and top["unfinished"] == 0          # the SLO alone: capacity 40
-    assert top["offered_rps"] > 10 * cap["max_throughput_rps"]
+    # the top probe offers more than the max throughput: failed without being simulated ...
+    skipped = probes[probes["workload.arrival.rate"] == 40].iloc[0]
+    assert not skipped["simulated"] and skipped["failed"] == "max_throughput"
+    assert skipped["offered_rps"] > 10 * cap["max_throughput_rps"]
+    # ... simulated, it meets the SLO (the old capacity) and is plainly not sustainable
+    top = execute(probe_config(expand(exp)[0], "workload.arrival.rate", 40))
+    assert top["ttft_p99"] <= 30 and top["unfinished"] == 0 and top["rejected"] == 0
+    assert top["offered_rps"] == skipped["offered_rps"]
+    assert list(probe_failures(top, exp.capacity.slo, 0.05)) == ["sustain"]
     assert top["steady_delivered_rps"] < 0.5 * top["steady_offered_rps"]
     assert 0 < cap["capacity_rps"] <= cap["max_throughput_rps"]
     assert cap["bound"] in ("max throughput", "sustainability", "max throughput + sustainability")
-    assert set(probes.loc[~probes["meets"], "failed"]) <= {"max_throughput", "sustain,max_throughput",
-                                                          "sustain"}
+    assert set(probes.loc[~probes["meets"], "failed"]) <= {"max_throughput", "sustain"}

@@ -5,6 +5,11 @@ Contract (design.md): `add(request)`, `next_batch(now)` -> MicroBatch | None (No
 micro-batch leaves the last stage. Preemption, page allocation and request state changes
 happen only here. Every operation costs O(batch size), never O(queue length): the
 counts policies read are running sums.
+
+A plan may also be in seconds (`BatchPlan.time_budget`): decodes are taken first, uncut,
+then each prefill chunk is cut so the batch's predicted time on its slowest stage stays
+within the budget, priced by the `stage_time_model` the caller hands in (the latency model
+its stage times come from; core.cost_model). Plans without one pay a single None check.
 """
 from __future__ import annotations
 

@@ -217,6 +217,17 @@ class SlowestStage:
         if self.pp < 1:
             raise ValueError(f"SlowestStage needs pp >= 1, got {self.pp}")
 
+    @classmethod
+    def of_profile(cls, profile: Profile | str) -> "SlowestStage":
+        """The fitted model of a latency table (shipped name, folder, or Profile)."""
+        return cls(fit(profile)[0])
+
+    def __getstate__(self):   # slots without __dict__: pickled to the runtime's stage 0
+        return self.latency, self.pp
+
+    def __setstate__(self, state) -> None:
+        self.latency, self.pp = state
+
     def predict(self, prefill_tokens: float, decode_tokens: float,
                 prefill_attention_work: float, decode_context: float) -> float:
         stage_time = self.latency.stage_time

@@ -48,6 +48,9 @@ class GenerateJob:
     arrivals: list[float] | None = None   # seconds after the start; None: all at 0
     policy: str = "token_throttling"
     policy_params: dict[str, Any] = field(default_factory=dict)
+    # core.cost_model.StageTimeModel the policy may price batches with (time_balanced needs
+    # one): the latency model of the table, measured or in situ, that describes this pipeline.
+    stage_time_model: Any = None
 
     def __post_init__(self) -> None:
         n = len(self.prompts)
@@ -90,10 +93,11 @@ class Driver:
                  num_pages: int) -> None:
         self.opts, self.runner, self.pipe, self.num_pages = opts, runner, pipe, num_pages
 
-    def scheduler(self, policy: str, policy_params: dict, recorder: TraceRecorder | None = None) -> Scheduler:
+    def scheduler(self, policy: str, policy_params: dict, recorder: TraceRecorder | None = None,
+                  stage_time_model: Any = None) -> Scheduler:
         o = self.opts
         return Scheduler(SchedulerConfig(o.pp, self.num_pages, o.page_size), make_policy(policy, policy_params),
-                         recorder)
+                         recorder, stage_time_model=stage_time_model)
 
     def run(self, job: GenerateJob) -> GenerateResult:
         """One offline generate job to completion."""
@@ -101,9 +105,9 @@ class Driver:
         loop.run()
         return loop.result()
 
-    def serve(self, inbox: Any, outbox: Any, policy: str, policy_params: dict) -> None:
+    def serve(self, inbox: Any, outbox: Any, policy: str, policy_params: dict, stage_time_model: Any = None) -> None:
         """Online serving until a ("stop", None) command on `inbox` (see OnlineLoop)."""
-        OnlineLoop(self, inbox, outbox, policy, policy_params).run()
+        OnlineLoop(self, inbox, outbox, policy, policy_params, stage_time_model).run()
 
     def close(self) -> None:
         self.pipe.close()
@@ -212,7 +216,7 @@ class GenerateLoop(Stage0Loop):
     def __init__(self, driver: Driver, job: GenerateJob) -> None:
         self.job = job
         self.recorder = TraceRecorder()
-        sched = driver.scheduler(job.policy, job.policy_params, self.recorder)
+        sched = driver.scheduler(job.policy, job.policy_params, self.recorder, job.stage_time_model)
         n = self.n = len(job.prompts)
         arrivals = job.arrivals or [0.0] * n
         self.requests = [Request(id=i, prompt_len=len(p), max_output=job.max_tokens[i], arrival=float(arrivals[i]),
@@ -280,9 +284,10 @@ class OnlineLoop(Stage0Loop):
     """Online serving: requests are added and aborted by commands at any time; token
     deltas, queue/KV stats and stage 0's busy rows stream out on `outbox`."""
 
-    def __init__(self, driver: Driver, inbox: Any, outbox: Any, policy: str, policy_params: dict) -> None:
+    def __init__(self, driver: Driver, inbox: Any, outbox: Any, policy: str, policy_params: dict,
+                 stage_time_model: Any = None) -> None:
         self.inbox, self.outbox = inbox, outbox
-        sched = driver.scheduler(policy, policy_params)
+        sched = driver.scheduler(policy, policy_params, None, stage_time_model)
         self.live: dict[int, Request] = {}
         self.sent: dict[int, int] = {}          # output tokens already reported, per live request
         self.params: dict[int, SamplingParams] = {}

@@ -205,20 +205,20 @@ class Engine:
         return ev
 
     # ---- API ----
-    def open_stream(self, policy: str, policy_params: dict[str, Any]) -> OnlineChannel:
+    def open_stream(self, policy: str, policy_params: dict[str, Any], stage_time_model: Any = None) -> OnlineChannel:
         """Switch the engine to online serving (runtime.driver.OnlineLoop); it serves until shutdown."""
         if self.mode == "torchrun":
             raise ValueError("online serving runs stages it spawns itself (or pp=1), not under torchrun")
         if self._closed or self._failed is not None:
             raise RuntimeError("the engine is shut down")
         if self.mode == "spawn":
-            self._cmd.put(("serve", (policy, policy_params)))
+            self._cmd.put(("serve", (policy, policy_params, stage_time_model)))
             return OnlineChannel(self, self._cmd, self._events)
         cmd, events = queue.Queue(), queue.Queue()
 
         def run() -> None:
             try:
-                self._driver.serve(cmd, events, policy, policy_params)
+                self._driver.serve(cmd, events, policy, policy_params, stage_time_model)
             except BaseException:  # noqa: BLE001 - reported to the frontend
                 events.put(("error", 0, traceback.format_exc()))
 

@@ -23,6 +23,7 @@ import torch
 
 from core.kv_cache import PageAllocator
 from core.policies import make_policy
+from core.scheduler import Scheduler, SchedulerConfig
 from core.trace import Trace
 from runtime.config import ModelConfig
 from runtime.driver import GenerateJob, GenerateResult
@@ -68,13 +69,16 @@ class LLM:
                  layer_split: str | Sequence[float] | None = None, num_pages: int | None = None,
                  page_size: int = 16, device: str = "cpu", dtype: str | torch.dtype | None = None,
                  seed: int = 0, load_format: str = "auto", *, kv_cache_gib: float | None = None,
-                 gpu_memory_utilization: float = 0.9, num_threads: int | None = None) -> None:
+                 gpu_memory_utilization: float = 0.9, num_threads: int | None = None,
+                 stage_time_model: Any = None) -> None:
         """num_pages: KV pages shared by every stage (None: each stage sizes its cache from
         kv_cache_gib, else 1 GiB on CPU or gpu_memory_utilization on GPU; the minimum wins).
-        num_threads: torch threads per stage process (default 1 on CPU when pp > 1)."""
+        num_threads: torch threads per stage process (default 1 on CPU when pp > 1).
+        stage_time_model: what a policy that plans in seconds (time_balanced) prices batches
+        with, e.g. `profiles.latency_model.SlowestStage.of_profile(table)` for the table
+        (measured or in situ) of this model on this machine."""
         self.engine: Engine | None = None
-        make_policy(policy, policy_params)  # fail here, not in a stage process
-        self.policy, self.policy_params = policy, dict(policy_params or {})
+        self.set_policy(policy, policy_params, stage_time_model)  # fail here, not in a stage process
         opts, self._eos, self.tokenizer = build_engine_config(
             model, pp=pp, layer_split=layer_split, num_pages=num_pages, page_size=page_size, device=device,
             dtype=dtype, seed=seed, load_format=load_format, kv_cache_gib=kv_cache_gib,
@@ -94,10 +98,14 @@ class LLM:
     def model_config(self) -> ModelConfig:
         return self.config.model_cfg
 
-    def set_policy(self, policy: str, policy_params: dict[str, Any] | None = None) -> None:
+    def set_policy(self, policy: str, policy_params: dict[str, Any] | None = None,
+                   stage_time_model: Any = None) -> None:
         """Scheduling policy for the next generate calls; the stage processes stay up."""
-        make_policy(policy, policy_params)
+        # Bound once on a throwaway scheduler: a bad parameter or a missing stage-time model
+        # fails here, not in a stage process.
+        Scheduler(SchedulerConfig(1, 1), make_policy(policy, policy_params), stage_time_model=stage_time_model)
         self.policy, self.policy_params = policy, dict(policy_params or {})
+        self.stage_time_model = stage_time_model
 
     # ---- generate ----
     def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -138,7 +146,7 @@ class LLM:
             stop_token_ids=[frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self._eos)
                             for p in params],
             params=params, arrivals=arrival_times,
-            policy=self.policy, policy_params=self.policy_params)
+            policy=self.policy, policy_params=self.policy_params, stage_time_model=self.stage_time_model)
         self._last, self._trace = None, None
         result = engine.generate(job)
         self._last = result

@@ -26,6 +26,7 @@ import pandas as pd
 
 from core.metrics import bubble_ratio
 from core.policies import make_policy
+from core.scheduler import Scheduler, SchedulerConfig
 from runtime.engine import Engine
 from runtime.llm import build_engine_config, check_prompt_ids
 from runtime.sampling import SamplingParams
@@ -74,17 +75,19 @@ class AsyncLLM:
 
     def __init__(self, model: Any, pp: int = 1, policy: str = "token_throttling",
                  policy_params: dict[str, Any] | None = None, *, bubble_window_s: float = 10.0,
-                 max_rows: int = 200_000, **engine_kwargs: Any) -> None:
+                 max_rows: int = 200_000, stage_time_model: Any = None, **engine_kwargs: Any) -> None:
         if not (isinstance(bubble_window_s, (int, float)) and bubble_window_s > 0):
             raise ValueError(f"bubble_window_s must be a number > 0, got {bubble_window_s!r}")
         if not (isinstance(max_rows, int) and not isinstance(max_rows, bool) and max_rows >= 1):
             raise ValueError(f"max_rows must be an int >= 1 (stage rows kept for stats), got {max_rows!r}")
-        make_policy(policy, policy_params)  # fail here, not in a stage process
+        # Bound once on a throwaway scheduler: a bad parameter or a missing stage-time model
+        # (time_balanced) fails here, not in a stage process.
+        Scheduler(SchedulerConfig(1, 1), make_policy(policy, policy_params), stage_time_model=stage_time_model)
         self.policy, self.policy_params = policy, dict(policy_params or {})
         self.config, self.eos_token_ids, self.tokenizer = build_engine_config(model, pp=pp, **engine_kwargs)
         self.bubble_window_s = float(bubble_window_s)
         self.engine = Engine(self.config)
-        self._channel = self.engine.open_stream(policy, self.policy_params)
+        self._channel = self.engine.open_stream(policy, self.policy_params, stage_time_model)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

@@ -4,7 +4,7 @@ shutdown. The top of the stage side of runtime/ (runtime.engine starts these).
 `stage_main` is the target of a spawned stage process; `run_stage` joins the group, sizes
 the KV cache with the other stages, then serves stage >= 1 (`runtime.worker.serve`) or
 builds stage 0's `Driver`, which under a spawned engine takes commands from the frontend:
-("generate", job) -> ("result", GenerateResult); ("serve", (policy, params)) -> online
+("generate", job) -> ("result", GenerateResult); ("serve", (policy, params, stage_time_model)) -> online
 serving until "stop"; ("stop", None) -> shut the pipeline down.
 """
 from __future__ import annotations

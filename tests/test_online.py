@@ -69,6 +69,22 @@ def test_streams_equal_offline_generate(pp):
     assert bubble is not None and 0.0 <= bubble < 1.0
 
 
+def test_time_balanced_online_gets_its_model_through_the_stage_process():
+    """The stage-time model travels with the serve command to stage 0's process (pp = 2);
+    without one the policy fails in the constructor, naming itself."""
+    from profiles.latency_model import SlowestStage
+
+    async def run():
+        with AsyncLLM(dict(CFG), pp=2, policy="time_balanced", policy_params={"requeue_chunks": True},
+                      stage_time_model=SlowestStage.of_profile("llama-32m_cpu-1thread_pp2"),
+                      num_pages=64, page_size=4) as engine:
+            return await asyncio.gather(*(collect(engine, p) for p in PROMPTS))
+
+    assert [tokens for tokens, _ in asyncio.run(run())] == offline(2)
+    with pytest.raises(ValueError, match="time_balanced needs a stage-time model"):
+        AsyncLLM(dict(CFG), pp=2, policy="time_balanced")
+
+
 def test_abort_and_cancel_free_pages():
     async def run(engine: AsyncLLM):
         long = SamplingParams(max_tokens=200, ignore_eos=True)

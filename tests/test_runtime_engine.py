@@ -110,6 +110,22 @@ def test_pp3_uneven_split_matches_hf(models, qwen_pp3, policy):
     _check_greedy(qwen_pp3, models["qwen2"][2], policy)
 
 
+def test_time_balanced_is_priced_by_the_tables_model_and_matches_hf(models, llama_pp2):
+    """time_balanced on the real pipeline: the runtime hands stage 0's scheduler the fitted
+    model of a latency table (the shipped CPU one); greedy outputs are unchanged. Without a
+    model it fails in the caller, before any stage process is asked, naming the policy."""
+    from profiles.latency_model import SlowestStage
+    llama_pp2.set_policy("time_balanced", {"maxp": 6, "minp": 3, "requeue_chunks": True},
+                         SlowestStage.of_profile("llama-32m_cpu-1thread_pp2"))
+    outs = llama_pp2.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == models["llama"][2]
+    assert llama_pp2.trace().batches["prefill_tokens"].max() <= 6   # maxp caps the filled batches too
+    for call in (lambda: llama_pp2.set_policy("time_balanced"),
+                 lambda: LLM(models["llama"][0], pp=2, policy="time_balanced")):
+        with pytest.raises(ValueError, match="time_balanced needs a stage-time model"):
+            call()
+
+
 def test_pp3_half_layer_split_matches_hf(models):
     """1.5,1,1.5: both boundaries fall between a layer's attention and its MLP. Stage
     processes size their KV caches from memory; stage 0 (two attentions) sets the count."""

@@ -8,7 +8,9 @@ Two kinds of work feed it:
   instants, ends when every request is finished; the result is the requests and trace.
 - `OnlineLoop`: online serving (`AsyncLLM`): ("add" | "abort" | "stop", payload)
   commands come in on a queue; ("step", deltas, stats) after every finished micro-batch
-  and ("rows", busy rows) now and then go out; runs until "stop".
+  (also one that produced no token: the frontend's watchdog counts them as progress) and
+  ("rows", busy rows) now and then go out; runs until "stop". A request whose token could
+  not be sampled (runtime.sampling.FAILED) ends alone with finish reason "error".
 `Driver` holds what both need (config, stage 0's runner, the pipe, the KV page count).
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ from core.trace import Trace, TraceRecorder
 from runtime.comm import StepMeta
 from runtime.engine_config import EngineConfig
 from runtime.pipes import DistPipe, LocalPipe
-from runtime.sampling import SamplingParams
+from runtime.sampling import FAILED, SamplingParams
 from runtime.worker import StageRunner
 
 _POLL_S = 0.002        # online: how long stage 0 waits on the pipe before looking for new commands
@@ -241,6 +243,9 @@ class GenerateLoop(Stage0Loop):
         return True
 
     def completed(self, batch: MicroBatch, tokens: list[int]) -> None:
+        if FAILED in tokens:
+            failed = [it.request.id for it, t in zip([it for it in batch.items if it.samples], tokens) if t == FAILED]
+            raise RuntimeError(f"micro-batch {batch.id}: non-finite logits, no token for request(s) {failed}")
         now = self.clock()
         self.extras.append((batch.id, batch.prefill_attention_work, batch.decode_context, now))
         self.release.extend(r.id for r in self.sched.complete(batch, now, tokens))
@@ -295,6 +300,7 @@ class OnlineLoop(Stage0Loop):
         self.deltas: list[tuple[int, tuple[int, ...], str | None]] = []
         self.rows: list[tuple] = []
         self.last_stats: tuple = ()
+        self.progressed = False           # a micro-batch returned since the last "step"
         super().__init__(driver, sched)
         self.epoch0 = self.t0 + driver.runner.offset
         self.last_rows = self.t0
@@ -346,7 +352,20 @@ class OnlineLoop(Stage0Loop):
         self.release.append(rid)
 
     def completed(self, batch: MicroBatch, tokens: list[int]) -> None:
-        self.sched.complete(batch, self.clock(), tokens)
+        self.progressed = True
+        failed = []
+        if FAILED in tokens:
+            sampled = [it.request for it in batch.items if it.samples]
+            failed = [r for r, t in zip(sampled, tokens) if t == FAILED]
+            tokens = [0 if t == FAILED else t for t in tokens]   # a placeholder the request never reports
+        now = self.clock()
+        self.sched.complete(batch, now, tokens)
+        for r in failed:
+            if r.id in self.live:
+                if not r.is_finished:
+                    self.sched.abort(r, now)
+                self.deltas.append((r.id, (), "error"))
+                self.forget(r.id)
         for r in itertools.chain(batch.decodes, (it.request for it in batch.chunks)):
             k = self.sent.get(r.id)
             if k is None:   # aborted while in flight
@@ -367,9 +386,9 @@ class OnlineLoop(Stage0Loop):
         request's pages come free only when its last in-flight batch returns)."""
         s = self.sched
         stats = (s.num_unfinished - s.num_waiting, s.num_waiting, s.total_pages - s.free_pages, s.total_pages)
-        if self.deltas or stats != self.last_stats:
+        if self.deltas or stats != self.last_stats or self.progressed:
             self.outbox.put(("step", self.deltas, stats))
-            self.deltas, self.last_stats = [], stats
+            self.deltas, self.last_stats, self.progressed = [], stats, False
 
     def launched_row(self, batch: MicroBatch, start: float, end: float) -> None:
         self.rows.append((batch.id, 0, self.epoch0 + start, self.epoch0 + end, batch.prefill_tokens,

@@ -35,6 +35,15 @@ from runtime.processes import run_stage, stage_main
 from runtime.worker import StageRunner
 
 
+def _process_state(pid: int | None) -> str:
+    """The state letter in /proc/PID/stat (R, S, T stopped, ...); '' where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -155,6 +164,8 @@ class Engine:
                 break
             if ev[0] == "error":
                 events.append(ev)
+        # exit codes before our own kill: a stage we terminate below did not die by itself
+        codes = [p.exitcode for p in self._procs]
         self._kill()
         reported = {ev[1] for ev in events}
         causes, echoes = [], []
@@ -163,9 +174,8 @@ class Engine:
             line = f"pipeline stage {rank} failed: {last}"
             (echoes if any(c in tb for c in _COMM_ERRORS) else causes).append((line, tb))
         dead = []
-        for rank, p in enumerate(self._procs):
-            if rank not in reported and p.exitcode not in (None, 0):
-                code = p.exitcode
+        for rank, (p, code) in enumerate(zip(self._procs, codes)):
+            if rank not in reported and code not in (None, 0):
                 how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
                 dead.append((f"pipeline stage {rank} (pid {p.pid}) died unexpectedly ({how})", ""))
         ordered = causes + dead + echoes
@@ -188,6 +198,20 @@ class Engine:
             if p.is_alive():
                 p.kill()
                 p.join(2.0)
+
+    def kill_hung(self, why: str) -> str:
+        """The frontend's watchdog saw no progress: kill every stage (SIGKILL: a stopped
+        process ignores SIGTERM until continued) and return the cause, naming the stages
+        that were stopped. pp = 1 runs in a thread, which cannot be killed: it is abandoned."""
+        stopped = [f"stage {r} (pid {p.pid}) was stopped" for r, p in enumerate(self._procs)
+                   if _process_state(p.pid) in ("T", "t")]
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+        for p in self._procs:
+            p.join(2.0)
+        self._failed = f"pipeline stage hung: {why}" + (f" ({'; '.join(stopped)})" if stopped else "")
+        return self._failed
 
     def _next_event(self, timeout: float, events: Any) -> tuple | None:
         try:
@@ -255,7 +279,7 @@ class Engine:
             if self._online is not None:
                 cmd, thread = self._online
                 cmd.put(("stop", None))
-                thread.join(30.0)
+                thread.join(30.0 if self._failed is None else 0.5)   # a hung thread is abandoned
             if self._driver is not None:
                 self._driver.close()
             self._driver = None

@@ -10,6 +10,14 @@ events back.
 Leaving a stream early (client gone: the task is cancelled or the generator closed)
 aborts the request; the scheduler frees its KV pages once no in-flight micro-batch
 still reads them.
+
+Failures: a request whose token cannot be sampled ends alone (finish reason "error").
+A stage that dies or raises, or makes no progress while requests are outstanding for
+longer than the watchdog's deadline (`stage_timeout_s`, or 10x the longest recent gap
+between finished micro-batches if that is longer: a hung or SIGSTOPped stage), takes the
+pipeline down: every queued and running stream gets EngineDeadError, `healthy` turns
+False, and `restart()` builds a fresh pipeline (new processes, an empty KV cache; the
+counters go on).
 """
 from __future__ import annotations
 
@@ -65,6 +73,34 @@ class EngineDeadError(RuntimeError):
     """The pipeline failed; the message names the stage and the cause."""
 
 
+class Watchdog:
+    """While requests are outstanding, some micro-batch must finish within the deadline:
+    `floor_s`, or `factor` x the longest of the recent gaps between finished batches."""
+
+    def __init__(self, floor_s: float, factor: float = 10.0) -> None:
+        self.floor_s, self.factor = floor_s, factor
+        self.gaps: deque[float] = deque(maxlen=256)
+        self.last = time.monotonic()
+        self.busy = False
+
+    @property
+    def deadline_s(self) -> float:
+        return max(self.floor_s, self.factor * max(self.gaps, default=0.0))
+
+    def progress(self, now: float) -> None:
+        if self.busy:
+            self.gaps.append(now - self.last)
+        self.last = now
+
+    def silent_for(self, now: float, busy: bool) -> float | None:
+        """Seconds without progress if that is past the deadline, else None."""
+        if busy and not self.busy:   # work arrived after an idle spell: the clock starts now
+            self.last = now
+        self.busy = busy
+        silent = now - self.last
+        return silent if busy and silent > self.deadline_s else None
+
+
 class AsyncLLM:
     """An asyncio engine for servers: stream tokens per request, abort, watch stats.
 
@@ -75,17 +111,25 @@ class AsyncLLM:
 
     def __init__(self, model: Any, pp: int = 1, policy: str = "token_throttling",
                  policy_params: dict[str, Any] | None = None, *, bubble_window_s: float = 10.0,
-                 max_rows: int = 200_000, stage_time_model: Any = None, **engine_kwargs: Any) -> None:
+                 max_rows: int = 200_000, stage_time_model: Any = None, stage_timeout_s: float | None = 10.0,
+                 **engine_kwargs: Any) -> None:
         if not (isinstance(bubble_window_s, (int, float)) and bubble_window_s > 0):
             raise ValueError(f"bubble_window_s must be a number > 0, got {bubble_window_s!r}")
         if not (isinstance(max_rows, int) and not isinstance(max_rows, bool) and max_rows >= 1):
             raise ValueError(f"max_rows must be an int >= 1 (stage rows kept for stats), got {max_rows!r}")
+        if stage_timeout_s is not None and not (isinstance(stage_timeout_s, (int, float))
+                                                and not isinstance(stage_timeout_s, bool) and stage_timeout_s > 0):
+            raise ValueError(f"stage_timeout_s must be a number of seconds > 0 or None (no watchdog), "
+                             f"got {stage_timeout_s!r}")
         # Bound once on a throwaway scheduler: a bad parameter or a missing stage-time model
         # (time_balanced) fails here, not in a stage process.
         Scheduler(SchedulerConfig(1, 1), make_policy(policy, policy_params), stage_time_model=stage_time_model)
         self.policy, self.policy_params = policy, dict(policy_params or {})
         self.config, self.eos_token_ids, self.tokenizer = build_engine_config(model, pp=pp, **engine_kwargs)
         self.bubble_window_s = float(bubble_window_s)
+        self.stage_timeout_s, self.stage_time_model = stage_timeout_s, stage_time_model
+        self.failures_total = self.restarts_total = 0
+        self._restart_lock = threading.Lock()
         self.engine = Engine(self.config)
         self._channel = self.engine.open_stream(policy, self.policy_params, stage_time_model)
         self._ids = itertools.count()
@@ -98,8 +142,12 @@ class AsyncLLM:
         self._prompt_tokens = self._gen_tokens = self._finished = 0
         self._error: str | None = None
         self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._dispatch, name="pipetwin-online", daemon=True)
-        self._thread.start()
+        self._thread = self._start_dispatcher()
+
+    def _start_dispatcher(self) -> threading.Thread:
+        thread = threading.Thread(target=self._dispatch, args=(self._channel,), name="pipetwin-online", daemon=True)
+        thread.start()
+        return thread
 
     # ---- what a server needs to know ----
     @property
@@ -131,6 +179,11 @@ class AsyncLLM:
     def error(self) -> str | None:
         return self._error
 
+    @property
+    def closed(self) -> bool:
+        """Shut down on purpose (not a failure)."""
+        return self._closing.is_set()
+
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """ValueError naming what is wrong with a request this engine can never serve."""
         check_prompt_ids(prompt_ids, self.model_config.vocab_size)
@@ -151,13 +204,15 @@ class AsyncLLM:
         stream: asyncio.Queue = asyncio.Queue()
         stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         with self._lock:
+            # under the lock _die takes too: either this stream is told of a failure or it sees one here
+            self._raise_if_dead()
             self._streams[rid] = (asyncio.get_running_loop(), stream)
             self._active[rid] = [time.time(), float("nan")]
             self._prompt_tokens += len(prompt_ids)
+            channel = self._channel
         finished = False
         try:
-            self._channel.send(("add", (rid, [int(t) for t in prompt_ids], params.max_tokens, stop,
-                                        params)))
+            channel.send(("add", (rid, [int(t) for t in prompt_ids], params.max_tokens, stop, params)))
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
@@ -210,13 +265,23 @@ class AsyncLLM:
         return bubble_ratio(b, req, self.pp, end=end).overall
 
     # ---- the dispatcher thread ----
-    def _dispatch(self) -> None:
+    def _dispatch(self, channel: Any) -> None:
+        watchdog = Watchdog(self.stage_timeout_s) if self.stage_timeout_s is not None else None
         while not self._closing.is_set():
             try:
-                ev = self._channel.recv(0.1)
+                ev = channel.recv(0.1)
             except Exception as e:  # noqa: BLE001 - the engine died: tell every stream
                 self._die(str(e))
                 return
+            if watchdog is not None:
+                now = time.monotonic()
+                if ev is not None and ev[0] == "step":
+                    watchdog.progress(now)
+                silent = watchdog.silent_for(now, bool(self._active))
+                if silent is not None:
+                    self._die(channel.engine.kill_hung(f"no micro-batch finished for {silent:.1f} s "
+                                                       f"(deadline {watchdog.deadline_s:.1f} s)"))
+                    return
             if ev is None:
                 continue
             kind = ev[0]
@@ -248,9 +313,16 @@ class AsyncLLM:
                 pass
 
     def _die(self, why: str) -> None:
-        self._error = why or "the pipeline stopped"
+        now = time.time()
         with self._lock:
+            self._error = why or "the pipeline stopped"
+            if not self._closing.is_set():
+                self.failures_total += 1
             targets = list(self._streams.values())
+            # every outstanding request fails now; none is running or holding pages any more
+            self._done_spans.extend((span[0], now) for span in self._active.values())
+            self._active.clear()
+            self._sched_stats = (0, 0, 0, self._sched_stats[3])
         for loop, q in targets:
             try:
                 loop.call_soon_threadsafe(q.put_nowait, EngineDeadError(self._error))
@@ -264,6 +336,30 @@ class AsyncLLM:
             raise EngineDeadError("the engine is shut down")
 
     # ---- lifetime ----
+    def restart(self) -> None:
+        """Replace a failed pipeline with a fresh one (new stage processes, an empty KV cache);
+        counters and request ids go on. Raises what the new engine's start-up raises (the
+        engine stays down; call again to retry). No-op while healthy."""
+        with self._restart_lock:
+            if self.closed:
+                raise EngineDeadError("the engine is shut down")
+            if self.healthy:
+                return
+            self._thread.join(5.0)
+            old, self._channel = self.engine, None
+            try:
+                old.shutdown()   # the stages are dead or killed already: this closes the queues
+            except Exception:  # noqa: BLE001 - what is left of a failed pipeline
+                pass
+            engine = Engine(self.config)
+            channel = engine.open_stream(self.policy, self.policy_params, self.stage_time_model)
+            with self._lock:
+                self.engine, self._channel = engine, channel
+                self._sched_stats = (0, 0, 0, engine.num_pages)
+                self.restarts_total += 1
+                self._error = None
+            self._thread = self._start_dispatcher()
+
     def shutdown(self) -> None:
         if self._closing.is_set():
             return

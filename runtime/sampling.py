@@ -70,10 +70,15 @@ TEMPERATURE_FLOOR = 1e-5    # below it sampling is greedy (vLLM's _SAMPLING_EPS)
 _SEED_RANGE = 2**64         # torch.Generator.manual_seed takes [-2**63, 2**64); negatives wrap the same way
 
 
+FAILED = -1   # the token of a row that cannot be sampled (non-finite logits): its request fails alone
+
+
 class Sampler:
     """Safe on the edges of its parameters: a temperature below TEMPERATURE_FLOOR samples
     greedily, top_k beyond the vocabulary is off, the top token survives any top_p, seeds
-    are taken modulo 2**64 (the generator's range)."""
+    are taken modulo 2**64 (the generator's range). A row whose logits are not finite (NaN,
+    or no finite maximum) gets the token FAILED instead of garbage or an exception that
+    would stop the stage: stage 0 ends that request with an error, the others go on."""
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -100,8 +105,9 @@ class Sampler:
         if len(request_ids) != n or len(params) != n:
             raise ValueError(f"{n} logit rows but {len(request_ids)} request ids and "
                              f"{len(params)} sampling params")
-        out = logits.argmax(dim=-1).tolist()
-        rows = [i for i, p in enumerate(params) if not p.greedy and p.temperature >= TEMPERATURE_FLOOR]
+        out = self.greedy(logits)
+        rows = [i for i, p in enumerate(params)
+                if not p.greedy and p.temperature >= TEMPERATURE_FLOOR and out[i] != FAILED]
         if not rows:
             return out
         vocab = logits.shape[1]
@@ -113,8 +119,23 @@ class Sampler:
         probs, order = filtered_probs(sub / temp[:, None], top_k, top_p)
         for j, i in enumerate(rows):
             g = self._generator(request_ids[i], params[i], logits.device)
-            pick = torch.multinomial(probs[j], 1, generator=g)
+            try:
+                pick = torch.multinomial(probs[j], 1, generator=g)
+            except RuntimeError:   # no valid distribution left (inf/NaN after scaling)
+                out[i] = FAILED
+                continue
             out[i] = int(order[j, pick])
+        return out
+
+    @staticmethod
+    def greedy(logits: torch.Tensor) -> list[int]:
+        """The argmax of each row; FAILED where the row's maximum is not finite (max
+        propagates NaN, so one NaN logit is enough)."""
+        top, ids = logits.max(dim=-1)
+        out = ids.tolist()
+        bad = (~torch.isfinite(top)).nonzero().flatten().tolist()
+        for i in bad:
+            out[i] = FAILED
         return out
 
 

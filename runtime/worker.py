@@ -8,9 +8,10 @@ to stage 0). Each stage records one busy interval per micro-batch, in epoch seco
 (perf_counter + a per-process offset to time.time()), so stage 0 can place rows from
 every process, on any node, on its own time axis.
 
-Fault injection for tests: PIPETWIN_FAULT="stage=S,batch=B[,kind=raise|exit]" makes
+Fault injection for tests: PIPETWIN_FAULT="stage=S,batch=B[,kind=raise|exit|nan]" makes
 stage S raise (or exit with code 13 without a word, like a killed process) when it
-reaches micro-batch B.
+reaches micro-batch B; `nan` (on the last stage) poisons micro-batch B's logits only, so
+the requests it samples fail and the pipeline goes on.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ FAULT_ENV = "PIPETWIN_FAULT"
 class Fault:
     stage: int
     batch: int
-    kind: str = "raise"   # "raise": an exception; "exit": os._exit(13), no report
+    kind: str = "raise"   # "raise": an exception; "exit": os._exit(13), no report; "nan": NaN logits once
 
     @classmethod
     def from_env(cls) -> "Fault | None":
@@ -48,13 +49,16 @@ class Fault:
             kv = dict(part.split("=", 1) for part in text.split(","))
             fault = cls(int(kv["stage"]), int(kv["batch"]), kv.get("kind", "raise"))
         except (KeyError, ValueError) as e:
-            raise ValueError(f"{FAULT_ENV}={text!r}: expected 'stage=S,batch=B[,kind=raise|exit]' ({e})") from None
-        if fault.kind not in ("raise", "exit"):
-            raise ValueError(f"{FAULT_ENV}: kind must be 'raise' or 'exit', got {fault.kind!r}")
+            raise ValueError(f"{FAULT_ENV}={text!r}: expected 'stage=S,batch=B[,kind=raise|exit|nan]' ({e})") from None
+        if fault.kind not in ("raise", "exit", "nan"):
+            raise ValueError(f"{FAULT_ENV}: kind must be 'raise', 'exit' or 'nan', got {fault.kind!r}")
         return fault
 
+    def poisons(self, stage: int, batch_id: int) -> bool:
+        return self.kind == "nan" and stage == self.stage and batch_id == self.batch
+
     def check(self, stage: int, batch_id: int) -> None:
-        if stage == self.stage and batch_id >= self.batch:
+        if self.kind != "nan" and stage == self.stage and batch_id >= self.batch:
             if self.kind == "exit":
                 os._exit(13)
             raise RuntimeError(f"injected fault ({FAULT_ENV}) at stage {stage}, micro-batch {batch_id}")
@@ -137,8 +141,10 @@ class StageRunner:
             self.sampler.release(rid)
         if not m.sample_ids:
             return []
+        if self.fault is not None and self.fault.poisons(self.stage, m.batch_id):
+            logits = torch.full_like(logits, float("nan"))
         if m.sample_params is None:
-            return logits.argmax(dim=-1).tolist()
+            return self.sampler.greedy(logits)
         return self.sampler.sample(logits, m.sample_ids, m.sample_params)
 
     def record(self, m: StepMeta, start: float, end: float) -> None:

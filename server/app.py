@@ -370,6 +370,10 @@ class OpenAIServer:
         gen = self.engine.generate(g.prompt_ids, g.params)
         try:
             async for delta in gen:
+                if delta.finish_reason == "error":   # this request alone failed in the engine
+                    raise APIError(500, "the engine could not generate a token for this request (non-finite "
+                                        "logits); other requests are not affected", type="server_error",
+                                   code="request_failed")
                 toks = delta.token_ids
                 for i, t in enumerate(toks):
                     n += 1
@@ -394,6 +398,9 @@ class OpenAIServer:
                     break
         except (asyncio.CancelledError, GeneratorExit):
             finish = "abort"
+            raise
+        except APIError:
+            finish = "error"
             raise
         except Exception as e:  # noqa: BLE001 - engine death or a bug: report, never hang
             finish = "error"

@@ -88,8 +88,13 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-pipetwin-api", action="store_true", help="no /v1/pipetwin/* (stage rows, stats, info)")
     p.add_argument("--allowed-hosts", help="comma list of Host header names to answer, or '*' for any "
                                            "(default: loopback names when --host is loopback, else any)")
-    p.add_argument("--on-engine-failure", default="exit", choices=("exit",),
-                   help="when a stage dies or hangs: exit non-zero (let a process supervisor restart the server)")
+    p.add_argument("--on-engine-failure", default="exit", choices=("exit", "restart"),
+                   help="when a stage dies or hangs: exit non-zero (default; a process supervisor restarts "
+                        "the server) or rebuild the pipeline in place (3 tries; more than 5 restarts in "
+                        "5 minutes exits)")
+    p.add_argument("--stage-timeout", type=float, default=10.0,
+                   help="seconds without a finished micro-batch, while requests are outstanding, before the "
+                        "pipeline is declared hung (default 10; 10x the longest recent gap if longer)")
 
 
 def is_loopback(host: str) -> bool:
@@ -149,6 +154,8 @@ def check_args(args: argparse.Namespace) -> None:
         make_policy(args.policy, dict(args.param))
     except (ValueError, TypeError) as e:
         raise ValueError(f"--policy/--param: {e}") from None
+    if not args.stage_timeout > 0:
+        raise ValueError(f"--stage-timeout must be > 0 seconds, got {args.stage_timeout}")
     server_options(args)
 
 
@@ -157,7 +164,7 @@ def make_engine(args: argparse.Namespace) -> Any:
 
     kw = engine_kwargs(args)
     return AsyncLLM(kw.pop("model"), policy=args.policy, policy_params=dict(args.param),
-                    bubble_window_s=args.bubble_window, **kw)
+                    bubble_window_s=args.bubble_window, stage_timeout_s=args.stage_timeout, **kw)
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -101,7 +101,7 @@ def test_sampling_edges_are_served_and_the_engine_survives(url):
 def test_sampler_edges_directly():
     import torch
 
-    from runtime.sampling import Sampler, SamplingParams as SP
+    from runtime.sampling import FAILED, Sampler, SamplingParams as SP
 
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     top = logits.argmax(dim=-1).tolist()
@@ -110,6 +110,15 @@ def test_sampler_edges_directly():
     assert s.sample(logits, [3, 4, 5], SP(temperature=1.0, top_p=1e-300)) == top
     big = s.sample(logits, [6, 7, 8], SP(temperature=1.0, top_k=10**30, seed=2**64 + 5))
     assert big == Sampler().sample(logits, [6, 7, 8], SP(temperature=1.0, seed=5))
+    # a row with a NaN (or no finite) logit fails alone, greedy or sampled
+    bad = logits.clone()
+    bad[1, 7] = float("nan")
+    bad[2] = float("-inf")
+    assert Sampler.greedy(bad) == [top[0], FAILED, FAILED]
+    assert s.sample(bad, [9, 10, 11], SP(temperature=1.0, seed=1))[1:] == [FAILED, FAILED]
+    huge = logits.clone()
+    huge[0, 3] = float("inf")      # +inf: no finite maximum
+    assert Sampler.greedy(huge)[0] == FAILED and Sampler.greedy(huge)[1:] == top[1:]
 
 
 # ---------------------------------------------------------------- defect 1: content type (CORS)

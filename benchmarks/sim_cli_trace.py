@@ -5,7 +5,8 @@
         [--pp 4] [--policies token_throttling sarathi vllm] [--extra "--tokens --perfetto"]
 
 Each command is a fresh child process; its peak RSS is the child's own ru_maxrss (os.wait4),
-its wall time is measured around it. The output folder's size is reported too.
+its wall time is measured around it, and its CPU time (user + system: on a shared machine
+the wall time of a one-process command is at least this). The output folder's size too.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import time
 from pathlib import Path
 
 
-def measure(cmd: list[str]) -> tuple[float, float, int]:
-    """(wall s, peak RSS MB, exit status) of one child process."""
+def measure(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall s, peak RSS MB, CPU s: user + system) of one child process."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -28,7 +29,7 @@ def measure(cmd: list[str]) -> tuple[float, float, int]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         sys.exit(f"{shlex.join(cmd)} failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024, proc.returncode
+    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -40,7 +41,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs per policy (the best wall is shown too)")
     args = ap.parse_args()
     exe = str(Path(sys.executable).with_name("pipetwin"))
-    print(f"{'policy':17} {'wall s':>7} {'best s':>7} {'peak MB':>8} {'output MB':>9}   flags: {args.extra or '(defaults)'}")
+    print(f"{'policy':17} {'wall s':>7} {'best s':>7} {'CPU s':>6} {'peak MB':>8} {'output MB':>9}   "
+          f"flags: {args.extra or '(defaults)'}")
     for policy in args.policies:
         with tempfile.TemporaryDirectory() as out:
             cmd = [exe, "sim", "--trace", args.trace, "--pp", str(args.pp), "--policy", policy,
@@ -48,7 +50,7 @@ def main() -> None:
             runs = [measure(cmd) for _ in range(args.repeats)]
             size = sum(f.stat().st_size for f in Path(out).iterdir()) / 1e6
         walls = [w for w, _, _ in runs]
-        print(f"{policy:17} {sum(walls) / len(walls):>7.2f} {min(walls):>7.2f} "
+        print(f"{policy:17} {sum(walls) / len(walls):>7.2f} {min(walls):>7.2f} {min(c for _, _, c in runs):>6.2f} "
               f"{max(r for _, r, _ in runs):>8.0f} {size:>9.1f}")
 
 

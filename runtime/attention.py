@@ -160,12 +160,12 @@ class BatchMeta:
         return f"{len(d.runs)} in place; {groups}"
 
     @classmethod
-    def from_batch(cls, batch: MicroBatch, page_size: int,
-                   device: torch.device | str = "cpu") -> "BatchMeta":
+    def from_batch(cls, batch: MicroBatch, page_size: int, device: torch.device | str = "cpu",
+                   backend: str = "torch") -> "BatchMeta":
         its = batch.items
         return cls.build([it.start for it in its], [it.num_tokens for it in its],
                          [it.request.pages for it in its], [it.samples for it in its],
-                         page_size, device)
+                         page_size, device, backend=backend)
 
 
 # Cost of one padded decode group in key slots: a fixed part per SDPA call (gather and
@@ -377,10 +377,12 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     for a backend that cannot load is a one-line error naming how to install it."""
     if name not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {name!r}")
-    from runtime import triton_attention
     on_cuda = torch.device(device).type == "cuda"
+    if name == "torch" or (name == "auto" and not on_cuda):
+        return "torch"      # the CPU path imports nothing more
+    from runtime import triton_attention
     if name == "auto":
-        return "triton" if on_cuda and triton_attention.available() else "torch"
+        return "triton" if triton_attention.available() else "torch"
     if name == "triton" and not triton_attention.available():
         raise ValueError(triton_attention.MISSING)
     if name == "flashinfer":

@@ -4,6 +4,7 @@ before any command runs.
 
     add_engine_args(parser)        --model --pp --layer-split [--num-pages] --page-size
                                    --threads --device --dtype [--seed]
+                                   --attention-backend --enforce-eager
     check_engine_values(values)    ValueError naming the flag (or config key)
     engine_kwargs(values)          the keyword arguments of runtime.LLM / runtime.AsyncLLM
 """
@@ -16,6 +17,7 @@ from runtime.model_specs import PRESETS
 
 DEVICES = ("cpu", "cuda")                     # cuda: one GPU per stage (NCCL)
 DTYPES = ("float32", "bfloat16", "float16")  # None (left out): the model config's torch_dtype
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")   # runtime.attention.BACKENDS
 MODEL_HELP = f"model directory or dummy:<preset | config.json | inline JSON> (presets: {', '.join(PRESETS)})"
 # config key -> (lowest allowed value) of the integer settings
 _INT_LOWS = {"pp": 1, "num_pages": 1, "page_size": 1, "threads": 1, "seed": 0}
@@ -44,6 +46,10 @@ def add_engine_args(p: argparse.ArgumentParser, *, defaults: bool = True, num_pa
     p.add_argument("--dtype", help=f"{' | '.join(DTYPES)} (default: the model config's torch_dtype)")
     if seed:
         p.add_argument("--seed", type=int, default=default(0), help="weights and sampling seed (default 0)")
+    p.add_argument("--attention-backend", default=default("auto"),
+                   help=f"{' | '.join(ATTENTION_BACKENDS)} (default auto: triton on CUDA, torch on CPU)")
+    p.add_argument("--enforce-eager", action="store_true", default=default(False),
+                   help="no CUDA graphs for decode-only micro-batches (GPU)")
 
 
 def check_engine_values(values: Mapping[str, Any], name: Callable[[str], str] = flag_name) -> None:
@@ -58,6 +64,13 @@ def check_engine_values(values: Mapping[str, Any], name: Callable[[str], str] = 
     dtype = values.get("dtype")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"{name('dtype')} must be one of {', '.join(DTYPES)} (or left out), got {dtype!r}")
+    backend = values.get("attention_backend")
+    if backend is not None and backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"{name('attention_backend')} must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                         f"got {backend!r}")
+    eager = values.get("enforce_eager")
+    if eager is not None and not isinstance(eager, bool):
+        raise ValueError(f"{name('enforce_eager')} must be true or false, got {eager!r}")
 
 
 def engine_kwargs(values: Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:
@@ -65,7 +78,9 @@ def engine_kwargs(values: Mapping[str, Any] | argparse.Namespace) -> dict[str, A
     v = vars(values) if isinstance(values, argparse.Namespace) else values
     out = {"model": v["model"], "pp": v.get("pp") or 1, "layer_split": v.get("layer_split"),
            "num_pages": v.get("num_pages"), "page_size": v.get("page_size") or 16,
-           "num_threads": v.get("threads"), "device": v.get("device") or "cpu", "dtype": v.get("dtype")}
+           "num_threads": v.get("threads"), "device": v.get("device") or "cpu", "dtype": v.get("dtype"),
+           "attention_backend": v.get("attention_backend") or "auto",
+           "enforce_eager": bool(v.get("enforce_eager"))}
     if v.get("seed") is not None:
         out["seed"] = v["seed"]
     return out

@@ -32,6 +32,9 @@ class EngineConfig:
     num_threads: int | None = None    # torch threads per stage process (None: 1 on CPU)
     dist_timeout_s: float = 7 * 24 * 3600.0  # idle stages block in recv between generate calls
     startup_timeout_s: float = 600.0
+    # auto | torch | triton | flashinfer (runtime.attention.resolve_backend); stored resolved
+    attention_backend: str = "auto"
+    enforce_eager: bool = False       # True: no CUDA graphs for decode-only micro-batches
 
     def __post_init__(self) -> None:
         def bad(name: str, want: str, value: Any) -> ValueError:
@@ -68,17 +71,28 @@ class EngineConfig:
         if dev.type == "cuda":
             if not torch.cuda.is_available():
                 raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
-            if self.pp > 1 and torch.cuda.device_count() < self.pp and "WORLD_SIZE" not in os.environ:
-                raise ValueError(f"pp={self.pp} on CUDA needs one GPU per stage; "
-                                 f"{torch.cuda.device_count()} visible")
+        if not isinstance(self.enforce_eager, bool):
+            raise bad("enforce_eager", "true or false", self.enforce_eager)
+        from runtime.attention import resolve_backend
+        object.__setattr__(self, "attention_backend",
+                           resolve_backend(self.attention_backend, self.stage_device(0)))
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return None if self.dtype is None else TORCH_DTYPES[self.dtype]
 
     @property
+    def shared_gpu(self) -> bool:
+        """pp > 1 on fewer GPUs than stages (e.g. one): a functional mode, not a fast one.
+        Every stage process uses cuda:0 and activations go through host memory (gloo);
+        the real path is one GPU per stage with NCCL."""
+        return (torch.device(self.device).type == "cuda" and self.pp > 1
+                and "WORLD_SIZE" not in os.environ and torch.cuda.device_count() < self.pp)
+
+    @property
     def backend(self) -> str:
-        return "nccl" if torch.device(self.device).type == "cuda" else "gloo"
+        cuda = torch.device(self.device).type == "cuda"
+        return "nccl" if cuda and not self.shared_gpu else "gloo"
 
     def stage_device(self, stage: int) -> str:
         dev = torch.device(self.device)
@@ -86,6 +100,8 @@ class EngineConfig:
             return "cpu"
         if self.pp == 1:
             return str(dev) if dev.index is not None else "cuda:0"
+        if self.shared_gpu:
+            return "cuda:0"
         return f"cuda:{int(os.environ.get('LOCAL_RANK', stage))}"  # one GPU per stage
 
     def threads_for(self, multi_process: bool) -> int | None:

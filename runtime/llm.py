@@ -70,19 +70,23 @@ class LLM:
                  page_size: int = 16, device: str = "cpu", dtype: str | torch.dtype | None = None,
                  seed: int = 0, load_format: str = "auto", *, kv_cache_gib: float | None = None,
                  gpu_memory_utilization: float = 0.9, num_threads: int | None = None,
-                 stage_time_model: Any = None) -> None:
+                 stage_time_model: Any = None, attention_backend: str = "auto",
+                 enforce_eager: bool = False) -> None:
         """num_pages: KV pages shared by every stage (None: each stage sizes its cache from
         kv_cache_gib, else 1 GiB on CPU or gpu_memory_utilization on GPU; the minimum wins).
         num_threads: torch threads per stage process (default 1 on CPU when pp > 1).
         stage_time_model: what a policy that plans in seconds (time_balanced) prices batches
         with, e.g. `profiles.latency_model.SlowestStage.of_profile(table)` for the table
-        (measured or in situ) of this model on this machine."""
+        (measured or in situ) of this model on this machine.
+        attention_backend: auto (triton on CUDA when it imports, else torch) | torch |
+        triton | flashinfer. enforce_eager: no CUDA graphs for decode steps."""
         self.engine: Engine | None = None
         self.set_policy(policy, policy_params, stage_time_model)  # fail here, not in a stage process
         opts, self._eos, self.tokenizer = build_engine_config(
             model, pp=pp, layer_split=layer_split, num_pages=num_pages, page_size=page_size, device=device,
             dtype=dtype, seed=seed, load_format=load_format, kv_cache_gib=kv_cache_gib,
-            gpu_memory_utilization=gpu_memory_utilization, num_threads=num_threads)
+            gpu_memory_utilization=gpu_memory_utilization, num_threads=num_threads,
+            attention_backend=attention_backend, enforce_eager=enforce_eager)
         self.config = opts
         self._last: GenerateResult | None = None
         self._trace: Trace | None = None
@@ -225,7 +229,8 @@ def build_engine_config(model: Any, pp: int = 1, layer_split: str | Sequence[flo
                         num_pages: int | None = None, page_size: int = 16, device: str = "cpu",
                         dtype: str | torch.dtype | None = None, seed: int = 0, load_format: str = "auto",
                         kv_cache_gib: float | None = None, gpu_memory_utilization: float = 0.9,
-                        num_threads: int | None = None) -> tuple[EngineConfig, frozenset[int], Any]:
+                        num_threads: int | None = None, attention_backend: str = "auto",
+                        enforce_eager: bool = False) -> tuple[EngineConfig, frozenset[int], Any]:
     """(validated engine config, eos token ids, HF tokenizer or None) for LLM and AsyncLLM."""
     path, cfg, fmt, eos = _resolve_model(model, load_format)
     if isinstance(dtype, torch.dtype):
@@ -238,7 +243,8 @@ def build_engine_config(model: Any, pp: int = 1, layer_split: str | Sequence[flo
         layer_split=layer_split if isinstance(layer_split, str) else tuple(layer_split or ()),
         num_pages=num_pages, page_size=page_size,
         kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization,
-        device=str(device), dtype=dtype, seed=seed, num_threads=num_threads)
+        device=str(device), dtype=dtype, seed=seed, num_threads=num_threads,
+        attention_backend=attention_backend, enforce_eager=enforce_eager)
     return opts, eos, _load_tokenizer(path)
 
 

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from core.batch import MicroBatch
-from runtime.attention import BatchMeta, input_ids
+from runtime.attention import BatchMeta, input_ids, resolve_backend
 from runtime.config import ModelConfig
 from runtime.kv_cache import KVCache
 from runtime.model import StageModel
@@ -20,9 +20,11 @@ class LocalPipeline:
                  split: str | Sequence[int] | None = None, num_pages: int = 256,
                  page_size: int = 16, load_format: str = "safetensors",
                  dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                 cfg: ModelConfig | None = None, seed: int = 0) -> None:
+                 cfg: ModelConfig | None = None, seed: int = 0,
+                 attention_backend: str = "auto") -> None:
         self.device = torch.device(device)
         self.page_size = page_size
+        self.attention_backend = resolve_backend(attention_backend, self.device)
         self.stages: list[StageModel] = [
             load_stage(path, s, pp, split, load_format, dtype, device, cfg, seed) for s in range(pp)]
         self.caches: list[KVCache] = [m.make_kv_cache(num_pages, page_size) for m in self.stages]
@@ -34,7 +36,7 @@ class LocalPipeline:
     @torch.inference_mode()
     def run(self, batch: MicroBatch) -> torch.Tensor:
         """Float32 logits [S, vocab] for the batch's sampling items, in item order."""
-        meta = BatchMeta.from_batch(batch, self.page_size, self.device)
+        meta = BatchMeta.from_batch(batch, self.page_size, self.device, self.attention_backend)
         x = torch.tensor(input_ids(batch), dtype=torch.long, device=self.device)
         for model, cache in zip(self.stages, self.caches):
             x = model(x, meta, cache)

@@ -63,7 +63,7 @@ class DistPipe:
         r.check_fault(m.batch_id)
         x = torch.tensor(ids, dtype=torch.long, device=r.device)
         hidden, residual = r.forward(x, r.build_meta(m))
-        x = torch.stack((hidden, residual))  # one message, not two: see runtime.comm
+        x = r.to_send(torch.stack((hidden, residual)))  # one message, not two: see runtime.comm
         r.sync()  # on GPU: the busy interval ends when the kernels are done
         end = time.perf_counter()  # before posting the send, as the other stages (runtime.worker)
         self.sends.add(torch.distributed.isend(x, 1, group=self.g.next), x)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from runtime.attention import BatchMeta
 from runtime.comm import Groups, Inbox, SendQueue, StepMeta, recv_obj, send_obj
+from runtime.cuda_graphs import GraphRunner, GraphStep
 from runtime.engine_config import EngineConfig
 from runtime.kv_cache import NO_KV_LIMIT, KVCache, kv_bytes_per_page
 from runtime.model import StageModel
@@ -91,6 +92,9 @@ class StageRunner:
             opts.torch_dtype, self.device, opts.model_cfg, opts.seed)
         self.is_first, self.is_last = self.model.is_first, self.model.is_last
         self.cache: KVCache | None = None
+        self.graphs: GraphRunner | None = None
+        # one GPU shared by every stage (functional mode): activations cross via host memory
+        self.host_comm = opts.backend == "gloo" and self.device.type == "cuda"
         self.sampler = Sampler(opts.seed)
         self.rows: list[tuple] = []           # (batch_id, stage, start, end, prefill, decode, nreq)
         self.offset = epoch_offset()
@@ -124,17 +128,30 @@ class StageRunner:
         return max(0, int(budget // per)), f"{how}, {per} bytes per page"
 
     def allocate(self, num_pages: int) -> None:
-        self.cache = self.model.make_kv_cache(num_pages, self.opts.page_size)
+        o = self.opts
+        self.cache = self.model.make_kv_cache(num_pages, o.page_size)
+        # decode steps replay CUDA graphs (kernel backend on CUDA unless enforce_eager);
+        # graphs cover contexts up to the model's positions, rows up to 256
+        self.graphs = GraphRunner(self.model, self.cache, o.page_size, o.attention_backend,
+                                  self.device, enforce_eager=o.enforce_eager or None,
+                                  max_rows=256, max_context=o.model_cfg.max_position_embeddings)
 
     # ---- compute ----
     def now(self) -> float:
         return time.perf_counter() + self.offset
 
-    def build_meta(self, m: StepMeta) -> BatchMeta:
-        return BatchMeta.build(m.starts, m.lens, m.pages, m.samples, self.opts.page_size, self.device)
+    def build_meta(self, m: StepMeta) -> BatchMeta | GraphStep:
+        return self.graphs.build_meta(m.starts, m.lens, m.pages, m.samples)
 
-    def forward(self, inputs: Any, meta: BatchMeta) -> Any:
-        return self.model(inputs, meta, self.cache)
+    def forward(self, inputs: Any, meta: BatchMeta | GraphStep) -> Any:
+        return self.graphs.forward(inputs, meta)
+
+    def to_send(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations as sent: through host memory when stages share one GPU (gloo)."""
+        return x.cpu() if self.host_comm else x
+
+    def received(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device) if self.host_comm else x
 
     def sample(self, logits: torch.Tensor, m: StepMeta) -> list[int]:
         for rid in m.release:
@@ -171,12 +188,14 @@ def serve(runner: StageRunner, g: Groups, events: Any = None) -> None:
     s, last = runner.stage, runner.is_last
     hidden_size, dtype, device = runner.model.cfg.hidden_size, runner.model.dtype, runner.device
 
+    host = device.type == "cpu" or runner.host_comm    # gloo: the receive lands in host memory
+
     def recv_acts(m: StepMeta) -> torch.Tensor:
-        buf = torch.empty(2, m.num_tokens, hidden_size, dtype=dtype, device=device)
+        buf = torch.empty(2, m.num_tokens, hidden_size, dtype=dtype, device="cpu" if host else device)
         dist.recv(buf, s - 1, group=g.prev)
         return buf
 
-    inbox = Inbox(g.ctrl, runner.build_meta, recv_acts if device.type == "cpu" else None)
+    inbox = Inbox(g.ctrl, runner.build_meta, recv_acts if host else None)
     sends = SendQueue(keep=runner.pp + 1)
     stream_rows, last_push = False, 0.0   # online serving: rows go to the frontend now and then
     while True:
@@ -184,6 +203,7 @@ def serve(runner: StageRunner, g: Groups, events: Any = None) -> None:
         if kind == "batch":
             if acts is None:
                 acts = recv_acts(m)
+            acts = runner.received(acts)
             start = runner.now()
             runner.check_fault(m.batch_id)
             out = runner.forward((acts[0], acts[1]), meta)
@@ -196,7 +216,7 @@ def serve(runner: StageRunner, g: Groups, events: Any = None) -> None:
                 end = runner.now()
                 sends.add(dist.isend(msg, 0, group=g.tokens), msg)
             else:
-                x = torch.stack(out)  # one message, not two: see runtime.comm
+                x = runner.to_send(torch.stack(out))  # one message, not two: see runtime.comm
                 runner.sync()
                 end = runner.now()
                 sends.add(dist.isend(x, s + 1, group=g.next), x)

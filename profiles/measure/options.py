@@ -44,6 +44,8 @@ class ProfileOptions:
     force: bool = False                  # overwrite an existing table folder
     progress: bool = True
     transfer_tokens: tuple[int, ...] = (1, 16, 64, 256, 1024, 4096)
+    attention_backend: str = "auto"      # as the engine's; resolved by validate()
+    enforce_eager: bool = False          # as the engine's: no CUDA graphs for decode rows
     # filled by validate()
     name: str = ""
     hf_config: dict = field(default_factory=dict)
@@ -87,6 +89,13 @@ class ProfileOptions:
             raise ProfilerError(f"--kv-cache-gib must be > 0, got {self.kv_cache_gib!r}")
         if self.grid not in GRIDS:
             raise ProfilerError(f"--grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ProfilerError(f"--enforce-eager must be true or false, got {self.enforce_eager!r}")
+        from runtime.attention import resolve_backend  # why: torch
+        try:
+            self.attention_backend = resolve_backend(self.attention_backend, self.device)
+        except ValueError as e:
+            raise ProfilerError(f"--attention-backend: {e}") from None
         if self.threads is None and self.device == "cpu":
             self.threads = 1
         if self.out is None:

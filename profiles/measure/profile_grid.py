@@ -14,10 +14,36 @@ from typing import Any
 @dataclass(frozen=True, slots=True)
 class Shape:
     """One micro-batch: prefill chunks (start, tokens) and `decodes` decodes whose KV
-    length after the token is `decode_ctx`."""
+    length after the token is `decode_ctx` on average: with `decode_spread` > 0 the
+    lengths vary as serving's do (lognormal with that coefficient of variation, seeded
+    by the shape, scaled so they sum to exactly decodes x decode_ctx: the table's
+    feature is the sum)."""
     prefills: tuple[tuple[int, int], ...] = ()
     decodes: int = 0
     decode_ctx: int = 0
+    decode_spread: float = 0.0
+
+    def contexts(self) -> list[int]:
+        """Each decode row's KV length after its token (each >= 1, summing to the feature)."""
+        n, total = self.decodes, self.decodes * self.decode_ctx
+        if n <= 1 or self.decode_spread <= 0:
+            return [self.decode_ctx] * n
+        import numpy as np
+        rng = np.random.default_rng(n * 1_000_003 + self.decode_ctx)
+        sigma2 = math.log1p(self.decode_spread ** 2)
+        x = rng.lognormal(-sigma2 / 2, math.sqrt(sigma2), size=n)
+        ctx = np.maximum(1, np.floor(x / x.sum() * total)).astype(np.int64)
+        # hand the rounding remainder out (or take the excess back) one token at a time
+        order = np.argsort(-x)
+        i = 0
+        while ctx.sum() != total:
+            j = order[i % n]
+            if ctx.sum() < total:
+                ctx[j] += 1
+            elif ctx[j] > 1:
+                ctx[j] -= 1
+            i += 1
+        return [int(c) for c in ctx]
 
     @property
     def prefill_tokens(self) -> int:
@@ -36,7 +62,7 @@ class Shape:
 
     def items(self) -> tuple[list[int], list[int], list[bool]]:
         """(starts, lens, samples), decodes first then chunks (the runtime's item order)."""
-        starts = [self.decode_ctx - 1] * self.decodes + [s for s, _ in self.prefills]
+        starts = [c - 1 for c in self.contexts()] + [s for s, _ in self.prefills]
         lens = [1] * self.decodes + [n for _, n in self.prefills]
         return starts, lens, [True] * len(lens)
 
@@ -47,6 +73,8 @@ class Shape:
     def label(self) -> str:
         p = "+".join(f"p{n}@{s}" for s, n in self.prefills)
         d = f"d{self.decodes}x{self.decode_ctx}" if self.decodes else ""
+        if d and self.decodes > 1 and self.decode_spread > 0:
+            d += f"~{self.decode_spread:g}"      # varied contexts of that mean
         return "+".join(x for x in (p, d) if x)
 
 
@@ -57,12 +85,17 @@ class GridSpec:
     multi_chunk: tuple[tuple[int, int], ...]   # (total tokens, items) at start 0
     decode_tokens: tuple[int, ...]
     decode_contexts: tuple[int, ...]
+    decode_spread: float = 0.0          # CV of a row's decode contexts (0: all equal)
 
 
+# Decode contexts vary like the Azure conversation trace's prompt lengths (CV 0.96,
+# core.workloads.AZURE_CONV_PROMPT_CV): a serving step's rows never share one length, and
+# on a GPU the attention cost depends on the spread, not only on the sum (issue 14).
+VARIED_CONTEXTS_CV = 0.96
 GRIDS: dict[str, GridSpec] = {
-    "default": GridSpec((16, 64, 128, 256, 512, 1024), (0, 256, 1024), ((256, 4), (1024, 4)),
-                        (1, 4, 16, 32, 64), (64, 256, 1024)),
-    "small": GridSpec((16, 64, 128), (0, 64), ((128, 4),), (1, 4, 8), (16, 64)),
+    "default": GridSpec((16, 64, 128, 256, 512, 1024), (0, 256, 1024), ((256, 4), (1024, 4), (2048, 8)),
+                        (1, 4, 16, 32, 64), (64, 256, 1024), VARIED_CONTEXTS_CV),
+    "small": GridSpec((16, 64, 128), (0, 64), ((128, 4),), (1, 4, 8), (16, 64), VARIED_CONTEXTS_CV),
 }
 
 
@@ -81,7 +114,7 @@ def grid_shapes(name: str) -> list[Shape]:
     prefill_opts += [((s, n),) for n in g.prefill_tokens for s in g.prefill_starts]
     prefill_opts += [tuple((0, total // k) for _ in range(k)) for total, k in g.multi_chunk]
     decode_opts = [(0, 0)] + [(d, c) for d in g.decode_tokens for c in g.decode_contexts]
-    shapes = [Shape(p, d, c) for p in prefill_opts for d, c in decode_opts if p or d]
+    shapes = [Shape(p, d, c, g.decode_spread) for p in prefill_opts for d, c in decode_opts if p or d]
 
     def feat(s: Shape) -> list[float]:
         start = statistics.mean(st for st, _ in s.prefills) if s.prefills else 0

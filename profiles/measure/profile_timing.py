@@ -29,6 +29,7 @@ from profiles.measure.profile_grid import Shape, ShapeCostModel
 from runtime.attention import BatchMeta
 from runtime.comm import free_port
 from runtime.config import ModelConfig
+from runtime.cuda_graphs import GraphRunner
 from runtime.driver import step_meta
 from runtime.weights import load_stage
 
@@ -41,8 +42,11 @@ def _sync(device) -> None:
 
 
 def time_shape(model, cache, shape: Shape, page_pool: Sequence[int], page_size: int,
-               repeats: int, warmup: int, seed: int = 0) -> list[float]:
-    """Seconds per forward (+ greedy sampling on the last stage), `repeats` samples."""
+               repeats: int, warmup: int, seed: int = 0,
+               runner: GraphRunner | None = None) -> list[float]:
+    """Seconds per forward (+ greedy sampling on the last stage), `repeats` samples.
+    With `runner` (the stage's attention backend and CUDA graphs, as the engine runs
+    it) the forward goes through it: a decode-only shape replays its graph."""
 
     device = next(model.parameters()).device
     starts, lens, samples = shape.items()
@@ -53,9 +57,14 @@ def time_shape(model, cache, shape: Shape, page_pool: Sequence[int], page_size: 
         k += need
     if k > len(page_pool):
         raise RuntimeError(f"shape {shape.label()} needs {k} pages, the cache has {len(page_pool)}")
-    meta = BatchMeta.build(starts, lens, pages, samples, page_size, device)
+    if runner is None:
+        meta = BatchMeta.build(starts, lens, pages, samples, page_size, device)
+        forward = model
+    else:
+        meta = runner.build_meta(starts, lens, pages, samples)
+        forward = lambda x, meta, cache: runner.forward(x, meta)  # noqa: E731
     g = torch.Generator(device="cpu").manual_seed(seed)
-    t = meta.num_tokens
+    t = sum(lens)
     if model.is_first:
         x: Any = torch.randint(0, model.cfg.vocab_size, (t,), generator=g).to(device)
     else:
@@ -65,7 +74,7 @@ def time_shape(model, cache, shape: Shape, page_pool: Sequence[int], page_size: 
     def once() -> float:
         _sync(device)
         t0 = time.perf_counter()
-        out = model(x, meta, cache)
+        out = forward(x, meta, cache)
         if model.is_last:
             out.argmax(dim=-1).tolist()     # greedy sampling, as StageRunner.sample
         else:
@@ -96,6 +105,8 @@ def profile_stages(opts: ProfileOptions, shapes: list[Shape], deadline: float,
     device = torch.device(opts.device if opts.device == "cpu" else "cuda:0")
     dtype = getattr(torch, opts.dtype)
     num_pages = max(s.pages_needed(opts.page_size) for s in shapes)
+    max_decodes = max(1, max(s.decodes for s in shapes))
+    max_context = max(max(s.contexts(), default=1) for s in shapes)
     rows: list[dict] = []
     counts: dict[int, dict] = {}
     weights: list[int] = []
@@ -104,17 +115,20 @@ def profile_stages(opts: ProfileOptions, shapes: list[Shape], deadline: float,
         unique = {p.data_ptr(): p for p in model.parameters()}   # a tied head counts once
         weights.append(sum(p.numel() * p.element_size() for p in unique.values()))
         cache = model.make_kv_cache(num_pages, opts.page_size)
+        runner = GraphRunner(model, cache, opts.page_size, opts.attention_backend, device,
+                             enforce_eager=opts.enforce_eager or None, max_rows=max_decodes,
+                             max_context=max_context)
         pool = list(range(num_pages))
         random.Random(opts.seed * 7919 + stage).shuffle(pool)
 
         def run(i: int, shape: Shape) -> list[float]:
             return time_shape(model, cache, shape, pool, opts.page_size, opts.repeats, opts.warmup,
-                              opts.seed + i)
+                              opts.seed + i, runner)
 
         t0 = time.perf_counter()
         share = max(0.0, deadline - t0) / (opts.pp - stage)
         stage_deadline, pick_deadline = t0 + share, t0 + share / opts.visits
-        time_shape(model, cache, shapes[0], pool, opts.page_size, 1, 2, opts.seed)   # warm-up
+        time_shape(model, cache, shapes[0], pool, opts.page_size, 1, 2, opts.seed, runner)   # warm-up
         est = ShapeCostModel()
         best: list[tuple[int, Shape, list[float], int]] = []   # (grid index, shape, samples, visits)
         skipped = 0
@@ -285,7 +299,8 @@ def measure_sched_overhead(opts: ProfileOptions, decisions: int = 400, warm: int
                 m, ids = step_meta(batch, (), True, [], ps)
                 if opts.pp > 1:
                     pickle.dumps(("batch", m), protocol=pickle.HIGHEST_PROTOCOL)
-                BatchMeta.build(m.starts, m.lens, m.pages, m.samples, ps, device)
+                BatchMeta.build(m.starts, m.lens, m.pages, m.samples, ps, device,
+                                backend=opts.attention_backend)
                 torch.tensor(ids, dtype=torch.long, device=device)
                 in_flight.append(batch)
             done = 0

@@ -59,14 +59,20 @@ from tqdm import tqdm
 
 from profiles import Profile, ProfileError, fit, load_profile, save_profile
 from profiles.measure.options import ProfileOptions, cpu_name
-from profiles.measure.profile_grid import grid_shapes
+from profiles.measure.profile_grid import GRIDS, grid_shapes
 from profiles.measure.profile_timing import measure_sched_overhead, measure_transfers, profile_stages
 from profiles.schema import STAGE_COLUMNS, TRANSFER_COLUMNS
 from profiles.specs import head_dim
 from runtime.config import kv_layers
+from runtime.telemetry import Sampler, Telemetry
 
-ATTENTION_BACKEND = ("torch (runtime.attention: decode rows read runs of consecutive pages in place + "
-                     "length-grouped gathered tails, merged by log-sum-exp; prefill chunks by SDPA)")
+ATTENTION_BACKENDS = {
+    "torch": ("torch (runtime.attention: decode rows read runs of consecutive pages in place + "
+              "length-grouped gathered tails, merged by log-sum-exp; prefill chunks by SDPA)"),
+    "triton": ("triton (runtime.triton_attention: one launch for the decode rows, split flash-decoding "
+               "style, one for the prefill chunks; decode-only steps replay CUDA graphs unless enforce_eager)"),
+    "flashinfer": "flashinfer (BatchPrefillWithPagedKVCacheWrapper, planned per micro-batch)",
+}
 
 
 # ------------------------------------------------------------------ the whole run
@@ -94,9 +100,19 @@ def profile(opts: ProfileOptions) -> ProfileResult:
         shapes = grid_shapes(opts.grid)
         transfer_rows, transfer_note = measure_transfers(opts)
         sched_s, sched_note = measure_sched_overhead(opts)
+        # GPU telemetry (NVML) while the stages are timed; absent on CPU
+        telemetry = Telemetry(cuda_indices=[0]) if opts.device == "cuda" else None
+        sampler = Sampler(telemetry) if telemetry is not None else None
         with tqdm(total=len(shapes) * opts.pp, desc="profile", unit="shape", disable=not opts.progress,
                   file=sys.stderr, dynamic_ncols=True) as bar:
-            rows, counts, weights = profile_stages(opts, shapes, deadline, bar)
+            if sampler is not None:
+                sampler.start()
+            try:
+                rows, counts, weights = profile_stages(opts, shapes, deadline, bar)
+            finally:
+                if sampler is not None:
+                    sampler.stop()
+                    telemetry.close()
     finally:
         torch.set_num_threads(prev_threads)
     wall = time.perf_counter() - t_start
@@ -115,7 +131,8 @@ def profile(opts: ProfileOptions) -> ProfileResult:
         "pp": opts.pp,
         "layer_split": list(opts.split),
         "torch_version": str(torch.__version__),
-        "attention_backend": ATTENTION_BACKEND,
+        "attention_backend": ATTENTION_BACKENDS[opts.attention_backend],
+        "cuda_graphs": opts.device == "cuda" and opts.attention_backend == "triton" and not opts.enforce_eager,
         "date": _dt.date.today().isoformat(),
         "source": "measured",
         "sched_overhead_s": float(sched_s),
@@ -156,7 +173,8 @@ def profile(opts: ProfileOptions) -> ProfileResult:
         "stage_timing": ("StageModel.forward on prebuilt BatchMeta (+ argmax().tolist() on the last stage), "
                          "time.perf_counter" + (", torch.cuda.synchronize" if opts.device == "cuda" else "")
                          + "; median / p10 / p90 of the repeats of the visit with the lowest median"),
-        "grid_conventions": ("decodes of a row share one KV length (decode_context / decode_tokens); "
+        "grid_conventions": ("a row's decodes have varied KV lengths (lognormal, CV "
+                             f"{GRIDS[opts.grid].decode_spread:g}, summing to decode_context); "
                              "every prefill item samples one LM-head row; distinct, shuffled pages"),
         "transfer": transfer_note,
         "sched_overhead": sched_note,
@@ -164,6 +182,8 @@ def profile(opts: ProfileOptions) -> ProfileResult:
         "load_average": {"start": list(load0) if load0 else None, "end": list(load1) if load1 else None},
         "host": platform.node() or None,
     }
+    if sampler is not None and sampler.summary():
+        meta["telemetry"] = sampler.summary()
     if meta["measurement"]["command"] is None:
         del meta["measurement"]["command"]
     stages_df = pd.DataFrame(rows, columns=list(STAGE_COLUMNS))
@@ -195,7 +215,8 @@ def run_cli(args: argparse.Namespace) -> int:
                           dtype=args.dtype, page_size=args.page_size, time_budget=args.time_budget,
                           repeats=args.repeats, warmup=args.warmup, visits=args.visits, grid=args.grid,
                           out=args.out, threads=args.threads, kv_cache_gib=args.kv_cache_gib, seed=args.seed,
-                          force=args.force, progress=not args.no_progress)
+                          force=args.force, progress=not args.no_progress,
+                          attention_backend=args.attention_backend, enforce_eager=args.enforce_eager)
     res = profile(opts)
     st = res.profile.stages
     per = ", ".join(f"stage {s}: {c['measured']} shapes" + (f" ({c['skipped']} skipped)" if c["skipped"] else "")

@@ -30,7 +30,7 @@ The GPU machine has torch, pandas, matplotlib, transformers, safetensors, pytest
 nvidia-ml-py but not simpy (which `sim` and `validate` need) and nothing can be
 downloaded there. Carry simpy as a wheel (it is pure Python), from the repository root:
     echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: -d .whl simpy==4.1.1
+    python3 -m pip download --no-deps --only-binary=:all: -d .whl simpy==4.1.2
 and on the GPU machine, before the check (with `.whl` carried along):
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \\
         && export PYTHONPATH=/tmp/site:$PYTHONPATH

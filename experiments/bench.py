@@ -44,7 +44,8 @@ class Bench:
     def __init__(self, model: Any, pp: int, policy: str = "token_throttling",
                  policy_params: dict[str, Any] | None = None, *, num_pages: int | None = None,
                  page_size: int = 16, layer_split: Any = None, num_threads: int | None = None,
-                 seed: int = 0, device: str = "cpu", dtype: str | None = None) -> None:
+                 seed: int = 0, device: str = "cpu", dtype: str | None = None,
+                 attention_backend: str = "auto", enforce_eager: bool = False) -> None:
         from runtime import LLM, SamplingParams  # why: torch, loaded only when a bench runs
 
         self.SamplingParams = SamplingParams
@@ -52,7 +53,8 @@ class Bench:
         self.pp = pp
         self.llm = LLM(model, pp=pp, policy=policy, policy_params=policy_params, num_pages=num_pages,
                        page_size=page_size, layer_split=layer_split, num_threads=num_threads, seed=seed,
-                       device=device, dtype=dtype)
+                       device=device, dtype=dtype, attention_backend=attention_backend,
+                       enforce_eager=enforce_eager)
         self.llm.generate([[1] * 16] * 2, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
 
     @property
@@ -71,8 +73,10 @@ class Bench:
         prompts = prompt_ids(requests, llm.model_config.vocab_size, seed)
         params = [self.SamplingParams(max_tokens=r.max_output, ignore_eos=True) for r in requests]
         arrivals = [float(r.arrival) for r in requests]
+        sampler = gpu_sampler(llm.config)
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, params, arrival_times=arrivals)
+        with sampler:
+            outs = llm.generate(prompts, params, arrival_times=arrivals)
         wall = time.perf_counter() - t0
         bad = [o.request_id for o, r in zip(outs, requests) if len(o.token_ids) != r.max_output]
         if bad:
@@ -81,6 +85,8 @@ class Bench:
         trace.meta.update(num_pages=self.num_pages, page_size=self.page_size, seed=seed,
                           model=self.name,
                           wall_s=wall, source="runtime")
+        if sampler.summary():       # GPU telemetry per stage device (NVML); absent on CPU
+            trace.meta["telemetry"] = sampler.summary()
         return trace
 
     def shutdown(self) -> None:
@@ -91,6 +97,13 @@ class Bench:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def gpu_sampler(opts: Any) -> Any:
+    """runtime.telemetry.Sampler over the stages' GPUs (runtime.EngineConfig `opts`); on
+    CPU one over no device, which records nothing."""
+    from runtime.telemetry import Sampler, Telemetry, stage_gpus
+    return Sampler(Telemetry(cuda_indices=stage_gpus(opts)), interval_s=0.5)
 
 
 def finite(d: dict) -> dict:

@@ -57,6 +57,8 @@ class Telemetry:
     def __init__(self, cuda_indices: Sequence[int] | None = None, nvml: Any | None = None) -> None:
         self.nvml = nvml if nvml is not None else _load_nvml()
         self.devices: list[tuple[int, Any, str]] = []   # (nvml index, handle, name)
+        if cuda_indices is not None and not list(cuda_indices):
+            self.nvml = None     # no device asked for (a CPU run): do not touch NVML
         if self.nvml is None:
             return
         try:
@@ -184,3 +186,41 @@ class Sampler:
                 "memory_util_pct_mean": mean("memory_util_pct"),
             }
         return out
+
+
+def stage_gpus(opts: Any) -> list[int]:
+    """The cuda:i indices a pipeline's stages run on (runtime.EngineConfig `opts`); [] on CPU."""
+    if opts is None or getattr(opts, "device", "cpu") == "cpu":
+        return []
+    return sorted({int(opts.stage_device(s).split(":")[1]) for s in range(opts.pp)})
+
+
+_GAUGES = (  # DeviceSample field, Prometheus name, help, scale
+    ("memory_used_mib", "pipetwin_gpu_memory_used_bytes", "GPU memory in use (NVML)", 2**20),
+    ("memory_total_mib", "pipetwin_gpu_memory_total_bytes", "GPU memory in all (NVML)", 2**20),
+    ("sm_clock_mhz", "pipetwin_gpu_sm_clock_mhz", "SM clock (NVML)", 1),
+    ("power_w", "pipetwin_gpu_power_watts", "Board power draw (NVML)", 1),
+    ("gpu_util_pct", "pipetwin_gpu_utilization_ratio", "Time a kernel ran over the last sample period", 0.01),
+    ("memory_util_pct", "pipetwin_gpu_memory_utilization_ratio",
+     "Time device memory was read or written over the last sample period", 0.01),
+)
+
+
+class PrometheusCollector:
+    """A prometheus_client collector: GPU gauges read from NVML at scrape time, one series
+    per device (labels gpu = NVML index, name). Nothing when telemetry is absent."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+
+    def collect(self):  # noqa: ANN201 - prometheus_client collector protocol
+        from prometheus_client.core import GaugeMetricFamily
+        samples = self.telemetry.sample()
+        for field, name, help_text, scale in _GAUGES:
+            fam = GaugeMetricFamily(name, help_text, labels=["gpu", "name"])
+            for s in samples:
+                v = getattr(s, field)
+                if v is not None:
+                    fam.add_metric([str(s.index), s.name], v * scale)
+            if fam.samples:
+                yield fam

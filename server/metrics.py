@@ -27,6 +27,9 @@ E2E to its last).
   pipetwin_time_to_first_token_seconds   histogram
   pipetwin_time_per_output_token_seconds histogram
   pipetwin_e2e_request_latency_seconds   histogram
+  pipetwin_gpu_*{gpu,name}               gauge    the stages' GPUs, read from NVML at scrape time
+                                                  (runtime.telemetry): memory used/total bytes, SM clock
+                                                  MHz, power watts, utilization ratios; absent without NVML
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from runtime.telemetry import PrometheusCollector, Telemetry, stage_gpus
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 disable_created_metrics()   # no *_created series: they double the output and nothing reads them
@@ -89,6 +94,9 @@ class ServerMetrics:
     def __init__(self, engine: Any) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_EngineCollector(engine))
+        gpus = Telemetry(cuda_indices=stage_gpus(getattr(engine, "config", None)))
+        if gpus.available:
+            self.registry.register(PrometheusCollector(gpus))
         self.http = Counter("pipetwin_http_requests", "HTTP requests by endpoint and the status they got",
                             ["endpoint", "status"], registry=self.registry)
         self.finished = Counter("pipetwin_request_finished", "Requests by finish reason",

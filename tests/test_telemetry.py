@@ -115,3 +115,29 @@ def test_sampler_thread_collects(monkeypatch):
     assert s.summary()["gpu0"]["samples"] == n >= 3
     with pytest.raises(ValueError, match="interval_s must be > 0"):
         Sampler(t, interval_s=0)
+
+
+def test_prometheus_gauges(monkeypatch):
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from runtime.telemetry import PrometheusCollector
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    reg = prometheus_client.CollectorRegistry()
+    reg.register(PrometheusCollector(Telemetry(nvml=FakeNVML())))
+    text = prometheus_client.generate_latest(reg).decode()
+    assert 'pipetwin_gpu_memory_used_bytes{gpu="1",name="NVIDIA H100"} 2.147483648e+09' in text
+    assert 'pipetwin_gpu_power_watts{gpu="0",name="NVIDIA H200"} 350.5' in text
+    assert 'pipetwin_gpu_power_watts{gpu="1"' not in text          # unsupported: no series
+    assert 'pipetwin_gpu_utilization_ratio{gpu="1",name="NVIDIA H100"} 0.8' in text
+    empty = prometheus_client.CollectorRegistry()
+    empty.register(PrometheusCollector(Telemetry(nvml=FakeNVML(fail_init=True))))
+    assert "pipetwin_gpu" not in prometheus_client.generate_latest(empty).decode()
+
+
+def test_stage_gpus():
+    from runtime.telemetry import stage_gpus
+    assert stage_gpus(None) == [] and stage_gpus(SimpleNamespace(device="cpu")) == []
+    opts = SimpleNamespace(device="cuda", pp=3, stage_device=lambda s: f"cuda:{2 - s}")
+    assert stage_gpus(opts) == [0, 1, 2]
+    shared = SimpleNamespace(device="cuda", pp=2, stage_device=lambda s: "cuda:0")
+    assert stage_gpus(shared) == [0]
+    assert Telemetry(cuda_indices=[], nvml=FakeNVML()).devices == []   # CPU run: NVML untouched

@@ -291,6 +291,7 @@ class Check:
                 once()
                 self.sync()
                 ts.append(time.perf_counter() - t0)
+            spreads.append((sum(lens), np.percentile(ts, 90) / np.percentile(ts, 10) - 1))
             return statistics.median(ts)
 
         def verdict(t: float, roof: float) -> tuple[str, str]:
@@ -300,6 +301,7 @@ class Check:
             return f"{t * 1e3:.2f} ms = {r:.2f}x roofline", "ok" if r <= GOAL_ROOFLINE else "MISS"
 
         layers = cfg.num_layers
+        spreads: list[tuple[int, float]] = []    # (tokens, p90 / p10 - 1) of each step's repeats
         for n in rows_list:
             ctxs = ctx_sets[n]
 
@@ -320,6 +322,11 @@ class Check:
             value, status = verdict(t, roof)
             return value, f"<= {GOAL_ROOFLINE}x", status
         self.guard("steps", f"mixed {mixed[0]} prefill + {mixed[1]} decodes", run_mixed)
+        if spreads:
+            worst = max(spreads, key=lambda x: x[1])
+            ok = "ok" if worst[1] <= 0.10 else ("MISS" if self.device.type == "cuda" else "info")
+            self.add("steps", "same step repeated: p90 / p10 - 1, worst",
+                     f"{worst[1]:.1%} (a step of {worst[0]} tokens)", "<= 10%", ok)
         self.add("steps", "graph replays / eager steps", f"{runner.replays} / {runner.eager_steps}",
                  "", "info")
 

@@ -22,6 +22,7 @@ but the page lists' concatenation, packed in one buffer copied to the device onc
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Sequence
@@ -520,13 +521,16 @@ class _Staging:
         return dst
 
 
-_STAGING: dict[torch.device, _Staging] = {}
+_STAGING: dict[tuple[torch.device, int], _Staging] = {}
 
 
 def staging(device: torch.device) -> _Staging:
-    if device not in _STAGING:
-        _STAGING[device] = _Staging(device)
-    return _STAGING[device]
+    """This thread's staging buffer for `device`: a stage builds metadata on its receive
+    thread and fills CUDA-graph buffers on its compute thread, so they must not share one."""
+    key = (device, threading.get_ident())
+    if key not in _STAGING:
+        _STAGING[key] = _Staging(device)
+    return _STAGING[key]
 
 
 @dataclass(slots=True)

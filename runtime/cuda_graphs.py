@@ -94,6 +94,7 @@ class GraphRunner:
         return GraphStep(rows, len(lens), np.flatnonzero(np.asarray(samples, dtype=bool)), packed)
 
     # -- running -------------------------------------------------------------------------
+    @torch.inference_mode()   # static buffers are made, filled and read in one mode
     def forward(self, inputs: Any, meta: BatchMeta | GraphStep) -> Any:
         if isinstance(meta, BatchMeta):
             return self.model(inputs, meta, self.kv_cache)
@@ -141,6 +142,7 @@ class GraphRunner:
         self._static[rows] = (buf, meta, static_in, out)
         return self._static[rows]
 
+    @torch.inference_mode()
     def capture_all(self, example: Any) -> None:
         """Capture every bucket now, largest first (their memory pool is shared and the
         largest sets its size), instead of on first use."""

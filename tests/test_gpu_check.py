@@ -46,7 +46,8 @@ def test_quick_cpu_run(tmp_path, capsys):
         assert r["status"] == "ok" and r["value"].startswith("triton: max abs diff")
         assert float(r["value"].rsplit(" ", 1)[1]) <= 1e-4
     steps = [r for r in rows if r["section"] == "steps"]
-    assert len(steps) == 4 and all(r["status"] == "info" for r in steps)
+    assert len(steps) == 5 and all(r["status"] in ("info", "ok") for r in steps)
+    assert steps[3]["case"] == "same step repeated: p90 / p10 - 1, worst" and "% (a step of" in steps[3]["value"]
     assert all("ms (no roofline on cpu)" in r["value"] for r in steps[:3])
     # two warm-up + 3 timed decode steps at each of 1 and 8 rows took the static path
     assert by_case[("steps", "graph replays / eager steps")]["value"] == "10 / 5"

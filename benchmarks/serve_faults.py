@@ -8,10 +8,12 @@ descendants, read from /proc) should stay flat; and the server must come back on
 
 Workload: the serving one of docs/benchmarks.md (lognormal prompts mean 200, outputs mean
 64, Poisson arrivals, `ignore_eos`), `rate x minutes x 60` requests sent by
-experiments.bench_serve's load generator. Capacity of that workload on the 2-core VM is
-~8.2 req/s sustained (docs/benchmarks.md, Serving), so the default 9.8 req/s is ~1.2x.
+experiments.bench_serve's load generator. The rate is `--load` x the capacity measured
+first on the same server (96 requests of the workload at once, another seed: finished
+requests / wall time), since a shared machine's capacity varies (unloaded: ~7.5 req/s,
+docs/benchmarks.md, Serving); `--rate` sets it directly instead.
 
-    .venv/bin/python benchmarks/serve_faults.py --minutes 10 --rate 9.8 --kill-at 0.5 \\
+    .venv/bin/python benchmarks/serve_faults.py --minutes 10 --load 1.2 --kill-at 0.5 \\
         --json results/serve_faults.json
 """
 from __future__ import annotations
@@ -136,7 +138,8 @@ def classify(outcomes) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="arrival window (default 10)")
-    ap.add_argument("--rate", type=float, default=9.8, help="requests/s offered (default 9.8, ~1.2x capacity)")
+    ap.add_argument("--load", type=float, default=1.2, help="offered rate / measured capacity (default 1.2)")
+    ap.add_argument("--rate", type=float, help="requests/s offered (default: --load x the measured capacity)")
     ap.add_argument("--kill-at", type=float, default=0.5, help="fraction of the window when a stage is killed")
     ap.add_argument("--drain-limit", type=float, default=600.0, help="s after the last arrival before a hang is declared")
     ap.add_argument("--model", default="dummy:llama-32m")
@@ -145,8 +148,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
-    if not (args.minutes > 0 and args.rate > 0 and 0 < args.kill_at < 1):
-        ap.error("--minutes and --rate must be > 0 and --kill-at in (0, 1)")
+    if not (args.minutes > 0 and args.load > 0 and (args.rate is None or args.rate > 0) and 0 < args.kill_at < 1):
+        ap.error("--minutes, --load and --rate must be > 0 and --kill-at in (0, 1)")
 
     from experiments.bench import workload_requests
     from experiments.bench_serve import run_async
@@ -169,6 +172,15 @@ def main() -> int:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the server did not start")
             time.sleep(0.5)
+        capacity = None
+        if args.rate is None:
+            probe = workload_requests({**WORKLOAD, "num_requests": 96,
+                                       "arrival": {**WORKLOAD["arrival"], "rate": "inf"}}, args.seed + 1)
+            t = time.perf_counter()
+            _, done = asyncio.run(run_async(url, probe, args.seed + 1, stats_every_s=1.0))
+            capacity = sum(o.ok for o in done) / (time.perf_counter() - t)
+            args.rate = round(args.load * capacity, 2)
+            print(f"capacity {capacity:.2f} req/s -> offering {args.rate} req/s", flush=True)
         n = max(1, round(args.rate * args.minutes * 60))
         spec = {**WORKLOAD, "num_requests": n, "arrival": {**WORKLOAD["arrival"], "rate": args.rate}}
         requests = workload_requests(spec, args.seed)
@@ -196,7 +208,8 @@ def main() -> int:
                                                     r"num_requests_\w+)) (\S+)$", metrics, re.M)}
         rss = log["rss"]
         after = [m for t, m in rss if t >= 60]
-        result = {"command": " ".join(sys.argv), "requests": n, "rate": args.rate, "window_s": round(window, 1),
+        result = {"command": " ".join(sys.argv), "capacity_req_s": capacity and round(capacity, 2),
+                  "requests": n, "rate": args.rate, "window_s": round(window, 1),
                   **classify(outcomes), "hung": bool(log.get("hung")), "duration_s": log["duration_s"],
                   "killed": log.get("killed"), "health_red_after_s": log.get("red_after_s"),
                   "health_back_after_s": log.get("back_after_s"), "server_metrics_at_end": final,

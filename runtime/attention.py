@@ -664,9 +664,14 @@ class KernelMeta:
         def dev(x: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(np.asarray(x, dtype=np.int32), device=device)
 
-        ws = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device)
-        wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, kv_layout="NHD")
+        if device not in _FLASHINFER_WORKSPACE:   # one 128 MiB workspace per device
+            _FLASHINFER_WORKSPACE[device] = torch.empty(128 * 2**20, dtype=torch.uint8, device=device)
+        wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(_FLASHINFER_WORKSPACE[device],
+                                                                 kv_layout="NHD")
         self.flashinfer = (wrapper, (dev(qo_indptr), dev(kv_indptr), dev(idx), dev(last)))
+
+
+_FLASHINFER_WORKSPACE: dict[torch.device, torch.Tensor] = {}
 
 
 def _flashinfer_attention(km: KernelMeta, q, k, v, k_cache, v_cache) -> torch.Tensor:

@@ -545,11 +545,13 @@ class KernelMeta:
     def build(starts: Sequence[int], lens: Sequence[int], pages: Sequence[Sequence[int]],
               samples: Sequence[bool], page_size: int, *, backend: str = "triton",
               dec_rows: int | None = None, width: int | None = None,
-              max_context: int | None = None, block_q: int = 16,
-              block_n: int = 64) -> PackedMeta:
+              max_context: int | None = None, block_q: int = 16, block_n: int = 64,
+              pad_tokens: bool = False) -> PackedMeta:
         """Host-side metadata. Decode rows (one token) are padded to `bucket_rows` (or
         `dec_rows`), the page table to `bucket_width` (or `width`); the decode split
-        follows the rows and the longest context (or `max_context`)."""
+        follows the rows and the longest context (or `max_context`). `pad_tokens` (a
+        decode-only batch for a CUDA graph, see `build_decode_graph`): the tokens too are
+        padded to `dec_rows`. Each segment is written in place into the one array."""
         n = len(starts)
         if not (n == len(lens) == len(pages) == len(samples)):
             raise ValueError("starts, lens, pages and samples must have one entry per item")
@@ -570,49 +572,55 @@ class KernelMeta:
         width = bucket_width(w) if width is None else width
         if w > width:
             raise ValueError(f"a row needs {w} pages, more than the table width {width}")
-        cols = np.arange(width)
-        valid = cols[None, :] < need[:, None]
-        table = np.zeros((n, width), dtype=np.int64)
-        table[valid] = flat[(page_off[:, None] + cols[None, :])[valid]]
 
         offsets = np.cumsum(ln) - ln
         t = int(ln.sum())
         item = np.repeat(np.arange(n), ln)
         pos = np.arange(t) - offsets[item] + st[item]
-        slots = table[item, pos // page_size] * page_size + pos % page_size
         samp = np.asarray(samples, dtype=bool).reshape(n)
-        sample_idx = (offsets + ln - 1)[samp]
-
-        is_dec = ln == 1
-        dec, ch = np.flatnonzero(is_dec), np.flatnonzero(~is_dec)
+        dec, ch = np.flatnonzero(ln == 1), np.flatnonzero(ln != 1)
         nd = dec_rows if dec_rows is not None else (bucket_rows(dec.size) if dec.size else 0)
         if dec.size > nd:
             raise ValueError(f"{dec.size} decode rows, more than the {nd} asked for")
+        if pad_tokens and ch.size:
+            raise ValueError("pad_tokens is for decode-only micro-batches")
         splits = 1
         if nd:
             longest = max_context if max_context is not None else int(ctx[dec].max(initial=0))
             splits = num_splits(nd, longest)
-        pad = nd - dec.size
-
-        def padded(x: np.ndarray) -> np.ndarray:
-            return np.concatenate([x, np.zeros((pad,) + x.shape[1:], dtype=x.dtype)])
-
         nblk = -(-ln[ch] // block_q)
-        blk_seq = np.repeat(np.arange(ch.size), nblk)
-        blk_first = (np.arange(int(nblk.sum())) - np.repeat(np.cumsum(nblk) - nblk, nblk)) * block_q
-        segs = [pos, slots, sample_idx]
-        if nd:
-            segs += [padded(offsets[dec]), padded(ln[dec]), padded(ctx[dec]),
-                     padded(table[dec]).ravel()]
-        else:
-            segs += [np.zeros(0, np.int64)] * 4
-        segs += [offsets[ch], ln[ch], ctx[ch], table[ch].ravel(), blk_seq, blk_first]
-        host = np.concatenate(segs).astype(np.int32)
-        flash_args = None
+        blocks = int(nblk.sum())
+        tp = nd if pad_tokens else t                     # tokens as the kernels see them
+        ns = nd if pad_tokens else int(samp.sum())
+        packed = PackedMeta(np.empty(0, np.int32), tp, ns, nd, int(ch.size), blocks, width, splits,
+                            block_q, block_n, backend, page_size)
+        host = np.zeros(sum(packed.sizes()), dtype=np.int32)
+        seg = iter(np.split(host, np.cumsum(packed.sizes())[:-1]))
+        pos_s, slot_s, samp_s = next(seg), next(seg), next(seg)
+        pos_s[:t] = pos
+        slot_s[:t] = flat[page_off[item] + pos // page_size] * page_size + pos % page_size
+        slot_s[t:] = -1                                  # padding tokens write no K/V
+        samp_s[:] = np.arange(nd) if pad_tokens else (offsets + ln - 1)[samp]
+
+        def launch(rows: np.ndarray, q_starts, q_lens, seq_lens, table) -> None:
+            """Per sequence of a launch: its query start and length, context, pages (only
+            the pages in use are written: a graph's table is as wide as the model's context)."""
+            k = rows.size
+            q_starts[:k], q_lens[:k], seq_lens[:k] = offsets[rows], ln[rows], ctx[rows]
+            nr = need[rows]
+            r = np.repeat(np.arange(k), nr)
+            c = np.arange(int(nr.sum())) - np.repeat(np.cumsum(nr) - nr, nr)
+            table.reshape(-1, width)[r, c] = flat[page_off[rows][r] + c]
+
+        launch(dec, next(seg), next(seg), next(seg), next(seg))
+        launch(ch, next(seg), next(seg), next(seg), next(seg))
+        blk_seq, blk_first = next(seg), next(seg)
+        blk_seq[:] = np.repeat(np.arange(ch.size), nblk)
+        blk_first[:] = (np.arange(blocks) - np.repeat(np.cumsum(nblk) - nblk, nblk)) * block_q
+        packed.host = host
         if backend == "flashinfer":
-            flash_args = (ln, need, flat, page_off, ctx)
-        return PackedMeta(host, t, int(sample_idx.size), nd, int(ch.size), int(nblk.sum()),
-                          width, splits, block_q, block_n, backend, page_size, flash_args)
+            packed.flash_args = (ln, need, flat, page_off, ctx)
+        return packed
 
     @staticmethod
     def build_decode_graph(starts: Sequence[int], pages: Sequence[Sequence[int]], page_size: int,
@@ -625,17 +633,9 @@ class KernelMeta:
         b = len(starts)
         if b > rows:
             raise ValueError(f"{b} decode rows, more than the graph's {rows}")
-        packed = KernelMeta.build(starts, [1] * b, pages, [True] * b, page_size, dec_rows=rows,
-                                  width=width, max_context=max_context, block_n=block_n)
-        pad = rows - b
-        t = packed.num_tokens
-        h = packed.host
-        host = np.concatenate([h[:t], np.zeros(pad, np.int32),            # positions
-                               h[t:2 * t], np.full(pad, -1, np.int32),     # slots
-                               np.arange(rows, dtype=np.int32),            # every row
-                               h[3 * t:]])
-        packed.host, packed.num_tokens, packed.num_samples = host, rows, rows
-        return packed
+        return KernelMeta.build(starts, [1] * b, pages, [True] * b, page_size, dec_rows=rows,
+                                width=width, max_context=max_context, block_n=block_n,
+                                pad_tokens=True)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:

@@ -164,6 +164,7 @@ def test_buckets_and_splits():
     assert [attention.bucket_width(n) for n in (1, 5, 64, 65)] == [4, 8, 64, 128]
     assert attention.num_splits(1, 100) == 1          # short: no split
     assert attention.num_splits(1, 8192) == 16
+    assert attention.num_splits(8, 8192) == 16 and attention.num_splits(32, 8192) == 4
     assert attention.num_splits(64, 8192) == 2        # enough rows already
     assert attention.num_splits(256, 8192) == 1
 

@@ -8,6 +8,8 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np  # noqa: E402
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -16,6 +18,8 @@ from runtime.config import ModelConfig  # noqa: E402
 from runtime.cuda_graphs import GraphStep, GraphRunner, graph_buckets  # noqa: E402
 from runtime.model import StageModel  # noqa: E402
 
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="the gpu extra (triton) is not installed")
 CFG = ModelConfig(model_type="llama", hidden_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, intermediate_size=96, vocab_size=101)
 
@@ -67,6 +71,7 @@ def _init(model: StageModel) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
+@needs_triton
 @pytest.mark.parametrize("pp", [1, 2])
 def test_static_path_matches_eager(pp):
     """Prefill two prompts eagerly, then three decode steps of the graph path (3 rows in

@@ -9,6 +9,8 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # inherited by the stage processes
 
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -16,12 +18,15 @@ from runtime.engine_args import add_engine_args, check_engine_values, engine_kwa
 from runtime.engine_config import EngineConfig  # noqa: E402
 from runtime.llm import LLM, SamplingParams, build_engine_config  # noqa: E402
 
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="the gpu extra (triton) is not installed")
 TINY = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 128,
         "max_position_embeddings": 256, "torch_dtype": "float32"}
 PROMPTS = [[5, 17, 99, 3, 100, 41, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [1, 2, 3], [42]]
 
 
+@needs_triton
 def test_config_values_and_errors():
     opts, _, _ = build_engine_config(dict(TINY))
     assert opts.attention_backend == "torch" and opts.enforce_eager is False   # auto on CPU
@@ -60,6 +65,7 @@ def test_one_gpu_functional_mode(monkeypatch):
     assert not opts.shared_gpu and opts.backend == "nccl" and opts.stage_device(1) == "cuda:1"
 
 
+@needs_triton
 @pytest.mark.parametrize("pp", [1, 2])
 def test_engine_greedy_triton_equals_torch(pp):
     outs = []
@@ -90,6 +96,7 @@ def test_profile_grid_decodes_have_varied_contexts():
     assert all(sum(sh.contexts()) == sh.decode_context for sh in shapes)
 
 
+@needs_triton
 def test_profile_passes_the_attention_flags(monkeypatch, tmp_path):
     from experiments.cli import main
     from profiles.measure import profiler

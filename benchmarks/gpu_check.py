@@ -333,7 +333,7 @@ class Check:
     # -- profile -> sim -> bench, validate --------------------------------------------------
     def cli(self, *argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
         env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-        return subprocess.run([sys.executable, "-m", "experiments.cli", *argv], cwd=ROOT, env=env,
+        return subprocess.run([sys.executable, "-m", "cli", *argv], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout, check=True)
 
     def model_arg(self) -> str:

@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1:
         ap.error("--runs must be >= 1")
 
-    from experiments.bench import Bench, workload_requests
-    from experiments.validate import load_validation
+    from twin.bench import Bench
+    from twin.workload import workload_requests
+    from twin.validate.config import load_validation
     from sim import fitted_model
 
     cfg = load_validation(args.config)

@@ -8,7 +8,7 @@ descendants, read from /proc) should stay flat; and the server must come back on
 
 Workload: the serving one of docs/benchmarks.md (lognormal prompts mean 200, outputs mean
 64, Poisson arrivals, `ignore_eos`), `rate x minutes x 60` requests sent by
-experiments.bench_serve's load generator. The rate is `--load` x the capacity measured
+twin.bench_serve's load generator. The rate is `--load` x the capacity measured
 first on the same server (96 requests of the workload at once, another seed: finished
 requests / wall time), since a shared machine's capacity varies (unloaded: ~7.5 req/s,
 docs/benchmarks.md, Serving); `--rate` sets it directly instead.
@@ -151,11 +151,11 @@ def main() -> int:
     if not (args.minutes > 0 and args.load > 0 and (args.rate is None or args.rate > 0) and 0 < args.kill_at < 1):
         ap.error("--minutes, --load and --rate must be > 0 and --kill-at in (0, 1)")
 
-    from experiments.bench import workload_requests
-    from experiments.bench_serve import run_async
+    from twin.workload import workload_requests
+    from twin.bench_serve import run_async
 
     url = f"http://127.0.0.1:{args.port}"
-    cmd = [sys.executable, "-m", "experiments.cli", "serve", "--model", args.model, "--pp", str(args.pp),
+    cmd = [sys.executable, "-m", "cli", "serve", "--model", args.model, "--pp", str(args.pp),
            "--port", str(args.port), "--on-engine-failure", "restart", "--log-level", "warning"]
     server_log = open(Path(args.json).with_suffix(".server.log") if args.json else os.devnull, "w")
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=server_log, stderr=subprocess.STDOUT)

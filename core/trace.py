@@ -246,7 +246,7 @@ class Trace:
                 df.to_parquet(folder / f"{name}.parquet", index=False)
             del df
         with open(folder / "meta.json", "w") as f:
-            json.dump(self.meta, f, indent=2, sort_keys=True, default=_json_default)
+            json.dump(self.meta, f, indent=2, sort_keys=True, default=json_default)
         return folder
 
     @classmethod
@@ -344,7 +344,7 @@ class Trace:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        other = json.dumps({k: _jsonable(v) for k, v in self.meta.items()}, default=_json_default,
+        other = json.dumps({k: _jsonable(v) for k, v in self.meta.items()}, default=json_default,
                            allow_nan=False)
         with open(path, "w") as f:
             f.write('{"traceEvents": ')
@@ -354,7 +354,7 @@ class Trace:
                 nonlocal first
                 if not events:
                     return
-                text = json.dumps(events, default=_json_default, allow_nan=False)  # C encoder
+                text = json.dumps(events, default=json_default, allow_nan=False)  # C encoder
                 f.write(("[" if first else ", ") + text[1:-1])
                 first = False
 
@@ -439,7 +439,8 @@ def _finite(v: Any) -> int | float | None:
     return v if math.isfinite(v) else None
 
 
-def _json_default(v: Any) -> Any:
+def json_default(v: Any) -> Any:
+    """json.dumps(default=...) for what traces and summaries hold: numpy scalars and arrays, sets, paths."""
     if hasattr(v, "item") and callable(v.item):
         return v.item()
     if hasattr(v, "tolist") and callable(v.tolist):

@@ -15,9 +15,10 @@ pytest.importorskip("httpx")
 
 from core.metrics import summarize  # noqa: E402
 from core.trace import Trace  # noqa: E402
-from experiments import bench_serve  # noqa: E402
-from experiments.bench import workload_requests  # noqa: E402
-from experiments.cli import main  # noqa: E402
+from twin import bench_serve  # noqa: E402
+from twin.results import write_results  # noqa: E402
+from twin.workload import workload_requests  # noqa: E402
+from cli.main import main  # noqa: E402
 from runtime.online import AsyncLLM  # noqa: E402
 from server.app import build_app  # noqa: E402
 from server.serve import ServerThread  # noqa: E402
@@ -55,7 +56,7 @@ def test_load_generator_against_the_live_server(server, tmp_path):
     for line in ("Successful requests:", "Mean TTFT (ms):", "Median TPOT (ms):", "P99 ITL (ms):",
                  "P99 E2E (ms):", "Goodput (req/s)"):
         assert line in text
-    out = bench_serve.write(tmp_path / "r", trace, s, {"url": server.url})
+    out = write_results(tmp_path / "r", trace, s, {"url": server.url})
     back = Trace.load(out)
     assert len(back.requests) == 24 and len(back.tokens) == sum(r.max_output for r in reqs)
     assert (out / "perfetto.json").is_file() and (out / "summary.json").is_file()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from experiments.cli import COMMANDS, main
+from cli.main import COMMANDS, main
 
 SMALL = ["--num-requests", "30", "--rate", "4"]
 SIM_FILES = {"batches.csv", "requests.csv", "tokens.csv", "samples.csv", "meta.json",
@@ -152,6 +152,6 @@ def test_profiles_lists_tables(capsys, monkeypatch):
 def test_subcommand_table_and_console_script():
     assert {"sim", "sweep", "plot", "profiles"} <= set(COMMANDS)
     exe = Path(sys.executable).with_name("pipetwin")
-    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "experiments.cli"]
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "cli"]
     r = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "sweep" in r.stdout and "profiles" in r.stdout

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
-from experiments.cli import main  # noqa: E402
+from cli.main import main  # noqa: E402
 from profiles import fit, load_profile  # noqa: E402
 from profiles.measure.options import ProfileOptions, ProfilerError, default_table_name  # noqa: E402
 from profiles.measure.profile_grid import GRIDS, grid_shapes  # noqa: E402

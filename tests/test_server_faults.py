@@ -120,7 +120,7 @@ def test_exit_mode_stops_the_server_non_zero(tmp_path):
         port = s.getsockname()[1]
     root = Path(__file__).resolve().parents[1]
     log = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "experiments.cli", "serve", "--model", "dummy:" + json.dumps(CFG), "--pp", "2",
+    cmd = [sys.executable, "-m", "cli", "serve", "--model", "dummy:" + json.dumps(CFG), "--pp", "2",
            "--num-pages", "32", "--port", str(port), "--log-level", "warning"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT)

@@ -16,9 +16,9 @@ pytest.importorskip("torch")
 
 from core.metrics import summary_keys  # noqa: E402
 from core.trace import Trace  # noqa: E402
-from experiments.bench import workload_requests  # noqa: E402
-from experiments.cli import main  # noqa: E402
-from experiments.validate import ERROR_COLUMNS, REL_METRICS  # noqa: E402
+from twin.workload import workload_requests  # noqa: E402
+from cli.main import main  # noqa: E402
+from twin.validate.compare import ERROR_COLUMNS, REL_METRICS  # noqa: E402
 from profiles.in_situ import stage_turnaround  # noqa: E402
 from profiles.schema import TABLES_DIR  # noqa: E402
 
@@ -323,7 +323,7 @@ def test_sim_repeats_without_measured_jitter_are_refused(standin_profile, tmp_pa
 def test_goal_lines_say_which_misses_are_inside_the_hardwares_own_spread():
     """Two TPOT misses: -6% where the two real runs differed by 8% (inside their spread),
     +7% where they differed by 2% (outside); throughput met."""
-    from experiments.validate import goal_lines
+    from twin.validate.report import goal_lines
     errors = pd.DataFrame({"policy": ["a", "b", "c"], "load": [1, 1, 1], "repeats": [2, 2, 2],
                            "tpot_p50_err_pct": [-6.0, 7.0, 1.0], "real_spread_tpot_p50_pct": [8.0, 2.0, 0.5],
                            "throughput_err_pct": [1.0, -2.0, 0.5], "real_spread_output_tps_pct": [0.1, 0.1, 0.1]})
@@ -341,11 +341,11 @@ def test_ranking_counts_separated_pairs_and_names_the_reversed_ones():
     """At one load: A's real runs (100-102) are clear of C's (95-97), and C's of B's (90-91).
     The simulator gets A above both but puts B above C: that pair is reversed and named with
     both sides' gaps."""
-    from experiments.validate import _ranking
+    from twin.validate.compare import ranking
     rows = pd.DataFrame({"policy": ["A", "B", "C"], "load": ["8", "8", "8"],
                          "real_output_tps": [101.0, 90.5, 96.0], "real_output_tps_min": [100.0, 90.0, 95.0],
                          "real_output_tps_max": [102.0, 91.0, 97.0], "sim_output_tps": [100.0, 99.0, 97.0]})
-    r = _ranking(rows).iloc[0]
+    r = ranking(rows).iloc[0]
     assert (r["separated_pairs"], r["same_separated"]) == (3, 2)
     assert r["sim_order"] == "A > B > C" and r["real_order"] == "A > C > B" and not r["same"]
     assert r["reversed_separated"] == "C > B (real +6.1%, sim -2.0%)"

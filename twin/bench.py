@@ -1,41 +1,22 @@
-"""`pipetwin bench`: the real runtime (runtime/) on a core workload, written as a results
-folder identical in layout to `pipetwin sim`'s (trace tables, summary.json, config.yaml,
-perfetto.json), so the simulator's and the hardware's runs compare file for file.
+"""`pipetwin bench`: the real runtime (runtime/) on a core workload; the trace is written
+as a results folder identical in layout to `pipetwin sim`'s (twin.results), so the
+simulator's and the hardware's runs compare file for file.
 
-The workload is the simulator's (core.workloads): the same seed gives the same arrival
+The workload is the simulator's (twin.workload): the same seed gives the same arrival
 times and prompt/output lengths. On the runtime side every request is injected at its
 arrival instant (`LLM.generate(arrival_times=...)`), generates exactly its output length
 (ignore_eos, max_tokens = output length), and its prompt is random token ids of its
 prompt length drawn from a generator seeded by the workload seed.
-
-torch and runtime/ are imported inside the functions that need them.
 """
 from __future__ import annotations
 
-import json
-import math
 import time
-from pathlib import Path
 from typing import Any, Sequence
-
-import numpy as np
-import yaml
 
 from core.request import Request
 from core.trace import Trace
-from core.workloads import Workload
 from runtime.model_specs import display_name
-
-
-def workload_requests(workload: dict[str, Any], seed: int) -> list[Request]:
-    """Fresh requests (ids 0..n-1 in arrival order) of a workload spec."""
-    return Workload.from_dict({**workload, "seed": seed}).requests()
-
-
-def prompt_ids(requests: Sequence[Request], vocab: int, seed: int) -> list[list[int]]:
-    """Random token ids of each request's prompt length, seeded (the same per seed)."""
-    rng = np.random.default_rng([seed, 0x7E57])
-    return [rng.integers(0, vocab, r.prompt_len).tolist() for r in requests]
+from twin.workload import prompt_ids
 
 
 class Bench:
@@ -102,22 +83,5 @@ class Bench:
 def gpu_sampler(opts: Any) -> Any:
     """runtime.telemetry.Sampler over the stages' GPUs (runtime.EngineConfig `opts`); on
     CPU one over no device, which records nothing."""
-    from runtime.telemetry import Sampler, Telemetry, stage_gpus
+    from runtime.telemetry import Sampler, Telemetry, stage_gpus  # why: torch, as LLM above
     return Sampler(Telemetry(cuda_indices=stage_gpus(opts)), interval_s=0.5)
-
-
-def finite(d: dict) -> dict:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
-
-
-def write_results(out: str | Path, trace: Trace, summary: dict[str, Any], config: dict[str, Any],
-                  formats: Sequence[str] = ("csv",)) -> Path:
-    """The `pipetwin sim` results folder: trace tables, perfetto.json, summary.json, config.yaml."""
-    from core.trace import _json_default
-
-    out = Path(out)
-    trace.save(out, formats=formats)
-    trace.to_perfetto(out / "perfetto.json")
-    (out / "summary.json").write_text(json.dumps(finite(summary), indent=2, default=_json_default) + "\n")
-    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    return out

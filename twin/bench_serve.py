@@ -25,13 +25,14 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import pandas as pd
 
 from core.request import Request
 from core.trace import BATCH_COLUMNS, REQUEST_COLUMNS, SAMPLE_COLUMNS, TOKEN_COLUMNS, Trace
+from twin.workload import prompt_ids, workload_requests
 
 
 @dataclass
@@ -148,9 +149,7 @@ async def run_async(url: str, requests: Sequence[Request], seed: int, *, model: 
                     max_concurrency: int | None = None, ignore_eos: bool = True, stats_every_s: float = 0.25,
                     extra_body: dict[str, Any] | None = None,
                     log: Callable[[str], None] = lambda s: None) -> tuple[Trace, list[Outcome]]:
-    import httpx
-
-    from experiments.bench import prompt_ids
+    import httpx  # why: the serve extra, loaded only when a load test runs
 
     base = url.rstrip("/")
     if base.endswith("/v1"):
@@ -209,8 +208,6 @@ async def run_async(url: str, requests: Sequence[Request], seed: int, *, model: 
 def build_trace(outcomes: Sequence[Outcome], batch_rows: Sequence[Sequence], samples: Sequence[tuple],
                 meta: dict[str, Any]) -> Trace:
     """The four core.trace tables from client outcomes and the server's rows."""
-    import pandas as pd
-
     req_rows = []
     tok_ids, tok_idx, tok_t = [], [], []
     for o in outcomes:
@@ -235,8 +232,6 @@ def build_trace(outcomes: Sequence[Outcome], batch_rows: Sequence[Sequence], sam
 
 def run(url: str, workload: dict[str, Any], seed: int = 0, **kw: Any) -> tuple[Trace, list[Outcome]]:
     """Synchronous entry: the workload spec's requests against `url`."""
-    from experiments.bench import workload_requests
-
     return asyncio.run(run_async(url, workload_requests(workload, seed), seed, **kw))
 
 
@@ -287,9 +282,3 @@ def report(summary: dict[str, Any], outcomes: Sequence[Outcome], slo: dict[str, 
     if failed:
         lines.append(f"first failure: request {failed[0].request_id}: {failed[0].error}")
     return "\n".join(lines)
-
-
-def write(out: str | Path, trace: Trace, summary: dict[str, Any], config: dict[str, Any],
-          formats: Sequence[str] = ("csv",)) -> Path:
-    from experiments.bench import write_results
-    return write_results(out, trace, summary, config, formats=formats)

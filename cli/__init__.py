@@ -1,0 +1,1 @@
+"""The `pipetwin` command line: one module per command, assembled in cli.main."""

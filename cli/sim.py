@@ -1,0 +1,50 @@
+"""`pipetwin sim`: simulate one configuration and write a results folder."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cli.common import UsageError, add_workload_flags, formats, param, sim_config
+from core.metrics import format_summary
+from sim import SimConfig, fitted_model, simulate
+from twin.results import write_results
+
+HELP = "simulate one configuration and write a results folder"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML file of SimConfig fields (flags override it)")
+    p.add_argument("--profile", help="shipped table name (see `pipetwin profiles`) or a table folder")
+    p.add_argument("--pp", type=int, help="check the profile has this many stages")
+    p.add_argument("--policy", help="token_throttling | sarathi | vllm | dotted.path.Class")
+    p.add_argument("--param", type=param, action="append", default=[], metavar="KEY=VALUE",
+                   help="policy parameter (repeatable); values parsed as YAML")
+    add_workload_flags(p, "request rate in req/s, or inf (with --trace: synthetic arrivals "
+                          "at this rate replace the trace's, lengths stay real)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--num-pages", type=int, help="KV pages (default: from the profile's GPU memory)")
+    g.add_argument("--memory-fraction", type=float, help="GPU memory share for weights + KV, (0, 1]")
+    p.add_argument("--page-size", type=int, help="tokens per KV page")
+    p.add_argument("--time-limit", type=float, help="stop after this many simulated seconds")
+    p.add_argument("--out", help="results folder (default results/sim/<policy>_<profile>)")
+    p.add_argument("--formats", type=formats, default=("csv",), help="trace tables: csv,parquet (default csv)")
+
+
+def run(args: argparse.Namespace) -> int:
+    d = sim_config(args)
+    try:
+        cfg = SimConfig.from_dict(d)  # validates the workload too
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    result = simulate(cfg)
+    model, pp, meta = fitted_model(cfg.profile)
+    print(f"profile {cfg.profile}: {meta.get('model', {}).get('name')} on {meta.get('device')}, pp={pp}, "
+          f"{meta.get('source')}; latency fit {model.error}")
+    print(f"policy {cfg.policy} {json.dumps(cfg.policy_params)}; {result.trace.meta.get('num_pages')} KV pages; "
+          f"simulated in {result.wall_s:.2f} s")
+    print(format_summary(result.summary))
+    out = Path(args.out) if args.out else Path("results") / "sim" / f"{cfg.policy}_{Path(cfg.profile).name}"
+    write_results(out, result.trace, result.summary, cfg.to_dict(), formats=args.formats)
+    print(f"results in {out}/ (perfetto.json opens in ui.perfetto.dev)")
+    return 0

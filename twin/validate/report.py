@@ -1,0 +1,217 @@
+"""`pipetwin validate`: what it writes besides the runs: the error table, the plots
+(timelines sim above real, latency CDFs, bubble bars) and report.md."""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from core.trace import Trace
+from profiles.measure.options import cpu_name
+from twin.validate.compare import ERROR_COLUMNS
+from twin.validate.config import ValidationConfig, slug
+
+
+def make_plots(folder: Path, traces: dict[tuple[str, str], tuple[Trace, Trace]],
+               errors: pd.DataFrame) -> list[Path]:
+    import matplotlib  # why: matplotlib loads only when a validation has finished
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from experiments.plots import plot_cdfs, plot_timeline, save  # why: matplotlib, as above
+
+    paths: list[Path] = []
+    for (label, rl), (sim, real) in traces.items():
+        stem = f"{slug(label)}_r{rl}".replace(".", "p")   # plots.save() takes the last "." for a suffix
+        end = float(np.nanmax(real.requests["finish"].to_numpy(float)))
+        dur = min(max(end * 0.15, 0.2), 3.0)
+        start = max(0.0, end * 0.4)
+        paths += save(plot_timeline({"sim": sim, "real": real}, start, dur,
+                                    title=f"{label} @ {rl} req/s: simulated (top) vs real (bottom)"),
+                      folder / f"timeline_{stem}")
+        paths += save(plot_cdfs({"sim": sim, "real": real}, title=f"{label} @ {rl} req/s: latency CDFs"),
+                      folder / f"cdf_{stem}")
+    fig = Figure(figsize=(1.5 + 1.4 * len(errors), 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(errors))
+    ax.bar(x - 0.2, errors["sim_bubble"] * 100, 0.4, label="sim")
+    ax.bar(x + 0.2, errors["real_bubble"] * 100, 0.4, label="real")
+    ax.set_xticks(x, [f"{p}\n@{r}" for p, r in zip(errors["policy"], errors["load"])], fontsize=8)
+    ax.set_ylabel("bubble ratio (%)")
+    ax.set_title("Pipeline bubble ratio: simulated vs real, per policy and load (req/s)")
+    ax.legend()
+    paths += save(fig, folder / "bubble_sim_vs_real")
+    return paths
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:+.1f}"
+
+
+def format_table(errors: pd.DataFrame) -> str:
+    """Markdown table of the errors (signed %, bubble in points, E2E MAPE in %)."""
+    head = ["policy", "load (req/s)", "thru %", "TTFT p50 %", "TTFT p99 %", "TPOT p50 %", "TPOT p99 %",
+            "E2E p50 %", "bubble pts", "E2E MAPE %", "same reqs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in errors.itertuples():
+        cells = [r.policy, r.load, *(_pct(getattr(r, c)) for c in ERROR_COLUMNS[:-2]),
+                 _pct(r.bubble_diff_pts), "-" if not math.isfinite(r.e2e_mape_pct) else f"{r.e2e_mape_pct:.1f}",
+                 "yes" if r.same_requests else "NO"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+# goal column -> the column of the real runs' own spread in that quantity
+REAL_SPREAD_OF = {"throughput_err_pct": "real_spread_output_tps_pct", "ttft_p50_err_pct": "real_spread_ttft_p50_pct",
+                  "tpot_p50_err_pct": "real_spread_tpot_p50_pct", "bubble_diff_pts": "real_spread_bubble_pts"}
+
+
+def goal_lines(errors: pd.DataFrame, ranking: pd.DataFrame, goals: dict[str, float]) -> list[str]:
+    out = []
+    for col, limit in goals.items():
+        if col not in errors:
+            continue
+        v = errors[col].abs()
+        worst = errors.loc[v.idxmax()] if v.notna().any() else None
+        missed = v > limit
+        miss = int(missed.sum())
+        unit = "pts" if col.endswith("pts") else "%"
+        if worst is None:
+            out.append(f"- {col}: no data")
+            continue
+        line = (f"- |{col}| <= {limit:g} {unit}: {'met' if miss == 0 else f'MISSED in {miss}/{len(v)} cells'}; "
+                f"worst {worst[col]:+.1f} {unit} ({worst['policy']} @ {worst['load']} req/s)")
+        spread_col = REAL_SPREAD_OF.get(col)
+        if miss and spread_col in errors and "repeats" in errors and (errors["repeats"] > 1).all():
+            # a miss no larger than the hardware's own run-to-run spread is not model error alone
+            inside = int((v[missed] <= errors.loc[missed, spread_col]).sum())
+            line += f"; {inside} of the {miss} misses within the real runs' own spread of that cell"
+        out.append(line)
+    same = bool(ranking["same"].all()) if len(ranking) else True
+    out.append(f"- same throughput ranking as the hardware: {'met' if same else 'MISSED'} "
+               f"({int(ranking['same'].sum())}/{len(ranking)} loads)")
+    pairs, agreed = int(ranking["separated_pairs"].sum()), int(ranking["same_separated"].sum())
+    out.append(f"- pairs of policies the hardware separates (the ranges of their real runs do not overlap): "
+               f"the simulator orders {agreed} of {pairs} the same way"
+               + ("" if pairs else " (every pair is within the hardware's own noise)"))
+    return out
+
+
+def spread_section(cfg: ValidationConfig, errors: pd.DataFrame) -> list[str]:
+    """Report lines: how far each side's repeated runs spread (nothing without repeats)."""
+    sides = [side for side, n in (("real", cfg.repeats), ("sim", cfg.sim_repeats)) if n > 1]
+    if not sides:
+        return []
+    text = {"real": f"{cfg.repeats} times on the runtime (the same requests)",
+            "sim": f"{cfg.sim_repeats} times in the simulator (the same requests, measured stage-time "
+                   "jitter drawn with another seed each time)"}
+    head = [f"{side} {m}" for side in sides for m in ("thru %", "TTFT p50 %", "TPOT p50 %", "bubble pts")]
+    lines = ["## Spread over repeats", "",
+             "Each cell ran " + " and ".join(text[s] for s in sides) + "; errors above are mean against "
+             "mean. Spread = "
+             "(max - min) / mean in %, bubble in points: differences of this size between simulator "
+             "and runtime are within the runs' own noise.", "",
+             "| policy | load | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+    for r in errors.itertuples():
+        cells = [f"{getattr(r, f'{side}_spread_{m}'):.1f}" for side in sides
+                 for m in ("output_tps_pct", "ttft_p50_pct", "tpot_p50_pct", "bubble_pts")]
+        lines.append(f"| {r.policy} | {r.load} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking: pd.DataFrame,
+                 plots: list[Path], table: str, num_pages: int, wall_s: float, model: str,
+                 profile: str | None = None, reuse_real: bool = False) -> Path:
+    try:
+        cpu = cpu_name()
+    except Exception:  # noqa: BLE001 - the report still gets written
+        cpu = platform.processor() or "?"
+    lines = [f"# Twin validation: {cfg.name}", ""]
+    if cfg.description:
+        lines += [cfg.description.strip(), ""]
+    lines += [
+        f"- config: `{cfg.source or '(in memory)'}`; model `{model}`, pp={cfg.pp}, profile `{cfg.profile}`",
+        f"- machine: {platform.node()} ({cpu}, {os.cpu_count()} cores), {platform.system()} "
+        f"{platform.release()}; date {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+        f"wall {wall_s:.0f} s",
+        *([f"- simulator timed by the in-situ table `{profile}`: stage rows of runtime runs on other "
+           f"requests (workload seed {cfg.calibrate['seed']}, loads {cfg.calibrate['loads']} req/s, every "
+           f"policy) fitted with the latency model; base table `{cfg.profile}` (see profiles/in_situ.py)"]
+          if cfg.calibrate is not None and profile is not None else []),
+        *([f"- simulator re-run (`--reuse-real`) against the real runs recorded earlier in `{out}/runs`; "
+           "wall time and load averages are the simulator's re-run"] if reuse_real else []),
+        f"- KV pages: {num_pages} (the runtime's count, given to the simulator too), page size {cfg.page_size}",
+        f"- workload: {len(errors) and int(errors['requests'].iloc[0])} requests, seed {cfg.seed}; "
+        f"`{yaml.safe_dump(cfg.workload, default_flow_style=True).strip()}`; loads {cfg.loads} req/s",
+        "",
+        "## Errors (simulator vs runtime)",
+        "",
+        "Signed percent errors (sim - real) / real; throughput = output tokens/s; bubble = sim - real "
+        "in percentage points; E2E MAPE = mean over requests of |sim - real| / real of the E2E latency.",
+        "",
+        table,
+        "",
+        "## Goals",
+        "",
+        *goal_lines(errors, ranking, cfg.goals),
+        "",
+        "## Throughput ranking per load",
+        "",
+        "Separated pairs: policy pairs whose real runs' throughput ranges do not overlap (the others are "
+        "ties on this hardware); same: how many of them the simulator orders the same way; reversed: "
+        "the others, with how far apart each side has them.",
+        "",
+        "| load (req/s) | simulator | runtime | same | separated pairs: same / all | reversed |",
+        "|---|---|---|---|---|---|",
+        *[f"| {r.load} | {r.sim_order} | {r.real_order} | {'yes' if r.same else 'NO'} | "
+          f"{r.same_separated} / {r.separated_pairs} | {r.reversed_separated or '-'} |"
+          for r in ranking.itertuples()],
+        "",
+        "## Absolute values",
+        "",
+        "| policy | load | thru sim / real (tok/s) | TTFT p50 sim / real (ms) | TPOT p50 sim / real (ms) "
+        "| bubble sim / real | real wall (s) |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {r.policy} | {r.load} | {r.sim_output_tps:.0f} / {r.real_output_tps:.0f} | "
+          f"{r.sim_ttft_p50 * 1e3:.0f} / {r.real_ttft_p50 * 1e3:.0f} | "
+          f"{r.sim_tpot_p50 * 1e3:.1f} / {r.real_tpot_p50 * 1e3:.1f} | "
+          f"{r.sim_bubble:.2f} / {r.real_bubble:.2f} | {r.real_wall_s:.1f} |" for r in errors.itertuples()],
+        "",
+        *spread_section(cfg, errors),
+        "## Diagnostics",
+        "",
+        "Stage busy time summed over stages and batches (the same tokens on both sides, so its error is "
+        "mostly the latency table's), median hop between stages (transfer + wait), batches and mean "
+        "decodes per batch, and the 1-minute load average before / after the real run (other load on "
+        "the machine shows here).",
+        "",
+        "Stage time / table: median over stage intervals of the duration over the latency model's "
+        "prediction for that batch shape (attention features approximated); about 1 on the sim side "
+        "(a few % above with stage jitter, which brings the fit to the measured median and draws a "
+        "right-tailed ratio), so the real value against the sim's is how much slower or faster the "
+        "runtime's stages ran than the table says.",
+        "",
+        "| policy | load | busy sim / real (s) | busy err % | stage time / table sim, real "
+        "| hop sim / real (ms) | batches sim / real | decodes/batch sim / real | loadavg |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[f"| {r.policy} | {r.load} | {r.sim_busy_s:.1f} / {r.real_busy_s:.1f} | {r.busy_err_pct:+.1f} | "
+          f"{r.sim_vs_table:.2f}, {r.real_vs_table:.2f} | "
+          f"{r.sim_hop_ms:.2f} / {r.real_hop_ms:.2f} | {r.sim_batches} / {r.real_batches} | "
+          f"{r.sim_decodes_per_batch:.1f} / {r.real_decodes_per_batch:.1f} | "
+          f"{r.loadavg_before:.2f} / {r.loadavg_after:.2f} |" for r in errors.itertuples()],
+        "",
+        "## Plots",
+        "",
+        *[f"![{p.stem}](plots/{p.name})" for p in plots if p.suffix == ".png"],
+        "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -20,7 +20,7 @@ HELP = "run the real runtime on a workload and write a results folder like `sim`
 
 
 BENCH_KEYS = ("model", "pp", "policy", "policy_params", "workload", "seed", "num_pages", "page_size",
-               "layer_split", "threads", "device", "dtype")
+               "layer_split", "threads", "device", "dtype", "attention_backend", "enforce_eager")
 
 
 def bench_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -30,7 +30,8 @@ def bench_config(args: argparse.Namespace) -> dict[str, Any]:
     d = sim_config(args)
     check_keys({k: v for k, v in d.items()}, BENCH_KEYS, "the bench config")
     for flag, key in (("model", "model"), ("layer_split", "layer_split"), ("threads", "threads"),
-                      ("device", "device"), ("dtype", "dtype")):
+                      ("device", "device"), ("dtype", "dtype"), ("attention_backend", "attention_backend"),
+                      ("enforce_eager", "enforce_eager")):
         if getattr(args, flag) is not None:
             d[key] = getattr(args, flag)
     if not d.get("model"):
@@ -76,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     requests = workload_requests(d["workload"], d["seed"])
     with Bench(d["model"], d["pp"], d["policy"], d["policy_params"], num_pages=d["num_pages"],
                page_size=d["page_size"], layer_split=d.get("layer_split"), num_threads=d.get("threads"),
-               seed=d["seed"], device=d["device"], dtype=d["dtype"]) as bench:
+               seed=d["seed"], device=d["device"], dtype=d["dtype"],
+               attention_backend=d.get("attention_backend", "auto"),
+               enforce_eager=bool(d.get("enforce_eager", False))) as bench:
         trace = bench.run(requests, d["policy"], d["policy_params"], seed=d["seed"])
         d["num_pages"] = bench.num_pages
     summary = summarize(trace)

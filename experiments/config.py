@@ -53,6 +53,7 @@ from core import validation
 from core.metrics import SUMMARY_KEYS
 from core.validation import suggest
 from core.policies import policy_class, policy_params
+from profiles import load_profile
 from sim.config import SimConfig, default_workload
 
 TOP_KEYS = ("name", "description", "base", "grid", "zip", "policies", "capacity", "report", "artefacts")
@@ -455,7 +456,6 @@ def validate_config(cfg: dict[str, Any], where: str, check_files: bool = True) -
         _resolve_trace(cfg, check_files)
         sc = SimConfig.from_dict(cfg)  # validates the workload too
         if check_files:
-            from profiles import load_profile
             if sc.profile not in _PROFILE_PP:
                 _PROFILE_PP[sc.profile] = load_profile(sc.profile).pp
             pp = _PROFILE_PP[sc.profile]

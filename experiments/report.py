@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.policies import policy_class, policy_params
+from core.trace import Trace
 from experiments import plots
 from experiments.config import Experiment, as_float, fmt_value, timeline_rate
 
@@ -37,8 +39,6 @@ def _pct(new: float, old: float) -> str:
 
 def load_traces(out: Path, df: pd.DataFrame, exp: Experiment) -> dict[str, Any]:
     """label -> Trace of the first kept run per label at the timeline rate."""
-    from core.trace import Trace
-
     rate = timeline_rate(exp)
     d = df[df["trace"].fillna("").astype(str) != ""]
     if exp.report.x is not None and rate is not None:
@@ -126,8 +126,6 @@ def make_plots(out: Path, exp: Experiment, df: pd.DataFrame, cap: pd.DataFrame |
 
 def _default_variant(d: pd.DataFrame, policy: str) -> str:
     """The label whose given parameters all equal the policy's defaults, else the first."""
-    from core.policies import policy_class, policy_params
-
     labels = list(dict.fromkeys(d["label"]))
     defaults = policy_params(policy_class(policy))
     cols = [c for c in d.columns if c.startswith("policy_params.")]

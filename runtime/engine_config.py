@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from runtime.attention import resolve_backend
 from runtime.config import TORCH_DTYPES, ModelConfig, layer_split
 
 
@@ -73,7 +74,6 @@ class EngineConfig:
                 raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
         if not isinstance(self.enforce_eager, bool):
             raise bad("enforce_eager", "true or false", self.enforce_eager)
-        from runtime.attention import resolve_backend
         object.__setattr__(self, "attention_backend",
                            resolve_backend(self.attention_backend, self.stage_device(0)))
 

@@ -1,8 +1,13 @@
-"""Layering: core/ is pure Python; the simulator never needs torch."""
+"""What each layer loads: core/ is pure Python, the simulator never needs torch, the CLI's
+parsers load no heavy package, and the runtime's API imports from `runtime`."""
+import json
+import os
 import pkgutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,3 +39,34 @@ def test_runtime_exports_the_api_and_its_flags_leave_torch_out():
             " runtime.sampling.SamplingParams)\n"
             "assert runtime.llm.SamplingParams is SamplingParams")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_cli_parsers_leave_torch_matplotlib_and_fastapi_out():
+    loaded = imported_after("from cli.main import build_parser\nbuild_parser()")
+    assert not {"torch", "matplotlib", "fastapi", "transformers"} & loaded
+
+
+GUARDED_SCRIPT = """
+import json, sys
+
+from runtime import LLM, SamplingParams
+
+if __name__ == "__main__":   # the README's pattern: stage processes import this file again
+    with LLM("dummy:" + sys.argv[1], pp=2, num_pages=32, page_size=4) as llm:
+        outs = llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=3, ignore_eos=True))
+    print("RESULT", json.dumps([len(o.token_ids) for o in outs]))
+"""
+
+
+def test_the_readme_script_runs_with_spawned_stages(tmp_path):
+    pytest.importorskip("torch")
+    cfg = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "num_key_value_heads": 1, "intermediate_size": 64, "vocab_size": 64,
+           "max_position_embeddings": 128, "torch_dtype": "float32"}
+    script = tmp_path / "run.py"
+    script.write_text(GUARDED_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, str(script), json.dumps(cfg)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RESULT [3, 3]" in out.stdout

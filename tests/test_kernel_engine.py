@@ -98,7 +98,7 @@ def test_profile_grid_decodes_have_varied_contexts():
 
 @needs_triton
 def test_profile_passes_the_attention_flags(monkeypatch, tmp_path):
-    from experiments.cli import main
+    from cli.main import main
     from profiles.measure import profiler
     from profiles.measure.options import ProfileOptions, ProfilerError
     seen = {}

@@ -133,7 +133,7 @@ def test_mix_objective_worst_over_two_targets(tmp_path):
 
 
 def test_best_yaml_runs_as_a_sim_config_and_the_outputs(tmp_path):
-    from experiments.cli import main
+    from cli.main import main
 
     res = run_tune(parse_tune(small(trials=3)), tmp_path / "out", progress=False, log=lambda s: None)
     best = yaml.safe_load((tmp_path / "out" / "best.yaml").read_text())

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from core.request import Request
 from core.trace import Trace
 from runtime.model_specs import display_name
+from runtime.telemetry import Sampler, Telemetry, stage_gpus
 from twin.workload import prompt_ids
 
 
@@ -83,5 +84,4 @@ class Bench:
 def gpu_sampler(opts: Any) -> Any:
     """runtime.telemetry.Sampler over the stages' GPUs (runtime.EngineConfig `opts`); on
     CPU one over no device, which records nothing."""
-    from runtime.telemetry import Sampler, Telemetry, stage_gpus  # why: torch, as LLM above
     return Sampler(Telemetry(cuda_indices=stage_gpus(opts)), interval_s=0.5)

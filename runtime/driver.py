@@ -1,9 +1,9 @@
 """Stage 0's side of a pipeline: the scheduler loop that drives it.
 
-`Stage0Loop` is the cycle, written once: take new work, hand returned micro-batches to
-the core scheduler, launch the next batch it decides (its metadata to every stage, via
-the pipe, runtime.pipes), and wait without spinning only when nothing can be launched.
-Two kinds of work feed it:
+`Stage0Loop` (runtime.stage0_loop) is the cycle, written once: take new work, hand
+returned micro-batches to the core scheduler, launch the next batch it decides (its
+metadata to every stage, via the pipe, runtime.pipes), and wait without spinning only
+when nothing can be launched. Two kinds of work feed it, both here:
 - `GenerateLoop`: one offline generate job (`LLM.generate`): arrivals injected at their
   instants, ends when every request is finished; the result is the requests and trace.
 - `OnlineLoop`: online serving (`AsyncLLM`): ("add" | "abort" | "stop", payload)
@@ -20,7 +20,7 @@ import multiprocessing
 import queue
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -29,10 +29,10 @@ from core.policies import make_policy
 from core.request import Request
 from core.scheduler import Scheduler, SchedulerConfig
 from core.trace import Trace, TraceRecorder
-from runtime.comm import StepMeta
 from runtime.engine_config import EngineConfig
 from runtime.pipes import DistPipe, LocalPipe
 from runtime.sampling import FAILED, SamplingParams
+from runtime.stage0_loop import Stage0Loop
 from runtime.worker import StageRunner
 
 _POLL_S = 0.002        # online: how long stage 0 waits on the pipe before looking for new commands
@@ -113,103 +113,6 @@ class Driver:
 
     def close(self) -> None:
         self.pipe.close()
-
-
-def step_meta(batch: MicroBatch, params: Sequence[SamplingParams] | Mapping[int, SamplingParams], greedy: bool,
-              release: list[int], page_size: int) -> tuple[StepMeta, list[int]]:
-    """The metadata every stage gets, and the packed token ids stage 0 embeds."""
-    its, ps = batch.items, page_size  # decodes first, then chunks: token order
-    sample_ids = [it.request.id for it in its if it.samples]
-    ids: list[int] = []
-    for it in its:
-        r, end = it.request, it.start + it.num_tokens
-        p = r.prompt_len
-        if it.start >= p:      # a decode (or a recompute past the prompt)
-            ids.extend(r.output_ids[it.start - p:end - p])
-        else:                  # prompt, maybe running on into generated tokens (recompute)
-            ids.extend(r.prompt_ids[it.start:end])
-            if end > p:
-                ids.extend(r.output_ids[:end - p])
-    return StepMeta(
-        batch_id=batch.id,
-        starts=[it.start for it in its],
-        lens=[it.num_tokens for it in its],
-        # a copy of just the pages this pass reads: the request's list keeps growing
-        pages=[it.request.pages[:-(-it.context_len // ps)] for it in its],
-        samples=[it.samples for it in its],
-        prefill_tokens=batch.prefill_tokens,
-        decode_tokens=batch.decode_tokens,
-        sample_ids=sample_ids,
-        sample_params=None if greedy else [params[i] for i in sample_ids],
-        release=tuple(release),
-    ), ids
-
-
-# ------------------------------------------------------------------ the loop
-
-class Stage0Loop:
-    """The scheduler cycle both kinds of work share. Subclasses give `params`/`greedy`
-    and say where work comes from (`take_work`, `wait`) and where results go
-    (`completed`, `after_completions`, `launched_row`)."""
-
-    params: Sequence[SamplingParams] | Mapping[int, SamplingParams]
-
-    def __init__(self, driver: Driver, sched: Scheduler) -> None:
-        self.driver, self.pipe, self.sched = driver, driver.pipe, sched
-        self.launched: dict[int, MicroBatch] = {}
-        self.release: list[int] = []   # finished ids whose sampler state the last stage drops
-        self.t0 = time.perf_counter()
-
-    def clock(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def run(self) -> None:
-        while self.take_work():
-            while (got := self.pipe.poll(0)) is not None:
-                self.complete(got)
-            self.after_completions()
-            had_work = self.sched.has_work
-            if had_work and self.launch_next():
-                continue
-            if not self.wait(had_work):
-                return
-
-    def launch_next(self) -> bool:
-        start = self.clock()
-        batch = self.sched.next_batch(start)
-        if batch is None:
-            return False
-        self.launched[batch.id] = batch
-        m, ids = step_meta(batch, self.params, self.greedy, self.release, self.driver.opts.page_size)
-        self.release = []
-        end = self.pipe.launch(m, ids) - self.t0
-        self.launched_row(batch, start, end)
-        return True
-
-    def complete(self, got: tuple[int, list[int]]) -> None:
-        self.completed(self.launched.pop(got[0]), got[1])
-
-    # ---- what differs between a generate job and online serving ----
-    @property
-    def greedy(self) -> bool:
-        raise NotImplementedError
-
-    def take_work(self) -> bool:
-        """Bring new requests in; False ends the loop."""
-        raise NotImplementedError
-
-    def completed(self, batch: MicroBatch, tokens: list[int]) -> None:
-        raise NotImplementedError
-
-    def after_completions(self) -> None:
-        pass
-
-    def launched_row(self, batch: MicroBatch, start: float, end: float) -> None:
-        raise NotImplementedError
-
-    def wait(self, had_work: bool) -> bool:
-        """Nothing was launched: wait for a result or new work; False ends the loop."""
-        raise NotImplementedError
 
 
 class GenerateLoop(Stage0Loop):

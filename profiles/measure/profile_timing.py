@@ -30,7 +30,7 @@ from runtime.attention import BatchMeta
 from runtime.comm import free_port
 from runtime.config import ModelConfig
 from runtime.cuda_graphs import GraphRunner
-from runtime.driver import step_meta
+from runtime.stage0_loop import step_meta
 from runtime.weights import load_stage
 
 
@@ -100,7 +100,8 @@ def profile_stages(opts: ProfileOptions, shapes: list[Shape], deadline: float,
     to overrun), the rest re-times the same shapes in the same order, and a row keeps the
     visit with the lowest median: a burst of load from another job (this is often a
     shared machine) slows every repeat of one visit, rarely two visits a minute apart."""
-
+    # One loop over stages and visits: the budget, the cost model and the best-visit
+    # bookkeeping share its state, which helpers would only pass back and forth.
     cfg = ModelConfig.from_hf(opts.hf_config)
     device = torch.device(opts.device if opts.device == "cpu" else "cuda:0")
     dtype = getattr(torch, opts.dtype)

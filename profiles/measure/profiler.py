@@ -88,6 +88,8 @@ class ProfileResult:
 
 def profile(opts: ProfileOptions) -> ProfileResult:
     """Measure and write the table at opts.out; returns it loaded and fitted."""
+    # Long on purpose: the measurement, then every field of meta.yaml in the order a reader
+    # of the table looks for it (what ran, on what, how it was timed), in one place.
     opts.validate()
     t_start = time.perf_counter()
     deadline = t_start + opts.time_budget
@@ -158,7 +160,7 @@ def profile(opts: ProfileOptions) -> ProfileResult:
     meta["measurement"] = {
         "tool": "profiles.measure.profiler (pipetwin profile)",
         "command": (" ".join(["pipetwin", *sys.argv[1:]])
-                    if Path(sys.argv[0]).name in ("pipetwin", "cli.py") else None),
+                    if Path(sys.argv[0]).name in ("pipetwin", "__main__.py", "main.py") else None),
         "weights": "dummy (seeded random); timing does not depend on weight values",
         "grid": opts.grid,
         "repeats": opts.repeats,

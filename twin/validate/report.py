@@ -129,6 +129,7 @@ def spread_section(cfg: ValidationConfig, errors: pd.DataFrame) -> list[str]:
 def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking: pd.DataFrame,
                  plots: list[Path], table: str, num_pages: int, wall_s: float, model: str,
                  profile: str | None = None, reuse_real: bool = False) -> Path:
+    """report.md. One template, top to bottom as the report reads (its length is the report's)."""
     try:
         cpu = cpu_name()
     except Exception:  # noqa: BLE001 - the report still gets written

@@ -265,3 +265,44 @@ def test_one_requests_failure_is_that_requests_error(monkeypatch):
             wait_until(lambda: metrics(srv.url)["pipetwin_kv_cache_used_pages"] == 0, "no KV page held")
     finally:
         engine.shutdown()
+
+
+class _Flaky:
+    """The part of AsyncLLM the supervisor uses: down until a restart succeeds; the first
+    `fail_starts` restarts raise, as a start-up that cannot bind or allocate would."""
+
+    def __init__(self, fail_starts: int) -> None:
+        self.healthy, self.closed, self.error = False, False, "pipeline stage 1 (pid 1) died unexpectedly"
+        self.fail_starts, self.calls = fail_starts, 0
+
+    def restart(self) -> None:
+        self.calls += 1
+        if self.calls <= self.fail_starts:
+            raise RuntimeError("start-up failed")
+        self.healthy = True
+
+
+def test_supervisor_retries_then_gives_up():
+    from server.supervisor import Supervisor
+
+    fatal = []
+    e = _Flaky(fail_starts=2)
+    sup = Supervisor(e, "restart", on_fatal=fatal.append, backoff_s=0.01).start()
+    wait_until(lambda: e.healthy, "restarted on the third attempt")
+    assert e.calls == 3 and sup.state == "up" and not fatal
+    # a crash loop: each restart works, but the engine keeps failing; with at most 2 restarts
+    # in the window, the 3rd failure exits
+    sup.max_restarts = 2
+    e.healthy = False
+    wait_until(lambda: e.healthy, "restarted again")
+    e.healthy = False
+    wait_until(lambda: fatal, "gave up")
+    assert fatal == [1] and sup.state == "down" and e.calls == 4
+    sup.stop()
+    # exit mode never restarts
+    e2, fatal2 = _Flaky(0), []
+    Supervisor(e2, "exit", on_fatal=fatal2.append).start()
+    wait_until(lambda: fatal2, "exited")
+    assert e2.calls == 0 and fatal2 == [1]
+    with pytest.raises(ValueError, match="restart, exit"):
+        Supervisor(e2, "retry")

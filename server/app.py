@@ -41,13 +41,13 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from server.access import Gate
 from server.metrics import CONTENT_TYPE, ServerMetrics
-from server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_body, chat_chunk,
-                             completion_body, completion_chunk, error_body, new_id, usage_chunk)
+from server.protocol import (APIError, ChatChunks, ChatCompletionRequest, CompletionChunks, CompletionRequest,
+                             chat_body, completion_body, decode_body, error_body, new_id, public_reason,
+                             validation_error)
 from server.supervisor import MODES, Supervisor
 from server.tokens import InvalidText, StopChecker, check_text, make_codec
 
@@ -100,76 +100,6 @@ class _Stream(StreamingResponse):
 
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
-
-_TYPE_LABELS = frozenset({"int", "float", "str", "bool", "none", "dict", "list"})
-
-
-def _param_of(loc: tuple) -> str:
-    parts = [str(p) for p in loc if not (isinstance(p, str) and p in ("body", "query"))]
-    # drop the union-branch labels pydantic puts in the location ('str', 'list[int]', 'ChatMessage')
-    keep = [p for p in parts if p.isdigit() or (p.isidentifier() and p not in _TYPE_LABELS and not p[0].isupper())]
-    out = ""
-    for p in keep:
-        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
-    return out or "body"
-
-
-def _validation_error(errs: list[dict[str, Any]]) -> APIError:
-    first = errs[0]
-    param = _param_of(tuple(first.get("loc", ())))
-    if first.get("type") == "missing":
-        msg = f"'{param}' is a required field"
-    else:
-        kinds = sorted({x.get("msg", "") for x in errs if _param_of(tuple(x.get("loc", ()))) == param})
-        got = first.get("input")
-        msg = f"'{param}': invalid value {_short_json(got)}: " + "; or ".join(kinds)
-    return APIError(400, msg, param=param)
-
-
-def _short_json(v: Any) -> str:
-    try:
-        return json.dumps(v)[:80]
-    except (TypeError, ValueError, RecursionError):
-        return type(v).__name__
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def decode_body(raw: bytes, cls: type) -> Any:
-    """The validated request (APIError 400 naming what is wrong). CPU-bound: large bodies
-    run it in a worker thread."""
-    try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except RecursionError:
-        raise APIError(400, "the request body nests JSON too deeply") from None
-    except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError, NaN, integers too long to parse
-        raise APIError(400, f"the request body is not valid JSON ({e})") from None
-    if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-    try:
-        req = cls.model_validate(body)
-    except ValidationError as e:
-        raise _validation_error(e.errors()) from None
-    except RecursionError:
-        raise APIError(400, "the request body nests JSON too deeply") from None
-    req.check_unsupported()
-    return req
-
-
-def public_reason(error: str | None) -> str:
-    """A short reason for clients from the engine's error text (which names pids, paths and
-    carries a traceback: that goes to the log only)."""
-    text = (error or "").lower()
-    if "shut down" in text:
-        return "the engine is shut down"
-    if "hung" in text or "took longer" in text or "no progress" in text:
-        return "a pipeline stage stopped answering"
-    if "died" in text or "killed" in text or "exit code" in text or "stopped unexpectedly" in text:
-        return "a pipeline stage process died"
-    return "a pipeline stage failed"
 
 
 class _Generation:
@@ -249,7 +179,7 @@ class OpenAIServer:
                     headers=getattr(e, "headers", None))
 
     async def _query_error(self, request: Request, e: RequestValidationError) -> Response:
-        return JSON(_validation_error(list(e.errors())).body(), status_code=400)
+        return JSON(validation_error(list(e.errors())).body(), status_code=400)
 
     async def _internal(self, request: Request, e: Exception) -> Response:
         ref = uuid.uuid4().hex[:12]
@@ -439,7 +369,7 @@ class OpenAIServer:
             if not task.done():
                 task.cancel()
 
-    async def _events(self, g: _Generation, chunks: _CompletionChunks) -> AsyncIterator[str]:
+    async def _events(self, g: _Generation, chunks: CompletionChunks) -> AsyncIterator[str]:
         """The SSE lines of one stream; an error after the first byte is an error event."""
         try:
             async with contextlib.aclosing(self.run(g)) as tokens:
@@ -466,7 +396,7 @@ class OpenAIServer:
         g = self.sampling(req, ids, default_max=16)
         rid = new_id("cmpl")
         if req.stream:
-            return self._stream(g, _CompletionChunks(rid, self.model_name, g))
+            return self._stream(g, CompletionChunks(rid, self.model_name, len(g.prompt_ids)))
         text, finish, n = await self.non_streaming(request, g)
         return JSON(completion_body(rid, self.model_name, text, finish, len(ids), n))
 
@@ -494,11 +424,11 @@ class OpenAIServer:
         g = self.sampling(req, ids, default_max=None)
         rid = new_id("chatcmpl")
         if req.stream:
-            return self._stream(g, _ChatChunks(rid, self.model_name, g))
+            return self._stream(g, ChatChunks(rid, self.model_name, len(g.prompt_ids)))
         text, finish, n = await self.non_streaming(request, g)
         return JSON(chat_body(rid, self.model_name, text, finish, len(ids), n))
 
-    def _stream(self, g: _Generation, chunks: _CompletionChunks) -> Response:
+    def _stream(self, g: _Generation, chunks: CompletionChunks) -> Response:
         return _Stream(self._events(g, chunks), media_type="text/event-stream",
                        headers={"Cache-Control": "no-cache"})
 
@@ -540,39 +470,6 @@ class OpenAIServer:
 
     async def root(self) -> PlainTextResponse:
         return PlainTextResponse(f"pipetwin server: {self.model_name}; OpenAI API under /v1\n")
-
-
-class _CompletionChunks:
-    """The chunk objects of one completions stream."""
-    kind = "text_completion"
-
-    def __init__(self, rid: str, model: str, g: _Generation) -> None:
-        self.rid, self.model, self.prompt_tokens = rid, model, len(g.prompt_ids)
-        self.created = int(time.time())
-        self.tokens = 0
-
-    def token(self, text: str, finish: str | None, is_token: bool) -> dict[str, Any]:
-        self.tokens += is_token
-        return completion_chunk(self.rid, self.model, self.created, text, finish)
-
-    def usage(self) -> dict[str, Any]:
-        return usage_chunk(self.rid, self.model, self.created, self.kind, self.prompt_tokens, self.tokens)
-
-
-class _ChatChunks(_CompletionChunks):
-    kind = "chat.completion.chunk"
-
-    def __init__(self, rid: str, model: str, g: _Generation) -> None:
-        super().__init__(rid, model, g)
-        self.first = True
-
-    def token(self, text: str, finish: str | None, is_token: bool) -> dict[str, Any]:
-        self.tokens += is_token
-        delta: dict[str, Any] = {"role": "assistant", "content": text} if self.first else {"content": text}
-        if not is_token and not text and not self.first:
-            delta = {}
-        self.first = False
-        return chat_chunk(self.rid, self.model, self.created, delta, finish)
 
 
 def build_app(engine: Any, *, model_name: str, info: dict[str, Any] | None = None,

@@ -1,4 +1,6 @@
-"""OpenAI request/response shapes and OpenAI-style errors.
+"""OpenAI request/response shapes and OpenAI-style errors: the request models, `decode_body`
+(bytes -> a validated request, or an APIError 400 naming the field), response bodies and
+stream chunks, and `public_reason` (the short client-facing reason for an engine failure).
 
 Requests are parsed strictly (a string where a number belongs is a 400 naming the field,
 not a silent conversion). Unknown fields are accepted, since OpenAI clients send fields
@@ -18,11 +20,12 @@ Sampling parameters are checked against what the sampler really handles, as vLLM
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 Number = Union[StrictInt, StrictFloat]
 
@@ -168,6 +171,79 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: StrictInt | None = None
 
 
+# ------------------------------------------------------------------ decoding a body
+
+_TYPE_LABELS = frozenset({"int", "float", "str", "bool", "none", "dict", "list"})
+
+
+def _param_of(loc: tuple) -> str:
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p in ("body", "query"))]
+    # drop the union-branch labels pydantic puts in the location ('str', 'list[int]', 'ChatMessage')
+    keep = [p for p in parts if p.isdigit() or (p.isidentifier() and p not in _TYPE_LABELS and not p[0].isupper())]
+    out = ""
+    for p in keep:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or "body"
+
+
+def validation_error(errs: list[dict[str, Any]]) -> APIError:
+    first = errs[0]
+    param = _param_of(tuple(first.get("loc", ())))
+    if first.get("type") == "missing":
+        msg = f"'{param}' is a required field"
+    else:
+        kinds = sorted({x.get("msg", "") for x in errs if _param_of(tuple(x.get("loc", ()))) == param})
+        got = first.get("input")
+        msg = f"'{param}': invalid value {_short_json(got)}: " + "; or ".join(kinds)
+    return APIError(400, msg, param=param)
+
+
+def _short_json(v: Any) -> str:
+    try:
+        return json.dumps(v)[:80]
+    except (TypeError, ValueError, RecursionError):
+        return type(v).__name__
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def decode_body(raw: bytes, cls: type) -> Any:
+    """The validated request (APIError 400 naming what is wrong). CPU-bound: large bodies
+    run it in a worker thread."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise APIError(400, "the request body nests JSON too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError, NaN, integers too long to parse
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    try:
+        req = cls.model_validate(body)
+    except ValidationError as e:
+        raise validation_error(e.errors()) from None
+    except RecursionError:
+        raise APIError(400, "the request body nests JSON too deeply") from None
+    req.check_unsupported()
+    return req
+
+
+def public_reason(error: str | None) -> str:
+    """A short reason for clients from the engine's error text (which names pids, paths and
+    carries a traceback: that goes to the log only)."""
+    text = (error or "").lower()
+    if "shut down" in text:
+        return "the engine is shut down"
+    if "hung" in text or "took longer" in text or "no progress" in text:
+        return "a pipeline stage stopped answering"
+    if "died" in text or "killed" in text or "exit code" in text or "stopped unexpectedly" in text:
+        return "a pipeline stage process died"
+    return "a pipeline stage failed"
+
+
+
 # ------------------------------------------------------------------ responses
 
 def new_id(prefix: str) -> str:
@@ -209,3 +285,36 @@ def usage_chunk(rid: str, model: str, created: int, obj: str, prompt_tokens: int
                 completion_tokens: int) -> dict[str, Any]:
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
             "usage": usage(prompt_tokens, completion_tokens)}
+
+
+class CompletionChunks:
+    """The chunk objects of one completions stream."""
+    kind = "text_completion"
+
+    def __init__(self, rid: str, model: str, prompt_tokens: int) -> None:
+        self.rid, self.model, self.prompt_tokens = rid, model, prompt_tokens
+        self.created = int(time.time())
+        self.tokens = 0
+
+    def token(self, text: str, finish: str | None, is_token: bool) -> dict[str, Any]:
+        self.tokens += is_token
+        return completion_chunk(self.rid, self.model, self.created, text, finish)
+
+    def usage(self) -> dict[str, Any]:
+        return usage_chunk(self.rid, self.model, self.created, self.kind, self.prompt_tokens, self.tokens)
+
+
+class ChatChunks(CompletionChunks):
+    kind = "chat.completion.chunk"
+
+    def __init__(self, rid: str, model: str, prompt_tokens: int) -> None:
+        super().__init__(rid, model, prompt_tokens)
+        self.first = True
+
+    def token(self, text: str, finish: str | None, is_token: bool) -> dict[str, Any]:
+        self.tokens += is_token
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if self.first else {"content": text}
+        if not is_token and not text and not self.first:
+            delta = {}
+        self.first = False
+        return chat_chunk(self.rid, self.model, self.created, delta, finish)

@@ -160,9 +160,14 @@ class TokenTimes:
         if len(times) < 2:
             return np.empty(0)
         keep = np.ones(len(ids), bool) if request_ids is None else np.isin(ids, np.asarray(request_ids))
+        gaps = np.diff(times)
+        if keep.all():   # the usual case: only the steps from one request to the next drop out
+            ends = np.cumsum(lens)[lens > 0]
+            valid = np.ones(len(gaps), bool)
+            valid[ends[ends < len(times)] - 1] = False
+            return gaps[valid]
         owner = np.repeat(np.arange(len(ids), dtype=np.int32), lens)
-        valid = (owner[1:] == owner[:-1]) & keep[owner[1:]]
-        return np.diff(times)[valid]
+        return gaps[(owner[1:] == owner[:-1]) & keep[owner[1:]]]
 
 
 class MissingTable:

@@ -95,3 +95,16 @@ def test_window_parse_errors_say_what_is_allowed(text):
 def test_save_rejects_unknown_tables(result, tmp_path):
     with pytest.raises(ValueError, match="tables must include"):
         result.trace.save(tmp_path, tables=("batches", "requests", "samples", "kv"))
+
+
+def test_token_gaps_match_the_table_with_empty_requests_and_any_subset():
+    from array import array
+
+    from core.trace import TokenTimes
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        per = [(i, array("d", np.cumsum(rng.random(rng.integers(0, 5))))) for i in range(int(rng.integers(0, 40)))]
+        tokens = TokenTimes(per)
+        ids = [i for i, _ in per]
+        for subset in (None, ids, ids[::3], []):
+            np.testing.assert_array_equal(tokens.gaps(subset), inter_token_latencies(tokens.frame(), subset))

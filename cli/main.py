@@ -1,4 +1,4 @@
-"""`pipetwin` command line: sim, sweep, plot, profiles, profile, bench, bench serve, serve, validate.
+"""`pipetwin` command line: sim, sweep, tune, plot, profiles, profile, bench, bench serve, serve, validate.
 
 A subcommand is a module of this package with HELP, add_arguments(parser) and
 run(args) -> int, listed in COMMANDS. User errors (bad flags, values, configs, missing
@@ -13,14 +13,14 @@ import sys
 import traceback
 from typing import Callable
 
-from cli import bench, bench_serve, plot, profile, profiles, serve, sim, sweep, validate
+from cli import bench, bench_serve, plot, profile, profiles, serve, sim, sweep, tune, validate
 from cli.common import EXIT_USAGE, UsageError
 from experiments.config import ConfigError
 from experiments.runner import RunError
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {name: (m.HELP, m.add_arguments, m.run) for name, m in (
-    ("sim", sim), ("sweep", sweep), ("plot", plot), ("profiles", profiles), ("profile", profile),
+    ("sim", sim), ("sweep", sweep), ("tune", tune), ("plot", plot), ("profiles", profiles), ("profile", profile),
     ("bench", bench), ("bench serve", bench_serve), ("validate", validate), ("serve", serve))}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from cli.common import UsageError, add_workload_flags, formats, param, sim_config
 from core.metrics import format_summary
 from sim import SimConfig, fitted_model, simulate
-from twin.results import write_results
+from sim.output import parse_window, save_outputs
 
 HELP = "simulate one configuration and write a results folder"
 
@@ -28,7 +28,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, help="tokens per KV page")
     p.add_argument("--time-limit", type=float, help="stop after this many simulated seconds")
     p.add_argument("--out", help="results folder (default results/sim/<policy>_<profile>)")
-    p.add_argument("--formats", type=formats, default=("csv",), help="trace tables: csv,parquet (default csv)")
+    p.add_argument("--formats", type=formats, default=None,
+                   help="table formats: csv,parquet (default parquet when pyarrow is installed, else csv)")
+    p.add_argument("--tokens", action="store_true", help="also write the per-token table (millions of rows "
+                                                         "on a long trace)")
+    p.add_argument("--perfetto", action="store_true", help="also write perfetto.json (ui.perfetto.dev: one "
+                                                           "track per stage, KV and queue counters)")
+    p.add_argument("--perfetto-window", type=window, metavar="START:END",
+                   help="perfetto.json for this window of simulated seconds only (implies --perfetto)")
+
+
+def window(text: str) -> tuple[float, float]:
+    try:
+        return parse_window(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
           f"simulated in {result.wall_s:.2f} s")
     print(format_summary(result.summary))
     out = Path(args.out) if args.out else Path("results") / "sim" / f"{cfg.policy}_{Path(cfg.profile).name}"
-    write_results(out, result.trace, result.summary, cfg.to_dict(), formats=args.formats)
-    print(f"results in {out}/ (perfetto.json opens in ui.perfetto.dev)")
+    written = save_outputs(result, out, formats=args.formats, tokens=args.tokens, perfetto=args.perfetto,
+                           perfetto_window=args.perfetto_window)
+    perfetto = any(p.name == "perfetto.json" for p in written)
+    print(f"results in {out}/" + (" (perfetto.json opens in ui.perfetto.dev)" if perfetto else
+                                  " (--tokens: per-token table, --perfetto: timeline)"))
     return 0

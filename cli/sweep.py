@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from cli.common import UsageError
+from cli.executor import add_executor_flags, executor_from
 from experiments.config import capacity_groups, expand, load_experiment
 from experiments.runner import iter_preview, run_sweep
 
@@ -20,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="results folder (default results/<config stem>)")
     p.add_argument("--no-cache", action="store_true", help="recompute every run (the cache is rewritten)")
     p.add_argument("--dry-run", action="store_true", help="validate, print the run count and the first runs")
+    add_executor_flags(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
         print("first run, resolved:")
         print("  " + yaml.safe_dump(runs[0].config, sort_keys=False).replace("\n", "\n  ").rstrip())
         return 0
+    executor = executor_from(args)
     t0 = time.perf_counter()
-    res = run_sweep(exp, out, workers=args.workers, use_cache=not args.no_cache)
+    res = run_sweep(exp, out, workers=args.workers, use_cache=not args.no_cache, executor=executor)
     print(f"{res.computed} runs computed, {res.cached} from cache, {time.perf_counter() - t0:.1f} s")
     print(f"results: {out / 'results.csv'}")
     print(f"report:  {res.report}")

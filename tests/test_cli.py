@@ -12,8 +12,7 @@ import yaml
 from cli.main import COMMANDS, main
 
 SMALL = ["--num-requests", "30", "--rate", "4"]
-SIM_FILES = {"batches.csv", "requests.csv", "tokens.csv", "samples.csv", "meta.json",
-             "summary.json", "config.yaml", "perfetto.json"}
+SIM_FILES = {"batches.csv", "requests.csv", "samples.csv", "meta.json", "summary.json", "config.yaml"}
 
 
 def run_exit(argv, capsys) -> tuple[int, str]:
@@ -24,10 +23,11 @@ def run_exit(argv, capsys) -> tuple[int, str]:
 
 def test_sim_writes_results_folder(tmp_path, capsys):
     out = tmp_path / "sim"
-    assert main(["sim", *SMALL, "--policy", "sarathi", "--param", "budget=1024", "--out", str(out)]) == 0
+    assert main(["sim", *SMALL, "--policy", "sarathi", "--param", "budget=1024", "--out", str(out),
+                 "--formats", "csv", "--tokens", "--perfetto"]) == 0
     printed = capsys.readouterr().out
     assert "throughput" in printed and "bubble" in printed and "latency fit" in printed
-    assert SIM_FILES <= {p.name for p in out.iterdir()}
+    assert {p.name for p in out.iterdir()} == SIM_FILES | {"tokens.csv", "perfetto.json"}
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["policy"] == "sarathi" and cfg["policy_params"] == {"budget": 1024}   # int, via YAML
     assert cfg["workload"]["num_requests"] == 30 and cfg["workload"]["arrival"]["rate"] == 4.0
@@ -73,6 +73,11 @@ def test_sim_trace_replay(tmp_path, capsys):
     (["sim", "--pp", "2"], ["pp", "pp=4"]),
     (["sim", "--trace", "missing.csv"], ["--trace", "missing.csv"]),
     (["sim", "--formats", "xml"], ["--formats", "csv,parquet"]),
+    (["sim", "--perfetto-window", "5"], ["--perfetto-window", "START:END"]),
+    (["sim", "--perfetto-window", "3:1"], ["--perfetto-window", "START < END"]),
+    (["sweep", "x.yaml", "--executor", "dask"], ["--executor", "local", "ray"]),
+    (["tune", "no_such.yaml"], ["no_such.yaml"]),
+    (["tune", "x.yaml", "--trials", "0"], ["--trials", ">= 1"]),
     (["sim", "--param", "budget"], ["--param", "key=value"]),
     (["sim", "--rat", "3"], ["--rat"]),
     (["sim", "--num-pages", "10", "--memory-fraction", "0.5"], ["--memory-fraction", "--num-pages"]),
@@ -150,7 +155,7 @@ def test_profiles_lists_tables(capsys, monkeypatch):
 
 
 def test_subcommand_table_and_console_script():
-    assert {"sim", "sweep", "plot", "profiles"} <= set(COMMANDS)
+    assert {"sim", "sweep", "tune", "plot", "profiles"} <= set(COMMANDS)
     exe = Path(sys.executable).with_name("pipetwin")
     argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "cli"]
     r = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=60)

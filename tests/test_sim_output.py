@@ -108,3 +108,21 @@ def test_token_gaps_match_the_table_with_empty_requests_and_any_subset():
         ids = [i for i, _ in per]
         for subset in (None, ids, ids[::3], []):
             np.testing.assert_array_equal(tokens.gaps(subset), inter_token_latencies(tokens.frame(), subset))
+
+
+def test_sim_command_defaults_and_a_perfetto_window(tmp_path, capsys):
+    from cli.main import main
+
+    small = ["--num-requests", "40", "--rate", "4", "--policy", "token_throttling"]
+    out = tmp_path / "default"
+    assert main(["sim", *small, "--out", str(out)]) == 0
+    assert "--perfetto" in capsys.readouterr().out
+    fmt = "parquet" if pytest.importorskip("pyarrow") else "csv"
+    assert {p.name for p in out.iterdir()} == {f"{t}.{fmt}" for t in ("batches", "requests", "samples")} | {
+        "meta.json", "summary.json", "config.yaml"}
+    win = tmp_path / "window"
+    assert main(["sim", *small, "--out", str(win), "--perfetto-window", "2:4", "--formats", "csv"]) == 0
+    ev = json.loads((win / "perfetto.json").read_text())["traceEvents"]
+    b = pd.read_csv(win / "batches.csv")
+    xs = [e for e in ev if e["ph"] == "X"]
+    assert 0 < len(xs) == int(((b["end"] >= 2) & (b["start"] <= 4)).sum()) < len(b)

@@ -143,3 +143,36 @@ def test_best_yaml_runs_as_a_sim_config_and_the_outputs(tmp_path):
     assert yaml.safe_load((tmp_path / "sim" / "config.yaml").read_text())["policy_params"] == res.best_params
     names = {p.name for p in (tmp_path / "out").iterdir()} | {p.name for p in (tmp_path / "out" / "plots").iterdir()}
     assert {"trials.csv", "tune_report.md", "study.db", "history.png", "importance.png", "top2.png"} <= names
+
+
+def test_tune_command_prints_the_best_and_resumes(tmp_path, capsys):
+    from cli.main import main
+
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(yaml.safe_dump(small(trials=3)))
+    out = tmp_path / "out"
+    assert main(["tune", str(cfg), "--out", str(out), "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    best = yaml.safe_load((out / "best.yaml").read_text())["policy_params"]
+    assert "best: trial" in printed and f"maxp={best['maxp']}" in printed and str(out / "best.yaml") in printed
+    assert main(["tune", str(cfg), "--out", str(out), "--workers", "1", "--trials", "6"]) == 0
+    assert "6 trials, " in capsys.readouterr().out
+    assert len(pd.read_csv(out / "trials.csv")) == 6
+
+
+def test_tune_command_errors_name_the_field_or_extra(tmp_path, capsys, monkeypatch):
+    from cli.main import main
+
+    cfg = tmp_path / "t.yaml"
+    bad = small()
+    bad["params"]["maxp"]["log"] = "yes"
+    cfg.write_text(yaml.safe_dump(bad))
+    with pytest.raises(SystemExit) as e:
+        main(["tune", str(cfg)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "params.maxp.log" in err and "Traceback" not in err
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.raises(SystemExit) as e:
+        main(["tune", str(cfg)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.endswith("pip install 'pipetwin[tune]'") and len(err.splitlines()) == 1

@@ -118,3 +118,16 @@ def test_profile_passes_the_attention_flags(monkeypatch, tmp_path):
     assert opts.attention_backend == "triton"
     with pytest.raises(ProfilerError, match="--attention-backend: attention_backend must be one of"):
         ProfileOptions(model="dummy:llama-32m", attention_backend="sdpa", out=tmp_path / "v").validate()
+
+
+def test_validate_report_flags_slow_stages():
+    import pandas as pd
+
+    from twin.validate.report import slow_stage_lines
+    errors = pd.DataFrame({"policy": ["tt", "tt", "vllm"], "load": [2.0, "inf", 2.0],
+                           "real_vs_table": [1.05, 1.31, 4.8]})
+    text = " ".join(slow_stage_lines(errors))
+    assert "in 2 of 3 cells:** tt at inf (1.31x), vllm at 2.0 (4.80x)" in text
+    assert "tt at 2.0" not in text
+    ok = " ".join(slow_stage_lines(errors.assign(real_vs_table=[1.0, 1.2, 0.9])))
+    assert ok.startswith("Every cell's real stage time is within 1.2x")

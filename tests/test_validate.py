@@ -96,6 +96,10 @@ def test_error_table_report_and_plots(validated):
                                      "same_separated", "reversed_separated"]
     assert ranking["separated_pairs"].tolist() == [0]   # one policy: no pairs
     report = (validated / "report.md").read_text()
+    # issue 14: cells whose real stage time / table > 1.2 are flagged (or none is, in so many words)
+    flagged = row["real_vs_table"] > 1.2
+    assert ("Real stages slower than the table" in report) == flagged
+    assert ("within 1.2x of the table's prediction" in report) == (not flagged)
     for text in ("thru %", "TTFT p50 %", "TTFT p99 %", "TPOT p50 %", "TPOT p99 %", "E2E p50 %", "bubble pts",
                  "E2E MAPE %", "## Goals", "ranking", "machine:"):
         assert text in report, text

@@ -6,9 +6,10 @@ the sweep's). Trials are drawn `batch` at a time and run in parallel on the exec
 each batch's sampler is seeded from (seed, trials so far), so the same file and seed give
 the same trials however many workers run them, and after a resume too.
 
-Writes OUT/trials.csv (+ .parquet), OUT/best.yaml ({policy, policy_params}: what `pipetwin
-sim`, `bench` and `validate` configs take), OUT/tune_report.md and OUT/plots/ (optimization
-history, parameter importance, objective over the two most important parameters).
+Writes OUT/trials.csv (+ .parquet), OUT/best.yaml ({policy, policy_params}: a `pipetwin sim`
+or `bench` config, `serve --policy-file`, a `validate` config's policies entry, as it is),
+OUT/tune_report.md and OUT/plots/ (optimization history, parameter importance, objective
+over the two most important parameters).
 """
 from __future__ import annotations
 
@@ -256,12 +257,13 @@ def param_importance(optuna: Any, study: Any, spec: TuneSpec) -> dict[str, float
 
 
 def write_best(path: Path, spec: TuneSpec, params: dict[str, Any], value: float, trial: int) -> Path:
-    """{policy, policy_params}: a `pipetwin sim` or `bench` config as it is, and the policy of
-    a `validate` config's `policies` entry (name, params)."""
+    """{policy, policy_params}: a `pipetwin sim` or `bench` config as it is, `serve
+    --policy-file`, and a path entry of a `validate` config's `policies`."""
     doc = {"policy": spec.policy, "policy_params": {**spec.fixed, **params}}
     head = (f"# best of tune {spec.name!r}: trial {trial}, objective {value:.6g} "
             f"({spec.objective.kind}, {spec.objective.aggregate} over {len(spec.targets)} target(s))\n"
-            f"#   pipetwin sim {path}        pipetwin bench {path} --model ...\n")
+            f"#   pipetwin sim {path}    pipetwin bench {path} --model ...    pipetwin serve --policy-file {path} ...\n"
+            f"#   in a validate config: policies: [{path}, {{name: {spec.policy}, label: defaults}}]\n")
     path.write_text(head + yaml.safe_dump(doc, sort_keys=False))
     return path
 

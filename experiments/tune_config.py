@@ -344,3 +344,21 @@ def _parse_objective(raw: Any) -> Objective:
     elif rate is not None:
         raise ConfigError("objective.rate: only for goodput and throughput objectives")
     return Objective(kind, None if rate is None else float(rate), weights, aggregate)
+
+
+def read_policy_setting(path: str | os.PathLike, where: str) -> tuple[str, dict[str, Any]]:
+    """(policy, policy_params) from a YAML of {policy, policy_params} (a tune's best.yaml, or
+    any `pipetwin sim` config's two policy keys); errors name `where` and the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{where}: no such file {str(path)!r} (relative to {Path.cwd()})")
+    try:
+        d = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: {path} is not valid YAML: {e}") from None
+    if not isinstance(d, Mapping) or not isinstance(d.get("policy"), str):
+        raise ConfigError(f"{where}: {path} must be a mapping with policy (and policy_params), like a tune's best.yaml")
+    params = d.get("policy_params") or {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{where}: {path}: policy_params must be a mapping, got {params!r}")
+    return d["policy"], dict(params)

@@ -176,3 +176,26 @@ def test_tune_command_errors_name_the_field_or_extra(tmp_path, capsys, monkeypat
         main(["tune", str(cfg)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.endswith("pip install 'pipetwin[tune]'") and len(err.splitlines()) == 1
+
+
+def test_best_yaml_as_validate_policy_and_serve_policy_file(tmp_path, monkeypatch):
+    from cli.main import build_parser
+    from cli.serve import apply_policy_file
+    from twin.validate.config import load_validation
+
+    best = tmp_path / "tune_tt" / "best.yaml"
+    best.parent.mkdir()
+    best.write_text("# comment\npolicy: token_throttling\npolicy_params: {maxp: 313, minp: 37, kvthresh: 0.25}\n")
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "experiments" / "twin_cpu.yaml").read_text())
+    cfg["policies"] = [str(best), {"name": "token_throttling", "label": "defaults"}]
+    (tmp_path / "v.yaml").write_text(yaml.safe_dump(cfg))
+    v = load_validation(tmp_path / "v.yaml")
+    assert v.policies[0] == {"name": "token_throttling", "label": "tune_tt",
+                             "params": {"maxp": 313, "minp": 37, "kvthresh": 0.25}}
+    args = build_parser().parse_args(["serve", "--model", "dummy:llama-32m", "--policy-file", str(best),
+                                      "--param", "minp=16"])
+    apply_policy_file(args)
+    assert args.policy == "token_throttling" and dict(args.param) == {"maxp": 313, "minp": 16, "kvthresh": 0.25}
+    args = build_parser().parse_args(["serve", "--model", "dummy:llama-32m", "--policy-file", str(tmp_path / "no.yaml")])
+    with pytest.raises(ConfigError, match="--policy-file: no such file"):
+        apply_policy_file(args)

@@ -249,7 +249,8 @@ def test_bench_writes_the_sim_results_folder(standin_profile, tmp_path, capsys):
     sim_out = tmp_path / "sim"
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({"workload": WORKLOAD}))
     assert main(["sim", str(tmp_path / "s.yaml"), "--profile", str(standin_profile), "--policy", "sarathi", "--rate", "40", "--seed", "2",
-                 "--num-requests", "6", "--num-pages", "96", "--out", str(sim_out)]) == 0
+                 "--num-requests", "6", "--num-pages", "96", "--out", str(sim_out),
+                 "--formats", "csv", "--tokens", "--perfetto"]) == 0   # sim's defaults leave the last two out
     files = {p.name for p in out.iterdir()}
     assert files == {p.name for p in sim_out.iterdir()}
     assert {"requests.csv", "batches.csv", "tokens.csv", "samples.csv", "summary.json", "config.yaml",

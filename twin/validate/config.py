@@ -21,7 +21,8 @@ Config keys (YAML):
   `pipetwin profile --device cuda`), dtype (default the model config's), num_pages (null =
   the runtime's default), page_size, seed, workload (a core workload spec; its arrival rate
   is set per load), loads (absolute request rates, req/s; "inf" allowed),
-  policies (list of {name, label, params}), out, goals (optional thresholds),
+  policies (list of {name, label, params}, or of paths to {policy, policy_params} YAMLs such
+  as a tune's best.yaml, labelled by their folder), out, goals (optional thresholds),
   calibrate (optional): {seed, loads} -- before validating, run the runtime on OTHER
   requests (workload seed `seed`, default seed + 1) at `loads` (default: all) with every
   policy, and time the simulator by an in-situ table fitted on those runs' stage rows
@@ -106,7 +107,11 @@ class ValidationConfig:
             raise ValueError("policies must be a non-empty list of {name, label, params}")
         labels = []
         for i, p in enumerate(self.policies):
-            if isinstance(p, str):
+            if isinstance(p, str) and p.endswith((".yaml", ".yml")):   # a tune's best.yaml, as it is
+                from experiments.tune_config import read_policy_setting   # why: YAML policy files only
+                name, params = read_policy_setting(p, f"policies[{i}]")
+                p = self.policies[i] = {"name": name, "params": params, "label": Path(p).parent.name or name}
+            elif isinstance(p, str):
                 p = self.policies[i] = {"name": p}
             if not isinstance(p, dict) or "name" not in p or set(p) - {"name", "label", "params"}:
                 raise ValueError(f"policies[{i}] must be a mapping with name (and optional label, params)")

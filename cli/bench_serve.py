@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                              "works; its other keys are the server's business)")
     p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", help="model name to request (default: the first of GET /v1/models)")
+    p.add_argument("--api-key", default=os.environ.get("PIPETWIN_API_KEY") or None,
+                   help="Bearer token for a server started with --api-key (default: $PIPETWIN_API_KEY)")
     add_workload_flags(p, "request rate in req/s, or inf (all at once)")
     p.add_argument("--input-len", type=int, help="synthetic prompt length (mean with --range-ratio)")
     p.add_argument("--output-len", type=int, help="synthetic output length (mean with --range-ratio)")
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         trace, outcomes = bs.run(d["url"], d["workload"], d["seed"], model=d["model"],
                                  max_concurrency=d["max_concurrency"], ignore_eos=d["ignore_eos"],
-                                 stats_every_s=args.stats_every, log=print)
+                                 stats_every_s=args.stats_every, api_key=args.api_key, log=print)
     except bs.ServeBenchError as e:
         raise UsageError(str(e)) from None
     summary = summarize(trace, d["slo"] or None)

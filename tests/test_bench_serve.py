@@ -20,7 +20,7 @@ from twin.results import write_results  # noqa: E402
 from twin.workload import workload_requests  # noqa: E402
 from cli.main import main  # noqa: E402
 from runtime.online import AsyncLLM  # noqa: E402
-from server.app import build_app  # noqa: E402
+from server.app import ServerOptions, build_app  # noqa: E402
 from server.serve import ServerThread  # noqa: E402
 
 CFG = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -108,3 +108,22 @@ def test_cli_bench_serve_replays_a_trace(server, tmp_path):
     tr = Trace.load(out)
     assert list(zip(tr.requests["prompt_len"], tr.requests["max_output"], tr.requests["output_len"])) == \
         [(p, d, d) for _, p, d in rows]
+
+
+def test_bench_serve_sends_the_servers_api_key(tmp_path, capsys):
+    """A server started with --api-key: without the key bench serve stops with an error naming
+    --api-key; with it every request is served."""
+    engine = AsyncLLM(dict(CFG), pp=1, num_pages=48, page_size=8)
+    try:
+        app = build_app(engine, model_name="tiny", options=ServerOptions(api_key="s3cret"))
+        with ServerThread(app) as srv:
+            small = {**WORKLOAD, "num_requests": 4}
+            with pytest.raises(bench_serve.ServeBenchError, match="--api-key"):
+                bench_serve.run(srv.url, small, seed=1)
+            with pytest.raises(bench_serve.ServeBenchError, match="--api-key"):
+                bench_serve.run(srv.url, small, seed=1, api_key="wrong")
+            trace, outcomes = bench_serve.run(srv.url, small, seed=1, api_key="s3cret")
+            assert len(outcomes) == 4 and all(o.ok for o in outcomes)
+            assert [len(o.token_times) for o in outcomes] == [r.max_output for r in workload_requests(small, 1)]
+    finally:
+        engine.shutdown()

@@ -147,7 +147,7 @@ async def _poll_stats(client: Any, base: str, epoch0: float, every: float, rows:
 
 async def run_async(url: str, requests: Sequence[Request], seed: int, *, model: str | None = None,
                     max_concurrency: int | None = None, ignore_eos: bool = True, stats_every_s: float = 0.25,
-                    extra_body: dict[str, Any] | None = None,
+                    extra_body: dict[str, Any] | None = None, api_key: str | None = None,
                     log: Callable[[str], None] = lambda s: None) -> tuple[Trace, list[Outcome]]:
     import httpx  # why: the serve extra, loaded only when a load test runs
 
@@ -155,11 +155,19 @@ async def run_async(url: str, requests: Sequence[Request], seed: int, *, model: 
     if base.endswith("/v1"):
         base = base[:-3]
     limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency or 256)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=60.0), limits=limits) as client:
+    # a server started with --api-key wants it on every /v1/* call, as vLLM's does
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=60.0), limits=limits,
+                                 headers=headers) as client:
         try:
-            models = await _get_json(client, f"{base}/v1/models")
+            probe = await client.get(f"{base}/v1/models")
         except httpx.HTTPError as e:
             raise ServeBenchError(f"--url {url}: cannot reach the server ({type(e).__name__}: {e})") from None
+        if probe.status_code == 401:
+            raise ServeBenchError(f"--api-key: the server at {url} refused "
+                                  + ("the key given" if api_key else "an unauthenticated client: give its key "
+                                     "(--api-key or $PIPETWIN_API_KEY)"))
+        models = probe.json() if probe.status_code == 200 else None
         if not models or not models.get("data"):
             raise ServeBenchError(f"--url {url}: GET /v1/models did not list a model")
         names = [m["id"] for m in models["data"]]

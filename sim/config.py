@@ -42,6 +42,10 @@ class SimConfig:
     stage_jitter: bool = False
     jitter_seed: int = 0
     slo: dict[str, float | None] = field(default_factory=dict)  # ttft / tpot / e2e seconds
+    # The table whose fitted model a policy that plans in seconds (time_balanced) prices
+    # batches with; None: the profile that times the run. The twin sets it to the table the
+    # runtime prices with, so both sides decide alike while the in-situ table times the sim.
+    stage_time_profile: str | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str, value: Any) -> ValueError:
@@ -82,6 +86,9 @@ class SimConfig:
                 and self.jitter_seed >= 0):
             raise bad("jitter_seed", "an int >= 0", self.jitter_seed)
         SLO.of(self.slo)  # validates keys
+        if self.stage_time_profile is not None and not (isinstance(self.stage_time_profile, str)
+                                                        and self.stage_time_profile):
+            raise bad("stage_time_profile", "null or a table name or folder path", self.stage_time_profile)
 
     def workload_spec(self) -> dict[str, Any]:
         return {**self.workload, "seed": self.seed}

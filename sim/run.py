@@ -102,9 +102,12 @@ def simulate(config: SimConfig, *, latency: StageLatency | None = None, pp: int 
 
     recorder = TraceRecorder()
     policy = make_policy(config.policy, config.policy_params)
-    # The policy may price batches (time_balanced does) with the model that times them here.
+    # The policy may price batches (time_balanced does): by default with the model that times
+    # them here, or with the one of `stage_time_profile`.
+    pricing = SlowestStage(latency, pp) if config.stage_time_profile is None \
+        else SlowestStage(fitted_model(config.stage_time_profile)[0])
     scheduler = Scheduler(SchedulerConfig(pp, num_pages, config.page_size), policy, recorder,
-                          stage_time_model=SlowestStage(latency, pp))
+                          stage_time_model=pricing)
     env = simpy.Environment()
     stage_jitter = None
     if config.stage_jitter:

@@ -234,3 +234,20 @@ def test_slowest_stage_adapter_is_the_max_over_the_fitted_stages():
         assert slowest.predict(*shape) == max(per_stage)
     # The last stage carries the LM head: a decode-heavy batch is slowest there.
     assert slowest.predict(0, 256, 0, 256 * 1000) == model.stage_time(3, 0, 256, 0, 256 * 1000)
+
+
+def test_stage_time_profile_prices_with_another_table_and_leaves_other_policies_alone():
+    from sim import SimConfig, simulate
+    workload = {"num_requests": 120, "arrival": {"kind": "gamma", "rate": 6.0},
+                "prompt_len": {"kind": "lognormal", "mean": 1155, "spread": 0.96, "max": 8192},
+                "output_len": {"kind": "lognormal", "mean": 60, "spread": 0.771, "max": 512}}
+
+    def batches(policy, pricing=None):
+        return simulate(SimConfig(profile="qwen2.5-32b_a100-80gb_pp4", policy=policy, workload=workload,
+                                  stage_time_profile=pricing)).trace.batches
+    # The CPU table prices a decode far above a prefill token relative to the GPU one, so
+    # the same level admits other chunks; Token Throttling never prices anything.
+    assert not batches("time_balanced").equals(batches("time_balanced", "llama-32m_cpu-1thread_pp2"))
+    assert batches("token_throttling").equals(batches("token_throttling", "llama-32m_cpu-1thread_pp2"))
+    with pytest.raises(ValueError, match="stage_time_profile must be"):
+        SimConfig(stage_time_profile="")

@@ -48,10 +48,11 @@ class Bench:
         return self.llm.config.page_size
 
     def run(self, requests: Sequence[Request], policy: str, policy_params: dict[str, Any] | None = None,
-            seed: int = 0) -> Trace:
-        """Replay `requests` (their lengths and arrival times) under `policy`; the runtime's trace."""
+            seed: int = 0, stage_time_model: Any = None) -> Trace:
+        """Replay `requests` (their lengths and arrival times) under `policy`; the runtime's
+        trace. `stage_time_model`: what a policy that plans in seconds prices batches with."""
         llm = self.llm
-        llm.set_policy(policy, policy_params)
+        llm.set_policy(policy, policy_params, stage_time_model)
         prompts = prompt_ids(requests, llm.model_config.vocab_size, seed)
         params = [self.SamplingParams(max_tokens=r.max_output, ignore_eos=True) for r in requests]
         arrivals = [float(r.arrival) for r in requests]

@@ -17,7 +17,7 @@ import pandas as pd
 from core.metrics import summarize
 from core.trace import Trace
 from profiles.in_situ import in_situ_profile
-from profiles.latency_model import fit
+from profiles.latency_model import SlowestStage, fit
 from profiles.schema import load_profile, save_profile
 from runtime.model_specs import display_name
 from sim import SimConfig, simulate
@@ -73,7 +73,8 @@ def calibration_run(cfg: ValidationConfig, bench: Any, pol: dict[str, Any], rate
     """One runtime run on calibration requests (workload seed calibrate.seed): its stage rows."""
     wl = cfg.workload_for(rate, cfg.calibrate["seed"])
     seed = wl.pop("seed")
-    real = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed)
+    real = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed,
+                     stage_time_model=pricing_model(cfg.profile))
     write_results(run_dir, real, summarize(real), {"policy": pol["name"], "workload": wl, "seed": seed})
     log(f"calibration: {pol['label']} @ {rate_label(rate)} req/s, seed {seed}: "
         f"{len(real.batches)} stage rows in {real.meta['wall_s']:.1f} s")
@@ -226,6 +227,12 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
     return ValidationResult(errors, ranks, report, text, out)
 
 
+def pricing_model(profile: str) -> SlowestStage:
+    """What time_balanced prices batches with on both sides: the config's base table (the
+    in-situ one is built from these very runs, so it cannot price them)."""
+    return SlowestStage(fitted_model(profile)[0])
+
+
 def simulate_cell(cfg: ValidationConfig, pol: dict[str, Any], wl: dict[str, Any], seed: int, profile: str,
                   num_pages: int, page_size: int, run_dir: Path) -> list[Any]:
     """The simulator side of one cell: `sim_repeats` runs (stage jitter drawn with seeds
@@ -236,7 +243,8 @@ def simulate_cell(cfg: ValidationConfig, pol: dict[str, Any], wl: dict[str, Any]
         # driver_on_stage0: the runtime's scheduler shares stage 0's thread (runtime.driver)
         sim_cfg = SimConfig(profile=profile, policy=pol["name"], policy_params=dict(pol["params"]),
                             workload=wl, seed=seed, pp=cfg.pp, num_pages=num_pages, page_size=page_size,
-                            driver_on_stage0=True, stage_jitter=cfg.sim_repeats > 1, jitter_seed=k)
+                            driver_on_stage0=True, stage_jitter=cfg.sim_repeats > 1, jitter_seed=k,
+                            stage_time_profile=cfg.profile)
         results.append(simulate(sim_cfg, requests=workload_requests(wl, seed)))
         if k == 0:
             write_results(run_dir / "sim", results[0].trace, results[0].summary, sim_cfg.to_dict())
@@ -255,7 +263,8 @@ def _real_run(cfg: ValidationConfig, bench: Any, pol: dict[str, Any], rate: Any,
     runs/<cell>/real (k = 0), real_2, ..."""
     wl = cfg.workload_for(rate)
     seed = wl.pop("seed")
-    t = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed)
+    t = bench.run(workload_requests(wl, seed), pol["name"], pol["params"], seed=seed,
+                  stage_time_model=pricing_model(cfg.profile))
     t_sum = summarize(t)
     t_sum["wall_s"] = t.meta["wall_s"]
     run_dir = cell_dir(out, pol["label"], rate)

@@ -348,7 +348,7 @@ class Check:
         dev = ["--device", self.args.device, "--dtype", self.args.dtype]
         table = self.out / "profile"
         sim_out, bench_out = self.out / "sim_inf", self.out / "bench_inf"
-        n = "64" if self.args.quick else "400"
+        n = "16" if self.args.quick else "400"
         state: dict[str, float] = {}
 
         def profile() -> tuple[str, str, str]:
@@ -381,14 +381,17 @@ class Check:
         def run() -> tuple[str, str, str]:
             if cap is None:
                 raise RuntimeError("needs the serve section's simulated capacity")
+            quick = self.args.quick
             spec = {
                 "name": "gpu_check_validate", "model": self.model_arg(), "pp": 1,
                 "profile": str(self.out / "profile"), "device": self.args.device,
                 "dtype": self.args.dtype, "page_size": 16, "seed": 0,
-                "workload": {"num_requests": 64 if self.args.quick else 120,
+                "workload": {"num_requests": 16 if quick else 120,
                              "arrival": {"kind": "gamma", "burstiness": 1.0},
-                             "prompt_len": {"kind": "lognormal", "mean": 600, "spread": 0.96, "max": 4096},
-                             "output_len": {"kind": "lognormal", "mean": 128, "spread": 0.77, "max": 512}},
+                             "prompt_len": {"kind": "lognormal", "mean": 100 if quick else 600,
+                                            "spread": 0.96, "max": 4096},
+                             "output_len": {"kind": "lognormal", "mean": 16 if quick else 128,
+                                            "spread": 0.77, "max": 512}},
                 "loads": [round(0.5 * cap, 3), round(0.9 * cap, 3), "inf"],
                 "calibrate": {"seed": 1}, "repeats": 1,
                 "policies": [{"name": "token_throttling", "label": "token_throttling"},

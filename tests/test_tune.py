@@ -199,3 +199,10 @@ def test_best_yaml_as_validate_policy_and_serve_policy_file(tmp_path, monkeypatc
     args = build_parser().parse_args(["serve", "--model", "dummy:llama-32m", "--policy-file", str(tmp_path / "no.yaml")])
     with pytest.raises(ConfigError, match="--policy-file: no such file"):
         apply_policy_file(args)
+
+
+@pytest.mark.parametrize("name", ["tune_tt.yaml", "tune_tt_cpu.yaml"])
+def test_shipped_tune_configs_load(name):
+    from experiments.tune_config import load_tune
+    spec = load_tune(Path(__file__).resolve().parents[1] / "experiments" / name)
+    assert spec.policy == "token_throttling" and spec.trials >= 20 and spec.params

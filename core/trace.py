@@ -17,6 +17,8 @@ from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from core.metrics import inter_token_latencies
+
 if TYPE_CHECKING:  # pandas is imported lazily: the scheduler hot path never needs it
     import numpy as np
     import pandas as pd
@@ -213,7 +215,6 @@ class Trace:
         when the table has not been built."""
         if isinstance(self._tokens, TokenTimes):
             return self._tokens.gaps(request_ids)
-        from core.metrics import inter_token_latencies
         return inter_token_latencies(self.tokens, request_ids)
 
     # ------------------------------------------------------------------ I/O

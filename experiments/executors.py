@@ -13,6 +13,8 @@ import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Callable, Iterable
 
+from sim import fitted_model
+
 EXECUTORS = ("local", "ray")
 
 
@@ -111,7 +113,6 @@ def make_executor(kind: str, workers: int | None, address: str | None = None) ->
 
 def warm_profiles(profiles: Iterable[str]) -> Callable[[], None]:
     def warm() -> None:
-        from sim import fitted_model
         for p in profiles:
             fitted_model(p)
     return warm

@@ -26,9 +26,14 @@ import pandas as pd
 import yaml
 
 from core.metrics import summary_keys
+from core.trace import _has_pyarrow
+from core.workloads import Workload
 from experiments.capacity import SUSTAIN_KEYS, binding_condition, find_capacity, probe_failures, sustainability
 from experiments.config import (Experiment, Run, as_float, capacity_groups, describe_run, expand,
                                 fmt_value, max_throughput_config, probe_config)
+from experiments.executors import LocalPool, warm_profiles
+from profiles.schema import resolve
+from sim import SimConfig, simulate
 
 PACKAGES = ("core", "sim", "profiles")   # code whose changes change simulation results
 ROW_VERSION = 2   # the columns `execute` adds to a summary row; a change invalidates cached rows
@@ -55,7 +60,6 @@ def code_version() -> str:
 
 @functools.lru_cache(maxsize=64)
 def _profile_fingerprint(profile: str) -> str:
-    from profiles.schema import resolve
     try:
         folder = resolve(profile)
     except ValueError:
@@ -93,8 +97,6 @@ def run_hash(config: dict[str, Any]) -> str:
 
 def execute(config: dict[str, Any], artefact_dir: str | None = None) -> dict[str, Any]:
     """Simulate one resolved config; the summary row (+ offered_rps). Runs in a worker."""
-    from sim import SimConfig, simulate
-
     result = simulate(SimConfig.from_dict(config))
     row = dict(result.summary)
     arrivals = result.trace.requests["arrival"]
@@ -102,7 +104,6 @@ def execute(config: dict[str, Any], artefact_dir: str | None = None) -> dict[str
     row["offered_rps"] = (len(arrivals) - 1) / span if span > 0 else math.inf
     row.update(sustainability(result.trace.requests))
     if artefact_dir is not None:
-        from core.trace import _has_pyarrow
         folder = Path(artefact_dir)
         result.trace.save(folder, formats=("parquet",) if _has_pyarrow() else ("csv",))
         result.trace.to_perfetto(folder / "perfetto.json")
@@ -131,8 +132,6 @@ class Runner:
 
     def __init__(self, out: Path, workers: int | None = None, use_cache: bool = True,
                  progress: bool = True, executor: Any = None) -> None:
-        from experiments.executors import LocalPool
-
         self.out = Path(out)
         self.executor = executor
         self.workers = executor.workers if executor is not None else max(1, workers or os.cpu_count() or 1)
@@ -180,7 +179,6 @@ class Runner:
         hold a lock while the process forks)."""
         if self.in_process or self._started:
             return
-        from experiments.executors import warm_profiles
         self.executor.start(warm_profiles(profiles))
         self.workers = self.executor.workers
         self._started = True
@@ -321,8 +319,6 @@ def write_table(df: pd.DataFrame, path_stem: Path) -> list[Path]:
 
 def offered_rps(config: dict[str, Any]) -> float:
     """A run's offered rate as `execute` reports it, from its workload alone (no simulation)."""
-    from core.workloads import Workload
-    from sim import SimConfig
 
     arrivals = [r.arrival for r in Workload.from_dict(SimConfig.from_dict(config).workload_spec()).requests()]
     span = max(arrivals) - min(arrivals) if len(arrivals) > 1 else 0.0
@@ -450,7 +446,7 @@ def run_sweep(exp: Experiment, out: str | Path, *, workers: int | None = None, u
         {"code_version": code_version(), "runs": len(runs), "computed": runner.computed,
          "cached": runner.cached, "workers": runner.workers, "wall_s": round(res.wall_s, 2)}, indent=2) + "\n")
     if report:
-        from experiments.report import make_report
+        from experiments.report import make_report  # why: matplotlib, only when a report is asked for
         res.report = make_report(out, exp)
     res.wall_s = time.perf_counter() - t0
     return res

@@ -166,7 +166,7 @@ def run_tune(config: str | Path | TuneSpec, out: str | Path | None = None, *, ex
     files.append(write_best(out / "best.yaml", spec, best_params, float(best["objective"]), int(best["trial"])))
     importance = param_importance(optuna, study, spec)
     if plots:
-        from experiments.tune_plots import make_tune_plots
+        from experiments.tune_plots import make_tune_plots  # why: matplotlib, only when plots are asked for
         files += make_tune_plots(out / "plots", table, spec, importance)
     res = TuneResult(out, table, best_params, float(best["objective"]), int(best["trial"]),
                      runner.computed, runner.cached, time.perf_counter() - t0, files)

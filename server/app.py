@@ -43,6 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from core.trace import BATCH_COLUMNS
 from server.access import Gate
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.protocol import (APIError, ChatChunks, ChatCompletionRequest, CompletionChunks, CompletionRequest,
@@ -117,6 +118,7 @@ class OpenAIServer:
                  on_shutdown: Callable[[], None] | None = None, options: ServerOptions | None = None,
                  on_fatal: Callable[[int], None] | None = None) -> None:
         if sampling_params is None:
+            # why: runtime.llm loads torch; a server over a stand-in engine needs none
             from runtime.llm import SamplingParams as sampling_params  # noqa: N813
         self.engine, self.model_name, self.info = engine, model_name, dict(info or {})
         self.make_params, self.on_shutdown = sampling_params, on_shutdown
@@ -464,7 +466,6 @@ class OpenAIServer:
                      "requests_finished_total": s.requests_finished_total})
 
     async def pipetwin_stage_rows(self, since: float = 0.0) -> Response:
-        from core.trace import BATCH_COLUMNS
         rows = self.engine.stage_rows(since)
         return JSON({"columns": BATCH_COLUMNS, "rows": [list(r) for r in rows]})
 

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+from core.policies import make_policy
 from runtime.engine_args import add_engine_args, check_engine_values, engine_kwargs
 
 log = logging.getLogger("pipetwin.server")
@@ -112,8 +113,8 @@ def server_options(args: argparse.Namespace) -> Any:
     """server.app.ServerOptions from the flags (ValueError naming the flag)."""
     import os
 
-    from server.access import LOOPBACK_HOSTS
-    from server.app import ServerOptions
+    from server.access import LOOPBACK_HOSTS  # why: server.app loads fastapi; `--help` stays light
+    from server.app import ServerOptions  # why: fastapi, as above
 
     key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     if args.allowed_hosts is not None:
@@ -141,8 +142,6 @@ def exposure_warning(host: str, options: Any) -> str | None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the flag."""
-    from core.policies import make_policy
-
     check_engine_values(vars(args))
     if args.port < 0:
         raise ValueError(f"--port must be an integer >= 0, got {args.port}")
@@ -170,7 +169,7 @@ def make_engine(args: argparse.Namespace) -> Any:
 def run_cli(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.app import build_app
+    from server.app import build_app  # why: fastapi, only when a server starts
 
     check_args(args)
     options = server_options(args)

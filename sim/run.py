@@ -17,6 +17,7 @@ from core.scheduler import Scheduler, SchedulerConfig
 from core.trace import Trace, TraceRecorder
 from core.workloads import Workload
 from profiles import LatencyModel, load_profile
+from profiles.fit_cache import cached_fit
 from profiles.latency_model import SlowestStage
 from sim.config import SimConfig
 from sim.pipeline import PipelineSim, StageJitter, StageLatency
@@ -34,7 +35,6 @@ class SimResult:
 def fitted_model(profile: str) -> tuple[LatencyModel, int, dict]:
     """Fit once per profile per process (sweeps call this thousands of times), and once per
     table on this machine (profiles/fit_cache.py)."""
-    from profiles.fit_cache import cached_fit
     prof = load_profile(profile)
     model, _error = cached_fit(profile, prof)
     return model, prof.pp, prof.meta

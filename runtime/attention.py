@@ -381,7 +381,7 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     on_cuda = torch.device(device).type == "cuda"
     if name == "torch" or (name == "auto" and not on_cuda):
         return "torch"      # the CPU path imports nothing more
-    from runtime import triton_attention
+    from runtime import triton_attention  # why: triton loads only when a GPU backend is chosen
     if name == "auto":
         return "triton" if triton_attention.available() else "torch"
     if name == "triton" and not triton_attention.available():
@@ -639,7 +639,7 @@ class KernelMeta:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        from runtime import triton_attention as ta
+        from runtime import triton_attention as ta  # why: as above, never on the CPU path
         if self.backend == "flashinfer":
             return _flashinfer_attention(self, q, k, v, k_cache, v_cache)
         ta.store_kv(k, v, k_cache, v_cache, self.slots)

@@ -260,15 +260,20 @@ class Experiment:
 
 # ---------------------------------------------------------------- loading
 
+def read_yaml(path: Path, what: str) -> Any:
+    """A config file's YAML, or a ConfigError naming the file (`what`: the kind of config)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such {what}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
 def load_experiment(path: str | os.PathLike, *, check_files: bool = True) -> Experiment:
     """Read and validate a YAML experiment config (runs are validated by `expand`)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such experiment config")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = read_yaml(path, "experiment config")
     try:
         exp = parse_experiment(raw or {}, default_name=path.stem)
         exp.source = str(path)

@@ -47,7 +47,7 @@ import yaml
 
 from core.policies import policy_class, policy_params
 from core.validation import suggest
-from experiments.config import (SCHEMA, CapacitySpec, ConfigError, Run, _check_tree, _parse_capacity,
+from experiments.config import (SCHEMA, CapacitySpec, ConfigError, Run, _check_tree, _parse_capacity, read_yaml,
                                 check_dotted, check_keys, describe_run, set_dotted, validate_config)
 from sim.config import SimConfig, default_workload
 
@@ -142,12 +142,7 @@ class TuneSpec:
 def load_tune(path: str | os.PathLike) -> TuneSpec:
     """Read and validate a tune YAML (every target resolved and checked)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such tune config")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = read_yaml(path, "tune config")
     try:
         spec = parse_tune(raw or {}, default_name=path.stem)
     except ConfigError as e:

@@ -17,6 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="worker processes (default: all cores; with --executor ray: "
                                                "the local Ray's CPUs)")
     p.add_argument("--no-cache", action="store_true", help="recompute every simulation (the cache is rewritten)")
+    p.add_argument("--validate", metavar="VALIDATE_YAML",
+                   help="after the search, run the tuned setting and the policy's defaults on the real runtime "
+                        "through this validate config (its model, pp, workload, loads; its policies are replaced) "
+                        "and say whether the hardware agrees")
     add_executor_flags(p)
 
 
@@ -28,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if args.trials is not None and args.trials < 1:
         raise UsageError(f"--trials must be >= 1, got {args.trials}")
+    if args.validate is not None and not Path(args.validate).is_file():   # before a long search, not after
+        raise UsageError(f"--validate {args.validate}: no such validation config")
     require_optuna()
     spec = load_tune(args.file)
     out = Path(args.out) if args.out else Path("results") / spec.name
@@ -43,4 +49,22 @@ def run(args: argparse.Namespace) -> int:
           + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.best_params.items()))
     print(f"best setting: {out / 'best.yaml'}")
     print(f"report:       {out / 'tune_report.md'}")
+    if args.validate is not None:
+        validate_tuned(args.validate, out)
     return 0
+
+
+def validate_tuned(validate_file: str, out: Path) -> None:
+    # why: torch and the runtime load only when the hardware side runs
+    from twin.tune_validate import summary_lines, tune_validation_config
+    from twin.validate.run import run_validation   # why: as above
+
+    try:
+        cfg = tune_validation_config(validate_file, out, out / "best.yaml")
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    print(f"validating on the runtime: {cfg.source} -> {cfg.out}")
+    res = run_validation(cfg, log=print)
+    print(res.table_text)
+    print("\n".join(summary_lines(res.errors, res.ranking)))
+    print(f"validate report: {res.report}")

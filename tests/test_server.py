@@ -186,6 +186,8 @@ def test_models_health_metrics(served, client):
     srv = served[0]
     assert [m.id for m in client.models.list().data] == [NAME]
     assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
+    # one generation of its own: under xdist this test may be the first of the module on its worker
+    client.completions.create(model=NAME, prompt="hi", max_tokens=2, temperature=0)
     text = httpx.get(srv.url + "/metrics").text
     for name in ("pipetwin_num_requests_running", "pipetwin_num_requests_waiting", "pipetwin_kv_cache_usage_ratio",
                  "pipetwin_bubble_ratio", "pipetwin_prompt_tokens_total", "pipetwin_generation_tokens_total",

@@ -445,6 +445,11 @@ def _finite(v: Any) -> int | float | None:
     return v if math.isfinite(v) else None
 
 
+def finite(d: dict) -> dict:
+    """NaN and inf values as None (JSON has neither): summary.json as `sim`, `bench` and `validate` write it."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
 def json_default(v: Any) -> Any:
     """json.dumps(default=...) for what traces and summaries hold: numpy scalars and arrays, sets, paths."""
     if hasattr(v, "item") and callable(v.item):

@@ -284,14 +284,20 @@ def load_experiment(path: str | os.PathLike, *, check_files: bool = True) -> Exp
     return exp
 
 
-def parse_experiment(raw: Any, default_name: str = "experiment") -> Experiment:
-    d = check_keys(raw, TOP_KEYS, "config")
+def name_and_description(d: Mapping, default_name: str) -> tuple[str, str]:
+    """A config's `name` (it names the results folder: no '/') and `description`."""
     name = d.get("name", default_name)
     if not isinstance(name, str) or not name or "/" in name:
         raise ConfigError(f"name must be a non-empty string without '/', got {name!r}")
     description = d.get("description", "") or ""
     if not isinstance(description, str):
         raise ConfigError(f"description must be a string, got {description!r}")
+    return name, description
+
+
+def parse_experiment(raw: Any, default_name: str = "experiment") -> Experiment:
+    d = check_keys(raw, TOP_KEYS, "config")
+    name, description = name_and_description(d, default_name)
 
     base = check_keys(d.get("base"), tuple(SCHEMA) + ("policy", "policy_params"), "base")
     for k in ("policy", "policy_params"):

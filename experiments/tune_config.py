@@ -47,8 +47,9 @@ import yaml
 
 from core.policies import policy_class, policy_params
 from core.validation import suggest
-from experiments.config import (SCHEMA, CapacitySpec, ConfigError, Run, _check_tree, _parse_capacity, read_yaml,
-                                check_dotted, check_keys, describe_run, set_dotted, validate_config)
+from experiments.config import (SCHEMA, CapacitySpec, ConfigError, Run, _check_tree, _parse_capacity, check_dotted,
+                                check_keys, describe_run, name_and_description, read_yaml, set_dotted,
+                                validate_config)
 from sim.config import SimConfig, default_workload
 
 TOP_KEYS = ("name", "description", "policy", "fixed", "params", "constraints", "base", "targets",
@@ -160,12 +161,7 @@ def _int(d: Mapping, key: str, default: int, low: int) -> int:
 
 def parse_tune(raw: Any, default_name: str = "tune", check_files: bool = True) -> TuneSpec:
     d = dict(check_keys(raw, TOP_KEYS, "tune config"))
-    name = d.get("name", default_name)
-    if not isinstance(name, str) or not name or "/" in name:
-        raise ConfigError(f"name must be a non-empty string without '/', got {name!r}")
-    description = d.get("description", "") or ""
-    if not isinstance(description, str):
-        raise ConfigError(f"description must be a string, got {description!r}")
+    name, description = name_and_description(d, default_name)
     policy = d.get("policy")
     if not isinstance(policy, str):
         raise ConfigError(f"policy is required (a policy name or dotted path), got {policy!r}")

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from core.trace import TABLE_FORMATS, _has_pyarrow, json_default
+from core.trace import TABLE_FORMATS, _has_pyarrow, finite, json_default
 
 DEFAULT_TABLES = ("batches", "requests", "samples")
 
@@ -55,8 +55,6 @@ def save_outputs(result: Any, out: str | Path, *, formats: Sequence[str] | None 
         written.append(result.trace.to_perfetto(perfetto_path, window=perfetto_window))
     else:
         perfetto_path.unlink(missing_ok=True)   # an earlier run's, in the same folder
-    summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-               for k, v in result.summary.items()}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n")
+    (out / "summary.json").write_text(json.dumps(finite(result.summary), indent=2, default=json_default) + "\n")
     (out / "config.yaml").write_text(yaml.safe_dump(result.config.to_dict(), sort_keys=False))
     return [*written, out / "summary.json", out / "config.yaml"]

@@ -11,6 +11,7 @@ step; the full partition of page ids every step when N <= 256, else every 16th a
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -239,3 +240,12 @@ def complete_oldest(s: Scheduler, now: float, sampled: Sequence[int] | None = No
 def items_of(batch: MicroBatch) -> list[tuple[int, int, int, bool]]:
     """A batch as (request id, start, num_tokens, is_prefill) tuples, in item order."""
     return [(it.request.id, it.start, it.num_tokens, it.is_prefill) for it in batch.items]
+
+
+def wait_until(cond: Callable[[], Any], what: str, limit_s: float = 30.0) -> None:
+    """Poll a condition an engine or server reaches asynchronously (a hang fails; no speed asserted)."""
+    deadline = time.monotonic() + limit_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.02)

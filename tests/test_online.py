@@ -14,6 +14,7 @@ pytest.importorskip("torch")
 from runtime.llm import LLM, SamplingParams  # noqa: E402
 from runtime.online import AsyncLLM, EngineDeadError  # noqa: E402
 from runtime.worker import FAULT_ENV  # noqa: E402
+from tests.helpers import wait_until  # noqa: E402
 
 CFG = dict(model_type="llama", hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
            num_key_value_heads=2, intermediate_size=128, vocab_size=256, max_position_embeddings=256,
@@ -39,13 +40,6 @@ async def collect(engine: AsyncLLM, prompt, params=FIXED):
     return [t for d in deltas for t in d.token_ids], deltas
 
 
-def wait_until(cond, what: str, limit_s: float = 30.0) -> None:
-    """Poll a condition the engine reaches asynchronously (a hang fails; no speed asserted)."""
-    deadline = time.monotonic() + limit_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("pp", [1, 2])

@@ -23,6 +23,7 @@ from runtime.online import AsyncLLM  # noqa: E402
 from server.app import build_app  # noqa: E402
 from server.serve import ServerThread  # noqa: E402
 from server.tokens import ByteCodec, StopChecker, plain_chat_text  # noqa: E402
+from tests.helpers import wait_until  # noqa: E402
 
 NAME = "tiny-llama"
 CFG = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, num_hidden_layers=2,
@@ -75,12 +76,6 @@ def metric(url: str, name: str) -> float:
     return float(m.group(1))
 
 
-def wait_until(cond, what: str, limit_s: float = 30.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------- happy paths

@@ -25,6 +25,7 @@ httpx = pytest.importorskip("httpx")
 from runtime.online import AsyncLLM  # noqa: E402
 from server.app import ServerOptions, build_app  # noqa: E402
 from server.serve import ServerThread  # noqa: E402
+from tests.helpers import wait_until  # noqa: E402
 
 NAME = "tiny"
 CFG = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -33,12 +34,6 @@ CFG = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attentio
 LEAKS = re.compile(r"Traceback|File \"|\.py\b|/\w+/|pid|port|\bline \d+", re.I)
 
 
-def wait_until(cond, what: str, limit_s: float = 30.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.05)
 
 
 def metrics(url: str) -> dict[str, float]:

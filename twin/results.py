@@ -3,18 +3,12 @@ trace tables, perfetto.json, summary.json (non-finite values as null), config.ya
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from core.trace import Trace, json_default
-
-
-def finite(d: dict) -> dict:
-    """NaN and inf values as None (JSON has neither)."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+from core.trace import Trace, finite, json_default
 
 
 def write_results(out: str | Path, trace: Trace, summary: dict[str, Any], config: dict[str, Any],

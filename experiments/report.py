@@ -11,7 +11,9 @@ import pandas as pd
 from core.policies import policy_class, policy_params
 from core.trace import Trace
 from experiments import plots
-from experiments.config import Experiment, as_float, fmt_value, timeline_rate
+from experiments.config_keys import as_float, fmt_value
+from experiments.expand import timeline_rate
+from experiments.spec import Experiment
 
 
 def _read(path_stem: Path) -> pd.DataFrame | None:

@@ -29,8 +29,9 @@ from core.metrics import summary_keys
 from core.trace import _has_pyarrow
 from core.workloads import Workload
 from experiments.capacity import SUSTAIN_KEYS, binding_condition, find_capacity, probe_failures, sustainability
-from experiments.config import (Experiment, Run, as_float, capacity_groups, describe_run, expand,
-                                fmt_value, max_throughput_config, probe_config)
+from experiments.config_keys import as_float, fmt_value
+from experiments.expand import capacity_groups, describe_run, expand, max_throughput_config, probe_config
+from experiments.spec import Experiment, Run
 from experiments.executors import LocalPool, warm_profiles
 from profiles.schema import resolve
 from sim import SimConfig, simulate

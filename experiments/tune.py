@@ -28,7 +28,8 @@ from typing import Any, Callable
 import pandas as pd
 import yaml
 
-from experiments.config import ConfigError, probe_config
+from experiments.config_keys import ConfigError
+from experiments.expand import probe_config
 from experiments.runner import Runner, Task, canonical, code_version, search_capacity, write_table
 from experiments.tune_config import TuneSpec, load_tune
 

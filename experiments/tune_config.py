@@ -47,9 +47,11 @@ import yaml
 
 from core.policies import policy_class, policy_params
 from core.validation import suggest
-from experiments.config import (SCHEMA, CapacitySpec, ConfigError, Run, _check_tree, _parse_capacity, check_dotted,
-                                check_keys, describe_run, name_and_description, read_yaml, set_dotted,
-                                validate_config)
+from experiments.config import parse_capacity
+from experiments.config_keys import (SCHEMA, ConfigError, check_dotted, check_keys, check_tree, name_and_description,
+                                     read_yaml, set_dotted)
+from experiments.expand import describe_run, validate_config
+from experiments.spec import CapacitySpec, Run
 from sim.config import SimConfig, default_workload
 
 TOP_KEYS = ("name", "description", "policy", "fixed", "params", "constraints", "base", "targets",
@@ -173,12 +175,12 @@ def parse_tune(raw: Any, default_name: str = "tune", check_files: bool = True) -
     params = _parse_params(d.get("params"), allowed, fixed)
     constraints = _parse_constraints(d.get("constraints"), [p.name for p in params])
     base = dict(check_keys(d.get("base"), tuple(SCHEMA), "base"))
-    _check_tree(base, SCHEMA, "base")
+    check_tree(base, SCHEMA, "base")
     targets = _parse_targets(d.get("targets"), base, policy, fixed, params, check_files)
     objective = _parse_objective(d.get("objective"))
     capacity = None
     if "capacity" in objective.terms():
-        capacity = _parse_capacity(d.get("capacity"), base, [])
+        capacity = parse_capacity(d.get("capacity"), base, [])
         if not capacity.slo:
             raise ConfigError("capacity.slo: the capacity objective needs at least one SLO, e.g. "
                               "{ttft_p99: 5.0, tpot_p99: 0.25}")

@@ -15,8 +15,7 @@ from typing import Callable
 
 from cli import bench, bench_serve, plot, profile, profiles, serve, sim, sweep, tune, validate
 from cli.common import EXIT_USAGE, UsageError
-from experiments.config import ConfigError
-from experiments.runner import RunError
+from experiments.errors import ConfigError, RunError
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {name: (m.HELP, m.add_arguments, m.run) for name, m in (

@@ -1,7 +1,6 @@
-"""What every experiment-style config (sweep, tune) checks with: the config error, the
-SimConfig key tree a dotted key may name, key and number checks, dotted get/set and the
-YAML reader. Light on purpose (no simulator, no pandas): the CLI catches ConfigError
-before it knows which command runs."""
+"""What every experiment-style config (sweep, tune) checks with: the SimConfig key tree a
+dotted key may name, key and number checks, dotted get/set and the YAML reader (no
+simulator, no pandas). ConfigError lives in experiments/errors.py and is importable from here."""
 from __future__ import annotations
 
 import copy
@@ -14,6 +13,7 @@ import yaml
 
 from core import validation
 from core.validation import suggest
+from experiments.errors import ConfigError
 
 _LENGTH = {k: None for k in ("kind", "value", "low", "high", "mean", "spread", "min", "max", "values")}
 # Nested keys a dotted key may name (None = leaf). Mirrors SimConfig and Workload.from_dict.
@@ -26,10 +26,6 @@ SCHEMA: dict[str, Any] = {
     "time_limit": None, "stage_model": None,
     "slo": {k: None for k in ("ttft", "tpot", "e2e", "ttft_slo", "tpot_slo", "e2e_slo")},
 }
-
-
-class ConfigError(ValueError):
-    """A user error in an experiment config; the message says where and what is allowed."""
 
 
 def check_keys(d: Any, allowed: tuple[str, ...] | list[str], where: str) -> dict:

@@ -2,7 +2,7 @@
 Ray cluster (`--executor ray [--address ADDR]`) when a study outgrows one machine.
 
 An executor has `submit(fn, *args) -> concurrent.futures.Future`, `workers` (how many
-simulations it runs at once) and `shutdown(kill)`. The Runner (experiments/runner.py) keeps
+simulations it runs at once) and `shutdown(kill)`. The Runner (experiments/task_runner.py) keeps
 the cache on this machine either way: results and tables are the same whatever runs them.
 """
 from __future__ import annotations

@@ -28,9 +28,11 @@ from typing import Any, Callable
 import pandas as pd
 import yaml
 
-from experiments.config_keys import ConfigError
+from experiments.errors import ConfigError
 from experiments.expand import probe_config
-from experiments.runner import Runner, Task, canonical, code_version, search_capacity, write_table
+from experiments.capacity_runs import search_capacity
+from experiments.tables import write_table
+from experiments.task_runner import Runner, Task, canonical, code_version
 from experiments.tune_config import TuneSpec, load_tune
 
 RATE_KEY = "workload.arrival.rate"

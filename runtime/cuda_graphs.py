@@ -3,7 +3,7 @@
 Eager PyTorch on a GPU is launch-bound at small batches (~0.65 ms per layer at one row
 on an H200, issue 14): a decode step is a few hundred small kernels. As nano-vllm and
 vLLM do, the stage captures its forward once per bucketed row count (1, 2, 4, 8, 16,
-then multiples of 16, see runtime.attention.bucket_rows) over static input and
+then multiples of 16, see runtime.kernel_layout.bucket_rows) over static input and
 metadata buffers, and replays the graph: the step's metadata is copied into the
 bucket's buffer (one copy), the inputs into the static inputs, padding rows attend
 nothing and write no K/V. Anything else (prefill chunks, more rows than the largest
@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from runtime.attention import (BatchMeta, KernelMeta, PackedMeta, bucket_rows, bucket_width,
-                               staging)
+from runtime.batch_meta import BatchMeta, KernelMeta, PackedMeta
+from runtime.kernel_layout import bucket_rows, bucket_width, staging
 
 
 def graph_buckets(max_rows: int) -> list[int]:

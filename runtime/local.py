@@ -8,7 +8,8 @@ from typing import Sequence
 import torch
 
 from core.batch import MicroBatch
-from runtime.attention import BatchMeta, input_ids, resolve_backend
+from runtime.attention import resolve_backend
+from runtime.batch_meta import BatchMeta, input_ids
 from runtime.config import ModelConfig
 from runtime.kv_cache import KVCache
 from runtime.model import StageModel

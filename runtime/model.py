@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.attention import BatchMeta, paged_attention
+from runtime.attention import paged_attention
+from runtime.batch_meta import BatchMeta
 from runtime.config import ModelConfig, layer_split, stage_blocks, stage_layers
 from runtime.kv_cache import KVCache
 

@@ -1,7 +1,7 @@
 """Paged attention in Triton: one launch for all decode rows, one for all prefill chunks.
 
 Both launches run one kernel, `_paged_attn_kernel`, over the same per-sequence metadata
-(runtime.attention.KernelLaunch: query start and length, context length, a row of the
+(runtime.batch_meta.KernelLaunch: query start and length, context length, a row of the
 page table). A program holds BLOCK_M "query rows" of one KV head: BLOCK_Q query tokens
 x the GROUP query heads sharing that KV head (GQA costs no K/V copies), and walks the
 sequence's keys BLOCK_N at a time through the page table with an online softmax; the
@@ -196,7 +196,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
            launch, *, per_seq: bool) -> None:
-    """One launch over `launch` (runtime.attention.KernelLaunch): decode rows when
+    """One launch over `launch` (runtime.batch_meta.KernelLaunch): decode rows when
     `per_seq` (one query each, split by launch.num_splits), else prefill chunks by
     query block. Writes into `out` [T, heads, d]."""
     n_seq = launch.seq_lens.numel()

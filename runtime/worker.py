@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from runtime.attention import BatchMeta
+from runtime.batch_meta import BatchMeta
 from runtime.comm import Groups, Inbox, SendQueue, StepMeta, recv_obj, send_obj
 from runtime.cuda_graphs import GraphRunner, GraphStep
 from runtime.engine_config import EngineConfig

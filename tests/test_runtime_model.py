@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from core.batch import BatchItem, MicroBatch  # noqa: E402
 from core.kv_cache import PageAllocator  # noqa: E402
 from core.request import Request  # noqa: E402
-from runtime import attention  # noqa: E402
+from runtime import attention, decode_plan  # noqa: E402
 from runtime.config import ModelConfig, kv_layers, layer_split  # noqa: E402
 from runtime.engine_config import EngineConfig  # noqa: E402
 from runtime.kv_cache import NO_KV_LIMIT, KVCache, kv_bytes_per_page, pages_that_fit  # noqa: E402
@@ -128,7 +128,7 @@ def test_greedy_matches_hf(models, name, pp, split, page_size, chunk):
 def test_greedy_matches_hf_in_place_runs(models, monkeypatch):
     """Decode rows read runs of consecutive pages in place (one page is a run here) and
     merge them with the gathered tail by log-sum-exp: still HF's greedy tokens."""
-    monkeypatch.setattr(attention, "MIN_RUN_PAGES", 1)
+    monkeypatch.setattr(decode_plan, "MIN_RUN_PAGES", 1)
     path, hf = models["llama"]
     pipe = LocalPipeline(path, pp=2, page_size=2, num_pages=64)
     outs, logits = run_greedy(pipe, PROMPTS, NEW_TOKENS, chunk=16)
@@ -161,7 +161,7 @@ def test_decode_modes_match_reference(mode, monkeypatch):
     """Every decode plan (one padded group, a group per row, groups by length, in-place
     runs + gathered tails) gives the same attention as a plain reference, mixed
     with prefill chunks (one read in place, one gathered) and uneven contexts."""
-    monkeypatch.setattr(attention, "MIN_RUN_PAGES", 2)
+    monkeypatch.setattr(decode_plan, "MIN_RUN_PAGES", 2)
     page_size, kv_heads, heads, d = 4, 2, 4, 8
     g = torch.Generator().manual_seed(0)
     k_cache = torch.randn(64, page_size, kv_heads, d, generator=g)

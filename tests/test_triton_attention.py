@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from runtime import attention  # noqa: E402
+from runtime import attention, kernel_layout  # noqa: E402
 from runtime.attention import BatchMeta, KernelMeta, paged_attention  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="the gpu extra (triton) is not installed")
@@ -74,7 +74,7 @@ def test_decode_rows_varied_contexts_gqa(dtype, monkeypatch):
     """9 decode rows, contexts 1 to 700 (split in 8 parts of >= 64 keys, so short rows
     have empty parts), 8 query heads on 2 KV heads; rows padded to a bucket of 16, the
     table to a power of two."""
-    monkeypatch.setattr(attention, "MIN_SPLIT_KEYS", 64)
+    monkeypatch.setattr(kernel_layout, "MIN_SPLIT_KEYS", 64)
     ctxs = [1, 5, 17, 33, 100, 129, 255, 511, 700]
     out, ref, (kc, _), (kc_ref, _), packed = run_both(
         [c - 1 for c in ctxs], [1] * len(ctxs), heads=8, kv_heads=2, d=32, dtype=dtype, seed=1,
@@ -88,7 +88,7 @@ def test_decode_rows_varied_contexts_gqa(dtype, monkeypatch):
 
 def test_long_rows_split_like_unsplit(monkeypatch):
     """A few long rows: cut into 16 splits (flash-decoding) they give what one pass gives."""
-    monkeypatch.setattr(attention, "MIN_SPLIT_KEYS", 64)
+    monkeypatch.setattr(kernel_layout, "MIN_SPLIT_KEYS", 64)
     ctxs = [1100, 37]
     starts, lens = [c - 1 for c in ctxs], [1] * 2
     split, ref, *_ , packed = run_both(starts, lens, 4, 2, 16, torch.float32, seed=2, block_n=32)
@@ -114,7 +114,7 @@ def test_prefill_chunks_with_prior_context(dtype):
 def test_mixed_batch(dtype, monkeypatch):
     """Decodes and chunks interleaved in one micro-batch (two launches), one decode row
     long enough to split."""
-    monkeypatch.setattr(attention, "MIN_SPLIT_KEYS", 64)
+    monkeypatch.setattr(kernel_layout, "MIN_SPLIT_KEYS", 64)
     starts = [40, 0, 300, 5, 17, 90]
     lens = [1, 12, 1, 1, 20, 1]
     out, ref, *_ , packed = run_both(starts, lens, heads=4, kv_heads=1, d=32, dtype=dtype, seed=4)

@@ -26,7 +26,7 @@ from core.request import Request
 from core.scheduler import Scheduler, SchedulerConfig
 from profiles.measure.options import ProfileOptions
 from profiles.measure.profile_grid import Shape, ShapeCostModel
-from runtime.attention import BatchMeta
+from runtime.batch_meta import BatchMeta
 from runtime.comm import free_port
 from runtime.config import ModelConfig
 from runtime.cuda_graphs import GraphRunner

@@ -4,6 +4,7 @@
   tokens.py    tokenizer or byte fallback, chat template, incremental detokenizer, stop strings
   metrics.py   Prometheus /metrics
   access.py    ASGI gate: Host check, API key, status counting
+  intake.py    a request's checks before the engine: body, model name, prompt length, sampling
   app.py       OpenAIServer / build_app(engine, model_name=..., options=ServerOptions(...)) -> FastAPI
   serve.py     `pipetwin serve`, ServerThread (the app on a loopback port in a thread)
 

@@ -47,10 +47,10 @@ from core.trace import BATCH_COLUMNS
 from server.access import Gate
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.protocol import (APIError, ChatChunks, ChatCompletionRequest, CompletionChunks, CompletionRequest,
-                             chat_body, completion_body, decode_body, error_body, new_id, public_reason,
-                             validation_error)
+                             chat_body, completion_body, error_body, new_id, public_reason, validation_error)
 from server.supervisor import MODES, Supervisor
-from server.tokens import InvalidText, StopChecker, check_text, make_codec
+from server.intake import Generation, RequestIntake
+from server.tokens import StopChecker, make_codec
 
 log = logging.getLogger("pipetwin.server")
 
@@ -103,15 +103,9 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-class _Generation:
-    """One request's prompt and sampling parameters, checked."""
-
-    def __init__(self, prompt_ids: list[int], params: Any, stops: list[str], include_usage: bool) -> None:
-        self.prompt_ids, self.params, self.stops, self.include_usage = prompt_ids, params, stops, include_usage
-
-
 class OpenAIServer:
-    """The app's shared state (engine, codec, metrics, options) with the endpoints as methods."""
+    """The app's shared state (engine, codec, metrics, options) with the endpoints as methods;
+    a request's body, prompt and sampling parameters are checked by its RequestIntake."""
 
     def __init__(self, engine: Any, *, model_name: str, info: dict[str, Any] | None = None,
                  sampling_params: Callable[..., Any] | None = None,
@@ -121,7 +115,7 @@ class OpenAIServer:
             # why: runtime.llm loads torch; a server over a stand-in engine needs none
             from runtime.llm import SamplingParams as sampling_params  # noqa: N813
         self.engine, self.model_name, self.info = engine, model_name, dict(info or {})
-        self.make_params, self.on_shutdown = sampling_params, on_shutdown
+        self.on_shutdown = on_shutdown
         self.options = options or ServerOptions()
         self.metrics = ServerMetrics(engine)
         self.codec = make_codec(getattr(engine, "tokenizer", None), engine.model_config.vocab_size)
@@ -129,6 +123,10 @@ class OpenAIServer:
         self.max_len = int(engine.max_model_len)
         self.eos = frozenset(getattr(engine, "eos_token_ids", frozenset()))
         self.created = int(time.time())
+        self.intake = RequestIntake(engine, self.codec, model_name=model_name, vocab=self.vocab,
+                                    max_len=self.max_len, make_params=sampling_params,
+                                    max_request_bytes=self.options.max_request_bytes,
+                                    thread_bytes=self.options.thread_bytes)
         self.supervisor = Supervisor(engine, self.options.on_engine_failure, on_fatal=on_fatal).start()
         self.app = self._build()
 
@@ -201,97 +199,9 @@ class OpenAIServer:
                            type="server_error", code="engine_restarting")
         raise APIError(503, f"the engine is down: {reason}", type="server_error", code="engine_dead")
 
-    # ---------------------------------------------------------------- requests in
-
-    async def parse(self, request: Request, cls: type) -> Any:
-        ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if ctype != "application/json":
-            raise APIError(415, f"send the body as JSON with 'content-type: application/json' "
-                                f"(got {ctype or 'none'!r})", code="unsupported_media_type")
-        raw = await self._read_body(request)
-        if len(raw) > self.options.thread_bytes:
-            req = await asyncio.to_thread(decode_body, raw, cls)
-        else:
-            req = decode_body(raw, cls)
-        if req.model != self.model_name:
-            raise APIError(404, f"The model {req.model!r} does not exist; this server serves "
-                                f"{self.model_name!r} (see /v1/models)", param="model", code="model_not_found")
-        return req
-
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.options.max_request_bytes
-        too_big = APIError(413, f"the request body is larger than {limit} bytes (--max-request-bytes)",
-                           code="request_too_large")
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise too_big
-        parts, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            parts.append(chunk)
-        return b"".join(parts)
-
-    async def encode(self, text: str, param: str) -> list[int]:
-        """The prompt's token ids; a text that cannot fit is refused before tokenizing."""
-        if self.codec is None:
-            raise APIError(400, "this model has no tokenizer and a vocabulary under 256 tokens: "
-                                "send the prompt as a list of token ids", param)
-        if len(text) > self.max_len * self.codec.max_chars_per_token:
-            raise APIError(400, f"This model's maximum context length is {self.max_len} tokens, and the "
-                                f"prompt has {len(text)} characters, more than that many tokens can hold",
-                           param, code="context_length_exceeded")
-        try:
-            check_text(text)
-            if len(text) > self.options.thread_bytes:
-                return await asyncio.to_thread(self.codec.encode, text)
-            return self.codec.encode(text)
-        except InvalidText as e:
-            raise APIError(400, f"{param}: {e}", param) from None
-
-    def sampling(self, req: Any, prompt_ids: list[int], default_max: int | None) -> _Generation:
-        prompt_field = "prompt" if isinstance(req, CompletionRequest) else "messages"
-        if not prompt_ids:
-            raise APIError(400, "the prompt is empty", prompt_field)
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab]
-        if bad:
-            raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab})", "prompt")
-        max_tokens, field = req.max_tokens, "max_tokens"
-        if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
-            if max_tokens is not None and max_tokens != req.max_completion_tokens:
-                raise APIError(400, "max_tokens and max_completion_tokens disagree; give one",
-                               "max_completion_tokens")
-            max_tokens, field = req.max_completion_tokens, "max_completion_tokens"
-        n_prompt, max_len = len(prompt_ids), self.max_len
-        if n_prompt >= max_len:
-            raise APIError(400, f"This model's maximum context length is {max_len} tokens, and the prompt "
-                                f"alone has {n_prompt} (it needs room for at least one generated token)",
-                           prompt_field, code="context_length_exceeded")
-        if max_tokens is None:
-            max_tokens = default_max if default_max is not None else max_len - n_prompt
-        if max_tokens < 1:
-            raise APIError(400, f"{field} must be >= 1, got {max_tokens}", field)
-        if n_prompt + max_tokens > max_len:
-            raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, you "
-                                f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, "
-                                f"{max_tokens} for the completion). Reduce the prompt or {field}.",
-                           field, code="context_length_exceeded")
-        try:
-            params = self.make_params(max_tokens=max_tokens, ignore_eos=req.ignore_eos,
-                                      stop_token_ids=tuple(req.stop_token_ids or ()),
-                                      **req.sampler_values(self.vocab))
-        except ValueError as e:
-            raise APIError(400, str(e), str(e).split(".", 1)[-1].split(" ", 1)[0] or None) from None
-        try:
-            self.engine.check_request(prompt_ids, params)
-        except ValueError as e:
-            raise APIError(400, str(e), "prompt") from None
-        return _Generation(prompt_ids, params, req.stop_strings(), req.include_usage)
-
     # ---------------------------------------------------------------- running one request
 
-    async def run(self, g: _Generation) -> AsyncIterator[tuple[str, str | None, bool]]:
+    async def run(self, g: Generation) -> AsyncIterator[tuple[str, str | None, bool]]:
         """Drive the engine; yields (text, finish_reason, is_token) per token (and once more with
         is_token False when the final delta holds no token). Closes the engine stream when done."""
         stop = StopChecker(self.codec.decoder() if self.codec else None, g.stops)
@@ -345,7 +255,7 @@ class OpenAIServer:
             await gen.aclose()
             self.metrics.observe(arrival, first, last, n, finish or "abort")
 
-    async def non_streaming(self, request: Request, g: _Generation) -> tuple[str, str | None, int]:
+    async def non_streaming(self, request: Request, g: Generation) -> tuple[str, str | None, int]:
         async def collect() -> tuple[str, str | None, int]:
             parts: list[str] = []
             finish = None
@@ -371,7 +281,7 @@ class OpenAIServer:
             if not task.done():
                 task.cancel()
 
-    async def _events(self, g: _Generation, chunks: CompletionChunks) -> AsyncIterator[str]:
+    async def _events(self, g: Generation, chunks: CompletionChunks) -> AsyncIterator[str]:
         """The SSE lines of one stream; an error after the first byte is an error event."""
         try:
             async with contextlib.aclosing(self.run(g)) as tokens:
@@ -387,15 +297,15 @@ class OpenAIServer:
 
     async def completions(self, request: Request) -> Response:
         self.check_alive()
-        req: CompletionRequest = await self.parse(request, CompletionRequest)
+        req: CompletionRequest = await self.intake.parse(request, CompletionRequest)
         p = req.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             if len(p) != 1:
                 raise APIError(400, f"prompt: batches of {len(p)} prompts are not supported; "
                                     "send one prompt per request", "prompt")
             p = p[0]
-        ids = await self.encode(p, "prompt") if isinstance(p, str) else list(p)
-        g = self.sampling(req, ids, default_max=16)
+        ids = await self.intake.encode(p, "prompt") if isinstance(p, str) else list(p)
+        g = self.intake.sampling(req, ids, default_max=16)
         rid = new_id("cmpl")
         if req.stream:
             return self._stream(g, CompletionChunks(rid, self.model_name, len(g.prompt_ids)))
@@ -404,33 +314,16 @@ class OpenAIServer:
 
     async def chat_completions(self, request: Request) -> Response:
         self.check_alive()
-        req: ChatCompletionRequest = await self.parse(request, ChatCompletionRequest)
-        msgs = [(m.role, m.text()) for m in req.messages]
-        if self.codec is None:
-            raise APIError(400, "this model has no tokenizer and a vocabulary under 256 tokens: "
-                                "chat needs text; use /v1/completions with token ids", "messages")
-        for i, (_, text) in enumerate(msgs):
-            try:
-                check_text(text)
-            except InvalidText as e:
-                raise APIError(400, f"messages[{i}].content: {e}", f"messages[{i}].content") from None
-        total = sum(len(t) for _, t in msgs)
-        if total > self.max_len * self.codec.max_chars_per_token:
-            raise APIError(400, f"This model's maximum context length is {self.max_len} tokens, and the "
-                                f"messages have {total} characters, more than that many tokens can hold",
-                           "messages", code="context_length_exceeded")
-        if total > self.options.thread_bytes:
-            ids = await asyncio.to_thread(self.codec.chat_prompt, msgs)
-        else:
-            ids = self.codec.chat_prompt(msgs)
-        g = self.sampling(req, ids, default_max=None)
+        req: ChatCompletionRequest = await self.intake.parse(request, ChatCompletionRequest)
+        ids = await self.intake.chat_prompt([(m.role, m.text()) for m in req.messages])
+        g = self.intake.sampling(req, ids, default_max=None)
         rid = new_id("chatcmpl")
         if req.stream:
             return self._stream(g, ChatChunks(rid, self.model_name, len(g.prompt_ids)))
         text, finish, n = await self.non_streaming(request, g)
         return JSON(chat_body(rid, self.model_name, text, finish, len(ids), n))
 
-    def _stream(self, g: _Generation, chunks: CompletionChunks) -> Response:
+    def _stream(self, g: Generation, chunks: CompletionChunks) -> Response:
         return _Stream(self._events(g, chunks), media_type="text/event-stream",
                        headers={"Cache-Control": "no-cache"})
 

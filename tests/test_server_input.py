@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-import server.app as server_app  # noqa: E402
+import server.intake as server_intake  # noqa: E402
 from runtime.llm import SamplingParams  # noqa: E402
 from runtime.online import AsyncLLM  # noqa: E402
 from server.app import ServerOptions, build_app  # noqa: E402
@@ -199,13 +199,13 @@ def test_body_size_limit_and_long_prompts(app, url, monkeypatch):
 
 def test_large_bodies_are_parsed_off_the_event_loop(url, monkeypatch):
     threads = []
-    real = server_app.decode_body
+    real = server_intake.decode_body
 
     def spy(raw, cls):
         threads.append(threading.current_thread().name)
         return real(raw, cls)
 
-    monkeypatch.setattr(server_app, "decode_body", spy)
+    monkeypatch.setattr(server_intake, "decode_body", spy)
     assert post(url, {"model": NAME, "prompt": [1, 2], "max_tokens": 1}).status_code == 200
     assert post(url, {"model": NAME, "prompt": [1, 2], "max_tokens": 1, "user": "u" * 5000}).status_code == 200
     assert threads[0] == "pipetwin-server" and threads[1] != "pipetwin-server"

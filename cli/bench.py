@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cli.common import UsageError, add_workload_flags, formats, param, sim_config
+from cli.common import add_workload_flags, formats, param, sim_config
+from cli.errors import UsageError
 from core.metrics import format_summary, summarize
 from core.policies import make_policy
 from core.validation import check_keys
@@ -15,8 +16,6 @@ from runtime.engine_args import add_engine_args, check_engine_values
 from twin.bench import Bench
 from twin.results import write_results
 from twin.workload import workload_requests
-
-HELP = "run the real runtime on a workload and write a results folder like `sim`'s"
 
 
 BENCH_KEYS = ("model", "pp", "policy", "policy_params", "workload", "seed", "num_pages", "page_size",

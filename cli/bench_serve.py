@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from cli.bench import BENCH_KEYS
-from cli.common import UsageError, add_workload_flags, formats, sim_config
+from cli.common import add_workload_flags, formats, sim_config
+from cli.errors import UsageError
 from core.metrics import summarize
 from core.validation import check_keys
 from core.workloads import Workload
 from twin import bench_serve as bs
 from twin.results import write_results
-
-HELP = "load-test an OpenAI-compatible server (`pipetwin serve`): vLLM-style report and a results folder like `bench`'s"
 
 
 def bench_serve_config(args: argparse.Namespace) -> dict[str, Any]:

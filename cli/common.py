@@ -1,4 +1,4 @@
-"""What the commands share: usage errors, the policy-parameter and table-format flag
+"""What the commands share: the policy-parameter and table-format flag
 types, the workload flags and the sim-style config (YAML file, then flags)."""
 from __future__ import annotations
 
@@ -9,14 +9,9 @@ from typing import Any
 
 import yaml
 
+from cli.errors import UsageError
 from core.trace import TABLE_FORMATS
 from sim.config import default_workload
-
-EXIT_USAGE = 2
-
-
-class UsageError(ValueError):
-    """Reported as `pipetwin CMD: error: MESSAGE`, exit 2."""
 
 
 def param(text: str) -> tuple[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cli.common import UsageError
+from cli.errors import UsageError
 from experiments.executors import EXECUTORS, ExecutorError, make_executor
 
 

@@ -1,48 +1,74 @@
 """`pipetwin` command line: sim, sweep, tune, plot, profiles, profile, bench, bench serve, serve, validate.
 
-A subcommand is a module of this package with HELP, add_arguments(parser) and
-run(args) -> int, listed in COMMANDS. User errors (bad flags, values, configs, missing
-files) exit 2 with one line naming the flag or field; no tracebacks. No command module
-imports torch, matplotlib or fastapi when it is imported: every parser is built on each call.
+A subcommand is a module of this package with add_arguments(parser) and run(args) -> int,
+listed in COMMANDS with its help line. A command's module is imported only when that
+command runs or its own --help is asked, so `pipetwin --help` loads no simulator, pandas
+or torch. User errors (bad flags, values, configs, missing files) exit 2 with one line
+naming the flag or field; no tracebacks. No command module imports torch, matplotlib or
+fastapi when it is imported: every parser is built on each call.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import traceback
-from typing import Callable
+from typing import Iterable
 
-from cli import bench, bench_serve, plot, profile, profiles, serve, sim, sweep, tune, validate
-from cli.common import EXIT_USAGE, UsageError
+from cli.errors import EXIT_USAGE, UsageError
 from experiments.errors import ConfigError, RunError
 
-Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
-COMMANDS: dict[str, Command] = {name: (m.HELP, m.add_arguments, m.run) for name, m in (
-    ("sim", sim), ("sweep", sweep), ("tune", tune), ("plot", plot), ("profiles", profiles), ("profile", profile),
-    ("bench", bench), ("bench serve", bench_serve), ("validate", validate), ("serve", serve))}
+# command -> (its module, its help line); the order is `pipetwin --help`'s
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sim": ("cli.sim", "simulate one configuration and write a results folder"),
+    "sweep": ("cli.sweep", "run an experiment grid (cached, parallel), capacity search, plots, report"),
+    "tune": ("cli.tune", "search a policy's parameters in the simulator (Optuna TPE, resumable), best setting as YAML"),
+    "plot": ("cli.plot", "regenerate a sweep's plots and report"),
+    "profiles": ("cli.profiles", "list the shipped latency tables"),
+    "profile": ("cli.profile", "measure a latency table on this machine (torch runtime, needs the runtime extra)"),
+    "bench": ("cli.bench", "run the real runtime on a workload and write a results folder like `sim`'s"),
+    "bench serve": ("cli.bench_serve", "load-test an OpenAI-compatible server (`pipetwin serve`): vLLM-style "
+                                       "report and a results folder like `bench`'s"),
+    "validate": ("cli.validate", "simulator vs runtime on the same workloads: error table, plots, report"),
+    "serve": ("cli.serve", "serve a model over an OpenAI-compatible HTTP API (needs the runtime and serve extras)"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The `pipetwin` parser: every command listed with its help line, the flags of `commands`
+    (default: all of them) added from their modules."""
+    wanted = set(COMMANDS if commands is None else commands)
     parser = argparse.ArgumentParser(prog="pipetwin", allow_abbrev=False, description="Scheduling policies for "
                                      "pipeline-parallel LLM serving: simulate, sweep, plot.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_, add, run) in COMMANDS.items():
+    for name, (module, help_) in COMMANDS.items():
         if " " in name:   # "bench serve": a form of `bench`, reached through main()'s argv rewrite
             p = sub.add_parser(name.replace(" ", "-"), help=f"(`{parser.prog} {name}`) {help_}",
                                description=help_, allow_abbrev=False, prog=f"{parser.prog} {name}")
         else:
             p = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
-        add(p)
-        p.set_defaults(_run=run, _parser=p, command=name)
+        p.set_defaults(_parser=p, command=name)
+        if name in wanted:
+            # why: a command's module (the simulator, pandas, ...) loads only for that command
+            command = importlib.import_module(module)
+            command.add_arguments(p)
+            p.set_defaults(_run=command.run)
     return parser
+
+
+def named_command(argv: list[str]) -> list[str]:
+    """The command `argv` names (its first word that is not a flag), as a COMMANDS key."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    name = next((n for n in COMMANDS if n.replace(" ", "-") == word), None)
+    return [name] if name else []
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["bench", "serve"]:   # `pipetwin bench serve ...` (a bench config named serve: ./serve)
         argv = ["bench-serve", *argv[2:]]
-    args = build_parser().parse_args(argv)   # argparse exits 2 on bad flags, naming them
+    args = build_parser(named_command(argv)).parse_args(argv)   # argparse exits 2 on bad flags, naming them
     try:
         return args._run(args)
     except (UsageError, ConfigError, FileNotFoundError) as e:

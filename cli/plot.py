@@ -4,10 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cli.common import UsageError
+from cli.errors import UsageError
 from experiments.config import load_experiment
-
-HELP = "regenerate a sweep's plots and report"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

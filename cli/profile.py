@@ -5,8 +5,6 @@ import argparse
 
 from profiles.measure import options
 
-HELP = 'measure a latency table on this machine (torch runtime, needs the runtime extra)'
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_arguments(p)

@@ -5,8 +5,6 @@ import argparse
 
 from profiles import fit, list_tables, load_profile
 
-HELP = 'list the shipped latency tables'
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit", action="store_true", help="also fit each table and show its held-out error")

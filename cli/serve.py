@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import argparse
 
-from cli.common import UsageError, param
+from cli.common import param
+from cli.errors import UsageError
 from server.serve import add_arguments as add_server_arguments
 from server.serve import check_args, run_cli
-
-HELP = "serve a model over an OpenAI-compatible HTTP API (needs the runtime and serve extras)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

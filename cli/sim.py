@@ -5,12 +5,11 @@ import argparse
 import json
 from pathlib import Path
 
-from cli.common import UsageError, add_workload_flags, formats, param, sim_config
+from cli.common import add_workload_flags, formats, param, sim_config
+from cli.errors import UsageError
 from core.metrics import format_summary
 from sim import SimConfig, fitted_model, simulate
 from sim.output import parse_window, save_outputs
-
-HELP = "simulate one configuration and write a results folder"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

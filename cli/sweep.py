@@ -7,13 +7,11 @@ from pathlib import Path
 
 import yaml
 
-from cli.common import UsageError
+from cli.errors import UsageError
 from cli.executor import add_executor_flags, executor_from
 from experiments.config import load_experiment
 from experiments.expand import capacity_groups, expand
 from experiments.runner import iter_preview, run_sweep
-
-HELP = 'run an experiment grid (cached, parallel), capacity search, plots, report'
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

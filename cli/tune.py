@@ -4,10 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cli.common import UsageError
+from cli.errors import UsageError
 from cli.executor import add_executor_flags, executor_from
-
-HELP = "search a policy's parameters in the simulator (Optuna TPE, resumable), best setting as YAML"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

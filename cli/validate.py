@@ -6,8 +6,6 @@ import argparse
 from twin.validate.config import load_validation
 from twin.validate.run import run_validation
 
-HELP = 'simulator vs runtime on the same workloads: error table, plots, report'
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="validation YAML (see experiments/twin_cpu.yaml)")

@@ -47,6 +47,9 @@ def interpreted() -> bool:
 
 
 if triton is not None:
+    # One program from query load to store (~90 lines): the online-softmax state (running max,
+    # sum, accumulator) lives across the whole body, and @triton.jit helpers would only pass
+    # it and a dozen strides back and forth.
     @triton.jit
     def _paged_attn_kernel(
             q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, lse_ptr,

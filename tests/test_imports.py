@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from cli.main import COMMANDS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,6 +46,35 @@ def test_runtime_exports_the_api_and_its_flags_leave_torch_out():
 def test_cli_parsers_leave_torch_matplotlib_and_fastapi_out():
     loaded = imported_after("from cli.main import build_parser\nbuild_parser()")
     assert not {"torch", "matplotlib", "fastapi", "transformers"} & loaded
+
+
+HELP_SCRIPT = """
+import contextlib, io, sys
+from cli.main import COMMANDS, build_parser, main
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    try:
+        main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0, e.code
+assert all(name.replace(" ", "-") in out.getvalue() for name in COMMANDS), out.getvalue()
+build_parser([])
+sys.stdout.write(" ".join(sys.modules))
+"""
+HEAVY = {"sim", "pandas", "torch", "matplotlib", "simpy", "optuna"}
+
+
+def test_top_level_help_loads_no_command_module():
+    """`pipetwin --help` lists every command from cli.main's table without importing the
+    commands' modules, so neither the simulator nor pandas, torch, matplotlib or optuna;
+    a command's own parser loads its module (its flags come from there)."""
+    out = subprocess.run([sys.executable, "-c", HELP_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    loaded = set(out.stdout.split())
+    assert not HEAVY & {m.split(".")[0] for m in loaded}
+    assert not {module for module, _ in COMMANDS.values()} & loaded
+    loaded = imported_after("from cli.main import build_parser\nbuild_parser(['sim'])")
+    assert {"cli.sim", "sim", "pandas"} <= loaded and "cli.sweep" not in loaded
 
 
 GUARDED_SCRIPT = """

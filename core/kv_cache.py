@@ -1,11 +1,13 @@
 """Paged KV allocator: one page-id space shared by every pipeline stage.
 
 Each stage stores only its own layers' K/V for a page, so one page table serves the
-whole pipeline. Pages are handed out lowest-id first so runs are reproducible.
+whole pipeline. Free pages form a stack: the most recently freed are handed out first,
+lowest ids first on a fresh cache, so the same calls give the same page ids (reproducible
+runs). A stack, not a lowest-id heap: which pages a request holds changes no decision, and
+the heap's O(log n) push and pop per page cost 10% of a trace-scale simulation (py-spy,
+Azure conversation trace: ~1.2 million pages allocated and freed).
 """
 from __future__ import annotations
-
-import heapq
 
 
 class PageAllocator:
@@ -18,7 +20,7 @@ class PageAllocator:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         self.num_pages = num_pages
         self.page_size = page_size
-        self._free = list(range(num_pages))  # a sorted list is already a heap
+        self._free = list(range(num_pages - 1, -1, -1))  # top of the stack (the end) is page 0
 
     @property
     def num_free(self) -> int:
@@ -43,11 +45,18 @@ class PageAllocator:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise RuntimeError(f"asked for {n} pages, only {len(self._free)} free")
-        return [heapq.heappop(self._free) for _ in range(n)]
+        if n <= 0:
+            return []
+        free = self._free
+        pages = free[-n:]
+        del free[-n:]
+        pages.reverse()  # pop order: the top of the stack first
+        return pages
 
     def allocate_one(self) -> int:
-        return heapq.heappop(self._free)  # IndexError when none is free: callers check num_free
+        return self._free.pop()  # IndexError when none is free: callers check num_free
 
     def free(self, pages: list[int]) -> None:
-        for p in pages:
-            heapq.heappush(self._free, p)
+        # reversed: the request's first page goes back on top, so a request that takes the
+        # same number of pages next gets the same ids in the same order
+        self._free.extend(reversed(pages))

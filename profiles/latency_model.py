@@ -184,6 +184,30 @@ class LatencyModel:
             t += c6 * gap
         return t
 
+    def stage_times(self, prefill_tokens: float, decode_tokens: float,
+                    prefill_attention_work: float, decode_context: float) -> list[float]:
+        """`stage_time` of every stage, in one call: the simulator times each micro-batch on
+        every stage and time_balanced prices candidates on the slowest, so the per-stage
+        call overhead was a tenth of a trace-scale run (py-spy). The same arithmetic in the
+        same order as `stage_time`, so the two agree bit for bit (tests/test_profiles.py)."""
+        tokens = prefill_tokens + decode_tokens
+        has_prefill = prefill_tokens > 0
+        times = []
+        for c0, c1, c2, c3, c4, c5, c6, knee_tokens, knee_decode, c7, c8, knee_small in self.coefs:
+            t = (c0 + c1 * prefill_tokens + c2 * decode_tokens
+                 + c3 * prefill_attention_work + c4 * decode_context)
+            if has_prefill:
+                t += c7
+            t += c8 * (tokens if tokens < knee_small else knee_small)
+            gap = knee_tokens - tokens
+            if gap > 0.0:
+                t += c5 * gap
+            gap = knee_decode - decode_tokens
+            if gap > 0.0:
+                t += c6 * gap
+            times.append(t)
+        return times
+
     def predict(self, rows) -> np.ndarray:
         """stage_time of every row of a table with `stage` and the four feature columns
         (a stages.csv or a trace's batches), vectorised."""
@@ -204,18 +228,35 @@ class LatencyModel:
         return self.transfer_base_s + num_bytes * self.transfer_s_per_byte
 
 
+def _grows_with_prefill(coef: tuple[float, ...]) -> bool:
+    """Whether a stage's time strictly rises with every prefill token added to a batch.
+    Per token it gains c1, attention (c3 x context, >= 0) and c8 below the small-batch
+    knee, and loses c5 below the tokens knee (the weight-read floor): rising needs c1 + c8
+    > c5 below both knees and c1 > c5 between them. Strictly, so that rounding cannot make
+    a flat stretch look like several crossings of a budget."""
+    c1, c5, knee_tokens, c8, knee_small = coef[1], coef[5], coef[7], coef[10], coef[11]
+    if not c1 > 0:
+        return False
+    if c5 == 0 or knee_tokens <= 0:
+        return True
+    return c1 + c8 > c5 and (knee_tokens <= knee_small or c1 > c5)
+
+
 class SlowestStage:
     """A latency model seen as core.cost_model.StageTimeModel: a batch shape's predicted time
     on its slowest stage. What the simulator and the runtime hand the scheduler, so a policy
     prices batches with the very model (or table) that times them. Any object with
     `stage_time(stage, *features)` works (the simulator's StageLatency)."""
-    __slots__ = ("latency", "pp")
+    __slots__ = ("latency", "pp", "monotone")
 
     def __init__(self, latency, pp: int | None = None) -> None:
         self.latency = latency
         self.pp = int(pp if pp is not None else latency.pp)
         if self.pp < 1:
             raise ValueError(f"SlowestStage needs pp >= 1, got {self.pp}")
+        # core.cost_model.largest_chunk searches faster when the time never falls as a
+        # prefill chunk grows
+        self.monotone = isinstance(latency, LatencyModel) and all(map(_grows_with_prefill, latency.coefs))
 
     @classmethod
     def of_profile(cls, profile: Profile | str) -> "SlowestStage":
@@ -226,11 +267,14 @@ class SlowestStage:
         return self.latency, self.pp
 
     def __setstate__(self, state) -> None:
-        self.latency, self.pp = state
+        self.__init__(*state)
 
     def predict(self, prefill_tokens: float, decode_tokens: float,
                 prefill_attention_work: float, decode_context: float) -> float:
-        stage_time = self.latency.stage_time
+        latency = self.latency
+        if type(latency) is LatencyModel and latency.pp == self.pp:  # one call for every stage
+            return max(latency.stage_times(prefill_tokens, decode_tokens, prefill_attention_work, decode_context))
+        stage_time = latency.stage_time
         return max([stage_time(s, prefill_tokens, decode_tokens, prefill_attention_work, decode_context)
                     for s in range(self.pp)])
 

@@ -157,6 +157,10 @@ class PipelineSim:
             raise ValueError(f"stage_turnaround has {len(turnaround)} values for pp={self.pp}")
         self._turnaround = [float(v) for v in turnaround] or [0.0] * self.pp
         self._link_free = [0.0] * max(0, self.pp - 1)
+        # every stage's time of a batch shape in one call where the model offers it
+        # (LatencyModel.stage_times), else stage by stage
+        self._stage_times = latency.stage_times if getattr(latency, "pp", None) == self.pp \
+            and callable(getattr(latency, "stage_times", None)) else self._each_stage_time
         self._token_return_s = (latency.token_return if isinstance(latency, ConstantLatency) else None) \
             if self.pp > 1 else 0.0
         # Event-saving shortcuts (see `_decide`, `_complete`) for the recursion model, whose
@@ -268,10 +272,14 @@ class PipelineSim:
             return self._token_return_s
         return self.latency.transfer_time(TOKEN_ID_BYTES * batch.num_samples)
 
+    def _each_stage_time(self, *shape: float) -> list[float]:
+        stage_time = self.latency.stage_time
+        return [stage_time(s, *shape) for s in range(self.pp)]
+
     def _durations(self, batch: MicroBatch) -> tuple[list[float], float]:
-        lat, stage_time = self.latency, self.latency.stage_time
+        lat = self.latency
         p, d, w, c = batch.prefill_tokens, batch.decode_tokens, batch.prefill_attention_work, batch.decode_context
-        stages = [stage_time(s, p, d, w, c) for s in range(self.pp)]
+        stages = self._stage_times(p, d, w, c)
         if self.jitter is not None:
             stages = [t * r for t, r in zip(stages, self.jitter.draw(p + d))]
         return stages, lat.transfer_time(lat.activation_bytes(p + d))
@@ -284,16 +292,18 @@ class PipelineSim:
             self.env.process(self._run_with_resources(batch))
             return None
         lat, stage_free, link_free, last = self.latency, self._stage_free, self._link_free, self.pp - 1
-        stage_time, turnaround = lat.stage_time, self._turnaround
+        turnaround = self._turnaround
         p, d, w, c = batch.prefill_tokens, batch.decode_tokens, batch.prefill_attention_work, batch.decode_context
         transfer = lat.transfer_time(lat.activation_bytes(p + d))
-        ratios = self.jitter.draw(p + d) if self.jitter is not None else None
+        times = self._stage_times(p, d, w, c)
+        if self.jitter is not None:
+            times = [t * r for t, r in zip(times, self.jitter.draw(p + d))]
         entered = t
         starts, ends = [], []
         for s in range(last + 1):
             free = stage_free[s]
             start = t if t > free else free
-            t = start + (stage_time(s, p, d, w, c) if ratios is None else stage_time(s, p, d, w, c) * ratios[s])
+            t = start + times[s]
             stage_free[s] = t + turnaround[s]
             starts.append(start)
             ends.append(t)

@@ -338,3 +338,24 @@ def test_jitter_file_is_optional_and_round_trips(table, tmp_path):
 def test_bad_jitter_file_is_named(table, rows, columns, needles):
     pd.DataFrame(rows, columns=columns or ["tokens", "stage_0", "stage_1"]).to_csv(table / "jitter.csv", index=False)
     _raises(table, *needles)
+
+
+@pytest.mark.parametrize("table", ["qwen2.5-14b_h100-80gb_pp8", "llama-32m_cpu-1thread_pp2"])
+def test_stage_times_agree_bit_for_bit_with_stage_time(table):
+    """The simulator times batches with `stage_times` (all stages in one call) while tests
+    and tools use `stage_time`: a trace must not depend on which one ran, so the two must
+    agree exactly, on both sides of every knee, with and without prefill."""
+    from profiles.latency_model import SlowestStage
+
+    model = fit(table)[0]
+    rng = np.random.default_rng(3)
+    shapes = [(0, 1, 0, 17), (0, 0, 0, 0), (1, 0, 1, 1)]
+    for _ in range(300):
+        p = int(rng.choice([0, rng.integers(1, 4096)]))
+        d = int(rng.integers(0, 512))
+        shapes.append((p, d, p * int(rng.integers(p, 8 * p + 1)), d * int(rng.integers(1, 4096))))
+    slowest = SlowestStage(model)
+    for shape in shapes:
+        each = [model.stage_time(s, *shape) for s in range(model.pp)]
+        assert model.stage_times(*shape) == each, shape
+        assert slowest.predict(*shape) == max(each)

@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -497,3 +498,36 @@ def test_preempted_request_recomputes_prompt_and_outputs():
     res = drive(s, [a, b])
     check_outcome(res)
     assert a.preemptions + b.preemptions >= 1
+
+
+def test_page_allocator_hands_out_each_free_page_once_and_reproducibly():
+    """The free pages are a stack (O(1) per page): a fresh cache hands out 0, 1, 2, ...;
+    freed pages come back first, a request's pages in their order; no page is ever held
+    twice; and the same calls give the same ids."""
+    from core.kv_cache import PageAllocator
+
+    def run() -> list[list[int]]:
+        kv, held, out = PageAllocator(64, 16), [], []
+        rng = np.random.default_rng(5)
+        for _ in range(400):
+            if held and (kv.num_free == 0 or rng.random() < 0.45):
+                kv.free(held.pop(int(rng.integers(len(held)))))
+            else:
+                n = int(rng.integers(1, min(kv.num_free, 9) + 1))
+                pages = kv.allocate(n) if rng.random() < 0.7 else [kv.allocate_one() for _ in range(n)]
+                held.append(pages)
+                out.append(pages)
+            flat = [p for pages in held for p in pages]
+            assert len(flat) == len(set(flat)) and kv.num_free == 64 - len(flat)
+            assert set(flat).isdisjoint(kv._free) and set(flat) | set(kv._free) == set(range(64))
+        return out
+
+    first = run()
+    assert first[0] == list(range(len(first[0])))
+    assert run() == first
+    kv = PageAllocator(8, 16)
+    a = kv.allocate(3)
+    kv.free(a)
+    assert kv.allocate(3) == a and kv.allocate(0) == []
+    with pytest.raises(RuntimeError, match="asked for 6 pages, only 5 free"):
+        kv.allocate(6)

@@ -72,15 +72,48 @@ def test_bad_parameters_name_the_policy_and_field(field, value):
 
 
 # ---------------------------------------------------------------- the scheduler's time budget
-def test_largest_chunk_is_the_brute_force_answer():
+@pytest.mark.parametrize("monotone", [False, True])
+def test_largest_chunk_is_the_brute_force_answer(monotone):
+    """Bisection, and for a model declaring `monotone` the interpolating search: the same
+    answers, the latter in far fewer predictions (what makes time_balanced's trace-scale
+    simulation fit its time goal)."""
     rng = np.random.default_rng(0)
+    calls = 0
     for _ in range(200):
         m = LinearTime(*rng.uniform(0, 1e-4, 5) * np.array([10, 1, 1, 1e-3, 1e-3]))
+        m.monotone = monotone
         shape = [int(x) for x in rng.integers(0, 3000, 4)]
         start, cap, budget = int(rng.integers(0, 5000)), int(rng.integers(0, 3000)), float(rng.uniform(0, 0.3))
         want = max([n for n in range(cap + 1)
                     if n == 0 or m.predict(shape[0] + n, shape[1], shape[2] + n * (start + n), shape[3]) <= budget])
+        m.calls = 0
         assert largest_chunk(m, *shape, start, cap, budget) == want
+        calls += m.calls
+    # bisection: ~5.9 predictions per search here (1-2 when the cap or nothing fits, ~11 else)
+    assert (calls / 200 < 3.6) if monotone else (calls / 200 > 5.5)
+
+
+@pytest.mark.parametrize("table,monotone", [("qwen2.5-32b_a100-80gb_pp4", True), ("llama-3-70b_h100-80gb_pp8", True),
+                                            ("llama-3-8b_h200_pp1", False)])
+def test_slowest_stage_declares_monotone_only_when_its_fit_grows_with_prefill(table, monotone):
+    """llama-3-8b on H200 has a stage whose weight-read floor (c5) falls faster than its
+    prefill cost rises between two knees: its time can dip as a chunk grows, so it must
+    keep the bisection. Where the flag is set, the searches agree with brute force."""
+    from profiles import fit
+    from profiles.latency_model import SlowestStage
+
+    model = SlowestStage(fit(table)[0])
+    assert model.monotone is monotone
+    rng = np.random.default_rng(1)
+    for _ in range(25):
+        p, d = int(rng.choice([0, rng.integers(1, 2048)])), int(rng.integers(0, 256))
+        shape = (p, d, p * int(rng.integers(p, 4 * p + 1)), d * int(rng.integers(1, 2048)))
+        start, cap = int(rng.integers(0, 4096)), int(rng.integers(1, 2049))
+        budget = model.predict(shape[0] + cap // 2, shape[1], shape[2] + cap // 2 * (start + cap // 2), shape[3])
+        budget *= float(rng.uniform(0.9, 1.1))
+        want = max([n for n in range(cap + 1) if n == 0 or model.predict(
+            shape[0] + n, shape[1], shape[2] + n * (start + n), shape[3]) <= budget])
+        assert largest_chunk(model, *shape, start, cap, budget) == want
 
 
 def test_time_budget_cuts_prefill_after_uncut_decodes_and_spares_min_prefill():

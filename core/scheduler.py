@@ -19,7 +19,7 @@ from typing import Sequence
 
 from core.batch import BatchItem, MicroBatch
 from core.cost_model import StageTimeModel, largest_chunk
-from core.kv_cache import PageAllocator
+from core.kv_cache import PageAllocator, PageCounter
 from core.policies import BatchPlan, Policy
 from core.request import Request, Status
 from core.trace import TraceRecorder
@@ -30,6 +30,9 @@ class SchedulerConfig:
     pp: int
     num_pages: int
     page_size: int = 16
+    # False: pages are counted, not named (core.kv_cache.PageCounter): the simulator's
+    # choice, which no decision can tell apart; the runtime needs real page ids
+    page_ids: bool = True
 
     def __post_init__(self) -> None:
         if not (isinstance(self.pp, int) and self.pp >= 1):
@@ -38,6 +41,8 @@ class SchedulerConfig:
             raise ValueError(f"num_pages must be an int >= 1, got {self.num_pages!r}")
         if not (isinstance(self.page_size, int) and self.page_size >= 1):
             raise ValueError(f"page_size must be an int >= 1, got {self.page_size!r}")
+        if not isinstance(self.page_ids, bool):
+            raise ValueError(f"page_ids must be true or false, got {self.page_ids!r}")
 
 
 class Scheduler:
@@ -49,7 +54,7 @@ class Scheduler:
         self.pp = config.pp
         self.page_size = config.page_size
         self.total_pages = config.num_pages
-        self.kv = PageAllocator(config.num_pages, config.page_size)
+        self.kv = (PageAllocator if config.page_ids else PageCounter)(config.num_pages, config.page_size)
         self.policy = policy
         self.recorder = recorder
         self.stage_time_model = stage_time_model

@@ -106,7 +106,7 @@ def simulate(config: SimConfig, *, latency: StageLatency | None = None, pp: int 
     # them here, or with the one of `stage_time_profile`.
     pricing = SlowestStage(latency, pp) if config.stage_time_profile is None \
         else SlowestStage(fitted_model(config.stage_time_profile)[0])
-    scheduler = Scheduler(SchedulerConfig(pp, num_pages, config.page_size), policy, recorder,
+    scheduler = Scheduler(SchedulerConfig(pp, num_pages, config.page_size, page_ids=False), policy, recorder,
                           stage_time_model=pricing)
     env = simpy.Environment()
     stage_jitter = None

@@ -21,6 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.request import Request, Status
+from core.policies import make_policy
+from core.scheduler import Scheduler, SchedulerConfig
 from tests.helpers import (check_invariants, complete_oldest, drive, items_of, make_requests,
                            make_scheduler)
 
@@ -500,34 +502,35 @@ def test_preempted_request_recomputes_prompt_and_outputs():
     assert a.preemptions + b.preemptions >= 1
 
 
-def test_page_allocator_hands_out_each_free_page_once_and_reproducibly():
-    """The free pages are a stack (O(1) per page): a fresh cache hands out 0, 1, 2, ...;
-    freed pages come back first, a request's pages in their order; no page is ever held
-    twice; and the same calls give the same ids."""
-    from core.kv_cache import PageAllocator
 
-    def run() -> list[list[int]]:
-        kv, held, out = PageAllocator(64, 16), [], []
-        rng = np.random.default_rng(5)
-        for _ in range(400):
-            if held and (kv.num_free == 0 or rng.random() < 0.45):
-                kv.free(held.pop(int(rng.integers(len(held)))))
-            else:
-                n = int(rng.integers(1, min(kv.num_free, 9) + 1))
-                pages = kv.allocate(n) if rng.random() < 0.7 else [kv.allocate_one() for _ in range(n)]
-                held.append(pages)
-                out.append(pages)
-            flat = [p for pages in held for p in pages]
-            assert len(flat) == len(set(flat)) and kv.num_free == 64 - len(flat)
-            assert set(flat).isdisjoint(kv._free) and set(flat) | set(kv._free) == set(range(64))
-        return out
+@pytest.mark.parametrize("policy,params", [("token_throttling", {"maxp": 96, "minp": 8}), ("vllm", {"max_num_batched_tokens": 64})])
+def test_a_page_counter_makes_every_decision_the_page_allocator_makes(policy, params):
+    """The simulator counts pages (PageCounter) instead of naming them: on a cache small
+    enough to preempt, every batch and every completion must be the same as with ids."""
+    from core.kv_cache import PageCounter
 
-    first = run()
-    assert first[0] == list(range(len(first[0])))
-    assert run() == first
-    kv = PageAllocator(8, 16)
-    a = kv.allocate(3)
-    kv.free(a)
-    assert kv.allocate(3) == a and kv.allocate(0) == []
-    with pytest.raises(RuntimeError, match="asked for 6 pages, only 5 free"):
-        kv.allocate(6)
+    logs = []
+    for page_ids in (True, False):
+        reqs = make_requests([(int(p), int(o)) for p, o in
+                              np.random.default_rng(4).integers([8, 1], [200, 60], size=(60, 2))])
+        s = Scheduler(SchedulerConfig(pp=3, num_pages=40, page_size=8, page_ids=page_ids), make_policy(policy, params))
+        assert isinstance(s.kv, PageCounter) is not page_ids
+        res = drive(s, reqs, arrivals=True, seed=2)
+        logs.append((res.log, res.completions, [(r.finish_time, r.preemptions, r.tokens_recomputed) for r in reqs]))
+    assert logs[0] == logs[1]
+    assert sum(r[1] for r in logs[0][2]) > 0  # the cache was small enough to preempt
+
+
+def test_page_counter_counts_and_refuses_like_the_allocator():
+    from core.kv_cache import PageAllocator, PageCounter
+
+    for kv in (PageAllocator(8, 16), PageCounter(8, 16)):
+        a = kv.allocate(3)
+        kv.allocate_one()
+        assert len(a) == 3 and kv.num_free == 4 and kv.num_used == 4 and kv.utilization == 0.5
+        kv.free(a)
+        assert kv.num_free == 7 and kv.allocate(0) == []
+        with pytest.raises(RuntimeError, match="asked for 8 pages, only 7 free"):
+            kv.allocate(8)
+    with pytest.raises(ValueError, match="page_ids must be true or false"):
+        SchedulerConfig(pp=1, num_pages=8, page_ids="no")

@@ -24,8 +24,8 @@ Schema (YAML; every key is checked, an unknown one is an error naming the closes
       slo: {ttft_p99: 5.0, tpot_p99: 0.4}   # summarize() metric -> upper limit (none: no search)
       max_throughput: true        # also one run per series with every request at t=0 (no
                                   #   capacity above it is reported)
-      sustain: 0.05               # a probe must keep up: delivered >= (1 - sustain) x offered and
-                                  #   queue growth <= sustain x arrival rate (experiments/capacity.py)
+      sustain: 0.05               # a probe must keep up: its queue grows by <= sustain x the
+                                  #   arrival rate (experiments/capacity.py)
     report:
       plots: [bubble, latency, timeline, kv_queue, cdf, heatmap]
       x: workload.arrival.rate    # x axis of the per-rate plots (default: the swept rate key)

@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from core.trace import _has_pyarrow
-from experiments.capacity import sustainability
+from experiments.capacity import saturated_rps, sustainability
 from experiments.errors import RunError
 from experiments.executors import LocalPool, warm_profiles
 from profiles.schema import resolve
 from sim import SimConfig, simulate
 
 PACKAGES = ("core", "sim", "profiles")   # code whose changes change simulation results
-ROW_VERSION = 2   # the columns `execute` adds to a summary row; a change invalidates cached rows
+ROW_VERSION = 3   # the columns `execute` adds to a summary row; a change invalidates cached rows
 
 
 # ---------------------------------------------------------------- hashing
@@ -96,6 +96,7 @@ def execute(config: dict[str, Any], artefact_dir: str | None = None) -> dict[str
     span = float(arrivals.max() - arrivals.min()) if len(arrivals) > 1 else 0.0
     row["offered_rps"] = (len(arrivals) - 1) / span if span > 0 else math.inf
     row.update(sustainability(result.trace.requests))
+    row["saturated_rps"] = saturated_rps(result.trace.requests)
     if artefact_dir is not None:
         folder = Path(artefact_dir)
         result.trace.save(folder, formats=("parquet",) if _has_pyarrow() else ("csv",))

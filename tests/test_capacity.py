@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from experiments.capacity import binding_condition, probe_failures, sustain_failures, sustainability
+from experiments.capacity import (binding_condition, probe_failures, saturated_rps, sustain_failures,
+                                 sustainability)
 from experiments.config import ConfigError, expand, parse_experiment, probe_config
 from experiments.runner import execute, run_sweep
 
@@ -29,17 +30,59 @@ def fifo_server(arrival_rate: float, service_rate: float, n: int = 2000, latency
 
 def test_sustainability_of_a_light_and_an_overloaded_server():
     light = sustainability(fifo_server(4.0, 5.0))
-    assert light["steady_offered_rps"] == pytest.approx(4.0)
-    assert light["steady_delivered_rps"] == pytest.approx(4.0)
+    assert light["steady_offered_rps"] == pytest.approx(4.0, rel=0.005)   # counted over a finite window
+    assert light["steady_delivered_rps"] == pytest.approx(4.0, rel=0.005)
     assert light["queue_growth"] == pytest.approx(0.0, abs=1e-9)
     assert sustain_failures(light, 0.05) == []
 
     over = sustainability(fifo_server(5.0, 4.0))
-    assert over["steady_delivered_rps"] == pytest.approx(4.0)
+    assert over["steady_delivered_rps"] == pytest.approx(4.0, rel=0.005)
     assert over["queue_growth"] == pytest.approx(1 - 4.0 / 5.0, rel=0.02)
-    assert [m.split()[0] for m in sustain_failures(over, 0.05)] == ["delivered", "queue"]
+    assert [m.split()[0] for m in sustain_failures(over, 0.05)] == ["queue"]
     # all at once: no arrival rate to keep up with, nothing to fail
     assert all(math.isnan(v) for v in sustainability(fifo_server(math.inf, 1.0)).values())
+
+
+def bursty_server(service_rate: float, latency_of, n: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """A server of `service_rate` admissions a second fed a bursty trace (gamma arrivals,
+    CV 3, as the Azure traces), each request finishing `latency_of(k)` after admission."""
+    rng = np.random.default_rng(seed)
+    arrival = np.cumsum(rng.gamma(1 / 9, 9 / 1.0, n))  # rate 1, CV 3
+    scheduled = np.empty(n)
+    free = 0.0
+    for k, a in enumerate(arrival):
+        scheduled[k] = free = max(a, free)
+        free += 1 / service_rate
+    return pd.DataFrame({"arrival": arrival, "first_scheduled": scheduled,
+                         "finish": scheduled + np.array([latency_of(k) for k in range(n)])})
+
+
+def test_a_burst_in_a_light_run_is_not_an_overload():
+    """Requests lasting 1-100x the mean arrival gap on gamma (CV 3) arrivals, served with 3x
+    headroom: the queue does not grow, and that is what is judged (the delivered rate is
+    reported; experiments/capacity.py says why it is not judged)."""
+    rng = np.random.default_rng(1)
+    lat = rng.lognormal(np.log(10.0), 1.0, 1000)
+    for seed in range(5):
+        s = sustainability(bursty_server(3.0, lambda k: lat[k], seed=seed))
+        assert sustain_failures(s, 0.05) == [], (seed, s)
+        assert abs(s["queue_growth"]) < 0.01
+        assert s["steady_delivered_rps"] == pytest.approx(s["steady_offered_rps"], rel=0.05)
+
+
+def test_saturated_rate_leaves_out_warm_up_and_drain():
+    """Every request at t = 0 on a server finishing 4 a second after a 2 s warm-up, whose
+    last 100 requests then drain slowly: the saturated rate is 4, the whole run's far less."""
+    n = 1000
+    scheduled = np.minimum(np.arange(n) / 4.0, (n - 100) / 4.0)
+    finish = 2.0 + np.arange(n) / 4.0
+    finish[-100:] = finish[-101] + np.arange(1, 101) * 1.0  # the drain: one a second
+    t = pd.DataFrame({"arrival": np.zeros(n), "first_scheduled": scheduled, "finish": finish})
+    assert saturated_rps(t) == pytest.approx(4.0, rel=0.01)
+    assert n / finish[-1] < 0.8 * 4.0
+    # too short a saturated stretch: the whole run's rate
+    t["first_scheduled"] = 0.0
+    assert saturated_rps(t) == pytest.approx(n / finish[-1])
 
 
 def test_unfinished_requests_count_as_never_delivered():
@@ -56,7 +99,7 @@ def test_probe_failures_and_the_binding_condition():
     assert probe_failures(ok, {"ttft_p99": 2.0}, 0.05, max_rps=3.5) == {}
     fast = {**ok, "offered_rps": 4.0}
     assert list(probe_failures(fast, {"ttft_p99": 2.0}, 0.05, max_rps=3.5)) == ["max_throughput"]
-    slow = {**ok, "ttft_p99": 3.0, "steady_delivered_rps": 2.0}
+    slow = {**ok, "ttft_p99": 3.0, "queue_growth": 0.2}
     assert list(probe_failures(slow, {"ttft_p99": 2.0}, 0.05)) == ["slo", "sustain"]
     probes = [(1.0, {}), (2.0, {}), (3.0, {"slo": ["ttft_p99=3 > 2"], "sustain": ["x"]}),
               (8.0, {"max_throughput": ["y"]})]

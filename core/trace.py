@@ -12,23 +12,20 @@ Tables (pandas DataFrames):
 from __future__ import annotations
 
 import json
-import math
 from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from core.metrics import inter_token_latencies
+from core.perfetto import write_perfetto
+from core.table_io import (BATCH_COLUMNS, REQUEST_COLUMNS, SAMPLE_COLUMNS, TABLE_FORMATS, TABLES,  # noqa: F401
+                           TOKEN_COLUMNS, coerce, finite, has_pyarrow, json_default, require_pyarrow)
 
 if TYPE_CHECKING:  # pandas is imported lazily: the scheduler hot path never needs it
     import numpy as np
     import pandas as pd
     from core.request import Request
 
-BATCH_COLUMNS = ["batch_id", "stage", "start", "end", "prefill_tokens", "decode_tokens", "num_requests"]
-REQUEST_COLUMNS = ["request_id", "arrival", "first_scheduled", "first_token", "finish", "prompt_len",
-                   "output_len", "max_output", "preemptions", "status", "finish_reason"]
-TOKEN_COLUMNS = ["request_id", "index", "time"]
-SAMPLE_COLUMNS = ["time", "kv_used", "kv_total", "kv_util", "waiting", "ready", "in_flight", "running"]
 
 
 class TraceRecorder:
@@ -237,7 +234,7 @@ class Trace:
             raise ValueError(f"tables must include batches, requests and samples (tokens is optional), "
                              f"from {TABLES}, got {tables!r}")
         if "parquet" in formats:
-            _require_pyarrow()
+            require_pyarrow()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name in TABLES:
@@ -245,7 +242,7 @@ class Trace:
                 if name not in tables or fmt not in formats:
                     (folder / f"{name}.{fmt}").unlink(missing_ok=True)
         for name in tables:
-            df = _coerce(name, getattr(self, name))
+            df = coerce(name, getattr(self, name))
             if "csv" in formats:
                 df.to_csv(folder / f"{name}.csv", index=False)
             if "parquet" in formats:
@@ -267,7 +264,7 @@ class Trace:
             raise FileNotFoundError(f"{folder}: no meta.json; not a saved trace folder")
         present = [n for n in TABLES if n != "tokens" or any((folder / f"tokens.{f}").exists()
                                                               for f in TABLE_FORMATS)]
-        use_parquet = all((folder / f"{n}.parquet").exists() for n in present) and _has_pyarrow()
+        use_parquet = all((folder / f"{n}.parquet").exists() for n in present) and has_pyarrow()
         tables: dict[str, Any] = {"tokens": MissingTable(
             f"{folder}: no tokens table (the run was saved without it; `pipetwin sim --tokens` "
             "or Trace.save(tables=TABLES) writes it)")}
@@ -281,186 +278,14 @@ class Trace:
                 # pandas 3 parses floats exactly by default (and deprecates the option)
                 exact = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
                 df = pd.read_csv(path, **exact)
-            tables[name] = _coerce(name, df)
+            tables[name] = coerce(name, df)
         with open(folder / "meta.json") as f:
             meta = json.load(f)
         return cls(meta=meta, **tables)
 
     def to_perfetto(self, path: str | Path, window: tuple[float, float] | None = None,
                     chunk: int = 20_000) -> Path:
-        """Write Chrome/Perfetto trace-event JSON (open in ui.perfetto.dev or chrome://tracing).
-
-        One track per pipeline stage ("stage N"), one complete event ("X", microseconds) per
-        batch row named "mb <batch_id>", and counter tracks for KV utilization and queue lengths.
-        `window` = (start, end) in seconds keeps the batch rows that overlap it and the samples
-        inside it (plus the last one before it, so the counters start at their value then).
-        Events are written `chunk` at a time: memory stays flat however long the run.
-        """
-        import numpy as np
-
-        pid = 1
-        head: list[dict[str, Any]] = [
-            {"ph": "M", "pid": pid, "tid": 0, "name": "process_name",
-             "args": {"name": f"pipetwin {self.meta.get('policy', '')}".strip()}},
-        ]
-        b = self.batches
-        stages = sorted({int(s) for s in b["stage"].unique()}) if len(b) else []
-        pp = self.meta.get("pp")
-        if isinstance(pp, (int, float)) and pp == int(pp):
-            stages = sorted(set(stages) | set(range(int(pp))))
-        for s in stages:
-            head.append({"ph": "M", "pid": pid, "tid": s, "name": "thread_name",
-                         "args": {"name": f"stage {s}"}})
-            head.append({"ph": "M", "pid": pid, "tid": s, "name": "thread_sort_index",
-                         "args": {"sort_index": s}})
-        sm = self.samples
-        if window is not None:
-            lo, hi = (float(x) for x in window)
-            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-                raise ValueError(f"perfetto window must be finite START < END seconds, got {window!r}")
-            b = b[(b["end"].to_numpy() >= lo) & (b["start"].to_numpy() <= hi)]
-            t = sm["time"].to_numpy()
-            inside = (t >= lo) & (t <= hi)
-            before = np.flatnonzero(t < lo)
-            if len(before):
-                inside[before[np.argmax(t[before])]] = True
-            sm = sm[inside]
-        queue_cols = [c for c in ("waiting", "ready", "in_flight", "running") if c in sm.columns]
-
-        def batch_events(i: int) -> list[dict[str, Any]]:
-            part = b.iloc[i:i + chunk]
-            cols = [part[c].tolist() for c in ("batch_id", "stage", "start", "end", "prefill_tokens",
-                                                "decode_tokens", "num_requests")]
-            return [{"ph": "X", "pid": pid, "tid": int(st), "name": f"mb {bid}", "cat": "batch",
-                     "ts": start * 1e6, "dur": max(end - start, 0.0) * 1e6,
-                     "args": {"batch_id": bid, "prefill_tokens": pre, "decode_tokens": dec,
-                              "num_requests": nreq}}
-                    for bid, st, start, end, pre, dec, nreq in zip(*cols)]
-
-        def kv_events(i: int) -> list[dict[str, Any]]:
-            part = sm.iloc[i:i + chunk]
-            return [{"ph": "C", "pid": pid, "name": "kv_util", "ts": t * 1e6, "args": {"kv_util": _finite(kv)}}
-                    for t, kv in zip(part["time"].tolist(), part["kv_util"].tolist())]
-
-        def queue_events(i: int) -> list[dict[str, Any]]:
-            part = sm.iloc[i:i + chunk]
-            return [{"ph": "C", "pid": pid, "name": "queues", "ts": t * 1e6,
-                     "args": {c: _finite(q) for c, q in zip(queue_cols, qs)}}
-                    for t, *qs in zip(part["time"].tolist(), *(part[c].tolist() for c in queue_cols))]
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        other = json.dumps({k: _jsonable(v) for k, v in self.meta.items()}, default=json_default,
-                           allow_nan=False)
-        with open(path, "w") as f:
-            f.write('{"traceEvents": ')
-            first = True
-
-            def emit(events: list[dict[str, Any]]) -> None:
-                nonlocal first
-                if not events:
-                    return
-                text = json.dumps(events, default=json_default, allow_nan=False)  # C encoder
-                f.write(("[" if first else ", ") + text[1:-1])
-                first = False
-
-            emit(head)
-            for make, n in ((batch_events, len(b)), (kv_events, len(sm)), (queue_events, len(sm))):
-                for i in range(0, n, chunk):
-                    emit(make(i))
-            f.write(("[" if first else "") + "]")
-            f.write(f', "displayTimeUnit": "ms", "otherData": {other}}}')
-        return path
+        """Write Chrome/Perfetto trace-event JSON: core/perfetto.py `write_perfetto`."""
+        return write_perfetto(self, path, window, chunk)
 
 
-TABLES = ("batches", "requests", "tokens", "samples")
-TABLE_FORMATS = ("csv", "parquet")
-_FLOAT_COLUMNS = {"start", "end", "arrival", "first_scheduled", "first_token", "finish", "time", "kv_util"}
-_TEXT_COLUMNS = {"status", "finish_reason"}
-
-
-def _coerce(name: str, df: "pd.DataFrame") -> "pd.DataFrame":
-    """Give a table the schema's dtypes: float times, int64 counts (left alone if they hold
-    gaps), text columns as strings with missing cells missing. Extra columns pass through."""
-    import pandas as pd
-
-    columns = {"batches": BATCH_COLUMNS, "requests": REQUEST_COLUMNS,
-               "tokens": TOKEN_COLUMNS, "samples": SAMPLE_COLUMNS}[name]
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{name} table lacks columns {missing}")
-    df = df[columns + [c for c in df.columns if c not in columns]].reset_index(drop=True).copy()
-    for c in columns:
-        col = df[c]
-        if c in _TEXT_COLUMNS:
-            # inferred like TraceRecorder.build's tables: object on pandas 2, str on pandas 3
-            df[c] = pd.Series([None if _is_missing(v) else str(v.value if hasattr(v, "value") else v)
-                               for v in col], index=df.index)
-        elif c in _FLOAT_COLUMNS:
-            df[c] = pd.to_numeric(col, errors="coerce").astype("float64")
-        else:
-            try:
-                df[c] = col.astype("int64")
-            except (TypeError, ValueError):
-                pass  # ids that are not ints, or counts with gaps: keep as given
-    return df
-
-
-def _is_missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
-
-
-def _has_pyarrow() -> bool:
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _require_pyarrow() -> None:
-    if not _has_pyarrow():
-        raise ImportError("writing Parquet needs pyarrow: pip install 'pipetwin[parquet]' "
-                          "(or save with formats=('csv',))")
-
-
-def _jsonable(v: Any) -> Any:
-    if hasattr(v, "item") and callable(v.item):  # numpy scalar
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return str(v)
-
-
-def _finite(v: Any) -> int | float | None:
-    if isinstance(v, int):
-        return v
-    v = float(v)
-    return v if math.isfinite(v) else None
-
-
-def finite(d: dict) -> dict:
-    """NaN and inf values as None (JSON has neither): summary.json as `sim`, `bench` and `validate` write it."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
-
-
-def json_default(v: Any) -> Any:
-    """json.dumps(default=...) for what traces and summaries hold: numpy scalars and arrays, sets, paths."""
-    if hasattr(v, "item") and callable(v.item):
-        return v.item()
-    if hasattr(v, "tolist") and callable(v.tolist):
-        return v.tolist()
-    if isinstance(v, (set, frozenset)):
-        return sorted(v, key=str)
-    if isinstance(v, Path):
-        return str(v)
-    if hasattr(v, "__dataclass_fields__"):
-        import dataclasses
-        return dataclasses.asdict(v)
-    return str(v)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from core.trace import _has_pyarrow
+from core.table_io import default_formats
 from experiments.capacity import saturated_rps, sustainability
 from experiments.errors import RunError
 from experiments.executors import LocalPool, warm_profiles
@@ -99,7 +99,7 @@ def execute(config: dict[str, Any], artefact_dir: str | None = None) -> dict[str
     row["saturated_rps"] = saturated_rps(result.trace.requests)
     if artefact_dir is not None:
         folder = Path(artefact_dir)
-        result.trace.save(folder, formats=("parquet",) if _has_pyarrow() else ("csv",))
+        result.trace.save(folder, formats=default_formats())
         result.trace.to_perfetto(folder / "perfetto.json")
     return row
 

@@ -14,14 +14,9 @@ from typing import Any, Sequence
 
 import yaml
 
-from core.trace import TABLE_FORMATS, _has_pyarrow, finite, json_default
+from core.table_io import TABLE_FORMATS, default_formats, finite, json_default
 
 DEFAULT_TABLES = ("batches", "requests", "samples")
-
-
-def default_formats() -> tuple[str, ...]:
-    """Parquet when pyarrow is importable (smaller, faster to write and read), else CSV."""
-    return ("parquet",) if _has_pyarrow() else ("csv",)
 
 
 def parse_window(text: str) -> tuple[float, float]:

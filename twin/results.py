@@ -8,7 +8,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from core.trace import Trace, finite, json_default
+from core.table_io import finite, json_default
+from core.trace import Trace
 
 
 def write_results(out: str | Path, trace: Trace, summary: dict[str, Any], config: dict[str, Any],

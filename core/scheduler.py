@@ -14,8 +14,9 @@ its stage times come from; core.cost_model). Plans without one pay a single None
 from __future__ import annotations
 
 from collections import deque
+from itertools import repeat
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from core.batch import BatchItem, MicroBatch
 from core.cost_model import StageTimeModel, largest_chunk
@@ -168,10 +169,7 @@ class Scheduler:
         tokens = None if sampled is None else iter(sampled[num_decodes:])
         finished: list[Request] = []
         self._requests_in_flight -= num_decodes
-        if sampled is None:
-            self._complete_decodes_sim(batch.decodes, now, finished)
-        else:
-            self._complete_decodes(batch.decodes, sampled[:num_decodes], now, finished)
+        self._complete_decodes(batch.decodes, repeat(0) if sampled is None else sampled[:num_decodes], now, finished)
         running = Status.RUNNING
         back_to_waiting = []
         for item in batch.chunks:
@@ -197,8 +195,9 @@ class Scheduler:
         self._sample(now)
         return finished
 
-    def _complete_decodes(self, decodes: list[Request], tokens: Sequence[int], now: float,
+    def _complete_decodes(self, decodes: list[Request], tokens: Iterable[int], now: float,
                           finished: list[Request]) -> None:
+        # hot path: one pass per decode token (~4 million on the Azure conversation trace)
         ready, running = self.ready, Status.RUNNING
         for r, token in zip(decodes, tokens):
             r.in_flight = 0
@@ -213,28 +212,6 @@ class Scheduler:
                 self._finish(r, now, "length")
                 finished.append(r)
             elif r.stop_token_ids and token in r.stop_token_ids:
-                self._finish(r, now, "stop")
-                finished.append(r)
-            else:
-                ready.append(r)
-
-    def _complete_decodes_sim(self, decodes: list[Request], now: float, finished: list[Request]) -> None:
-        """`_complete_decodes` with every token id 0: the simulator's hot path (one pass per
-        decode token, ~4 million on the Azure conversation trace), so the token is a constant."""
-        ready, running = self.ready, Status.RUNNING
-        for r in decodes:
-            r.in_flight = 0
-            if r.status is not running:
-                self._release_if_idle(r)
-                continue
-            r.num_computed = r.num_scheduled
-            output = r.output_ids
-            output.append(0)
-            r.token_times.append(now)
-            if len(output) >= r.max_output:
-                self._finish(r, now, "length")
-                finished.append(r)
-            elif r.stop_token_ids and 0 in r.stop_token_ids:
                 self._finish(r, now, "stop")
                 finished.append(r)
             else:

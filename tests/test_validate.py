@@ -305,11 +305,24 @@ def test_bad_repeats_and_calibrate_are_named(tmp_path, capsys):
     base = {"model": MODEL, "profile": "x", "workload": WORKLOAD, "loads": [1.0], "policies": ["vllm"]}
     for extra, named in (({"repeats": 0}, "repeats"), ({"calibrate": {"seed": 0}}, "calibrate.seed"),
                          ({"calibrate": {"lods": [1.0]}}, "lods"), ({"device": "gpu"}, "device must be one of cpu, cuda"),
-                         ({"dtype": "fp8"}, "dtype must be one of")):
+                         ({"dtype": "fp8"}, "dtype must be one of"),
+                         ({"attention_backend": "cudnn"}, "attention_backend must be one of auto, torch, triton"),
+                         ({"enforce_eager": "yes"}, "enforce_eager must be true or false")):
         (tmp_path / "v.yaml").write_text(yaml.safe_dump({**base, **extra}))
         with pytest.raises(SystemExit) as e:
             main(["validate", str(tmp_path / "v.yaml")])
         assert e.value.code == 2 and named in capsys.readouterr().err, named
+
+
+def test_validation_config_takes_the_kernel_settings(tmp_path):
+    """attention_backend and enforce_eager are the engine's settings, as in bench and serve."""
+    from twin.validate.config import load_validation
+
+    (tmp_path / "v.yaml").write_text(yaml.safe_dump(
+        {"model": MODEL, "profile": "llama-32m_cpu-1thread_pp2", "pp": 2, "workload": WORKLOAD, "loads": [1.0],
+         "policies": ["vllm"], "attention_backend": "torch", "enforce_eager": True}))
+    cfg = load_validation(tmp_path / "v.yaml")
+    assert (cfg.attention_backend, cfg.enforce_eager) == ("torch", True)
 
 
 def test_sim_repeats_without_measured_jitter_are_refused(standin_profile, tmp_path, capsys):

@@ -19,7 +19,8 @@ Config keys (YAML):
   name, description, model, pp, profile, layer_split, threads, device (cpu, or cuda: one
   GPU per stage over NCCL; `profile` then a table of that model and pp, e.g. from
   `pipetwin profile --device cuda`), dtype (default the model config's), num_pages (null =
-  the runtime's default), page_size, seed, workload (a core workload spec; its arrival rate
+  the runtime's default), page_size, seed, attention_backend (auto | torch | triton |
+  flashinfer), enforce_eager (true: no CUDA graphs), workload (a core workload spec; its arrival rate
   is set per load), loads (absolute request rates, req/s; "inf" allowed),
   policies (list of {name, label, params}, or of paths to {policy, policy_params} YAMLs such
   as a tune's best.yaml, labelled by their folder), out, goals (optional thresholds),
@@ -63,7 +64,7 @@ DEFAULT_GOALS: dict[str, float] = {"throughput_err_pct": 3.0, "tpot_p50_err_pct"
 
 _KEYS = ("name", "description", "model", "pp", "profile", "layer_split", "threads", "num_pages",
          "page_size", "seed", "workload", "loads", "policies", "out", "goals", "calibrate", "repeats",
-         "sim_repeats", "device", "dtype")
+         "sim_repeats", "device", "dtype", "attention_backend", "enforce_eager")
 
 
 _CALIBRATE_KEYS = ("seed", "loads")
@@ -91,13 +92,16 @@ class ValidationConfig:
     sim_repeats: int = 1
     device: str = "cpu"            # the runtime's: cpu | cuda (one GPU per stage)
     dtype: str | None = None       # None: the model config's torch_dtype
+    attention_backend: str = "auto"   # auto | torch | triton | flashinfer (runtime.engine_args)
+    enforce_eager: bool = False       # True: no CUDA graphs (GPU)
     source: str | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model is required (a directory or dummy:<preset | config.json | inline JSON>)")
         check_engine_values({k: getattr(self, k) for k in ("pp", "num_pages", "page_size", "threads", "seed",
-                                                           "device", "dtype")}, name=str)
+                                                           "device", "dtype", "attention_backend",
+                                                           "enforce_eager")}, name=str)
         if not isinstance(self.loads, list) or not self.loads:
             raise ValueError("loads must be a non-empty list of request rates (req/s, or 'inf')")
         for i, r in enumerate(self.loads):

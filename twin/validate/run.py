@@ -186,7 +186,8 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
             bench = stack.enter_context(Bench(
                 cfg.model, cfg.pp, first["name"], first["params"], num_pages=cfg.num_pages,
                 page_size=cfg.page_size, layer_split=cfg.layer_split, num_threads=cfg.threads, seed=cfg.seed,
-                device=cfg.device, dtype=cfg.dtype))
+                device=cfg.device, dtype=cfg.dtype, attention_backend=cfg.attention_backend,
+                enforce_eager=cfg.enforce_eager))
             num_pages, page_size = bench.num_pages, bench.page_size
             log(f"runtime up: pp={cfg.pp}, {num_pages} KV pages of {page_size} tokens")
             recorded, profile = run_runtime_side(cfg, bench, out, num_pages, log)
@@ -273,5 +274,6 @@ def _real_run(cfg: ValidationConfig, bench: Any, pol: dict[str, Any], rate: Any,
                    "policy_params": dict(pol["params"]), "workload": wl, "seed": seed,
                    "num_pages": num_pages, "page_size": bench.page_size,
                    "layer_split": cfg.layer_split, "threads": cfg.threads, "device": cfg.device,
-                   "dtype": cfg.dtype})
+                   "dtype": cfg.dtype, "attention_backend": cfg.attention_backend,
+                   "enforce_eager": cfg.enforce_eager})
     return t

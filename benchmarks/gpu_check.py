@@ -158,6 +158,7 @@ class Check:
                 it.request.num_computed += it.num_tokens
             for r, row in zip([it.request for it in batch.items if it.samples], out):
                 r.output_ids.append(int(row.argmax()))
+                r.token_times.append(float(step))  # what Scheduler.complete records: the count
         got = [r.output_ids for r in reqs]
         return self._verdict(got, want)
 

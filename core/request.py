@@ -27,6 +27,8 @@ class Request:
     arrival: float = 0.0
     prompt_ids: list[int] | None = None  # runtime only; the simulator needs lengths
     stop_token_ids: frozenset[int] = frozenset()
+    # Sampled token ids, where a model samples them (the runtime). The simulator samples
+    # none: `token_times` (one per generated token in both worlds) is what counts them.
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0               # tokens whose KV has come back from the last stage
     num_scheduled: int = 0              # tokens sent into the pipeline (>= num_computed)
@@ -50,9 +52,14 @@ class Request:
                              f"prompt_len is {self.prompt_len}")
 
     @property
+    def num_output(self) -> int:
+        """Tokens generated so far (each has a time; the runtime also keeps its id)."""
+        return len(self.token_times)
+
+    @property
     def num_tokens(self) -> int:
         """Known tokens: prompt plus generated."""
-        return self.prompt_len + len(self.output_ids)
+        return self.prompt_len + len(self.token_times)
 
     @property
     def num_unscheduled(self) -> int:

@@ -40,8 +40,8 @@ class TraceRecorder:
         # per block: batch_id, first stage, rows, prefill_tokens, decode_tokens, num_requests
         self._blocks = tuple(array("q") for _ in range(6))
         self._times = (array("d"), array("d"))  # per row: start, end
-        self._sample_cols = tuple(array("q" if c in ("kv_used", "kv_total", "waiting", "ready", "in_flight", "running")
-                                        else "d") for c in SAMPLE_COLUMNS)
+        # every sample column but kv_util (kv_used / kv_total, computed in `build`)
+        self._sample_cols = tuple(array("d" if c == "time" else "q") for c in _RECORDED_SAMPLE_COLUMNS)
 
     def stage(self, batch_id: int, stage: int, start: float, end: float,
               prefill_tokens: int, decode_tokens: int, num_requests: int) -> None:
@@ -62,8 +62,8 @@ class TraceRecorder:
     def sample(self, time: float, kv_used: int, kv_total: int, waiting: int, ready: int,
                in_flight: int, running: int) -> None:
         c = self._sample_cols
-        c[0].append(time); c[1].append(kv_used); c[2].append(kv_total); c[3].append(kv_used / kv_total)
-        c[4].append(waiting); c[5].append(ready); c[6].append(in_flight); c[7].append(running)
+        c[0].append(time); c[1].append(kv_used); c[2].append(kv_total)
+        c[3].append(waiting); c[4].append(ready); c[5].append(in_flight); c[6].append(running)
 
     @property
     def num_stage_rows(self) -> int:
@@ -88,16 +88,21 @@ class TraceRecorder:
 
         requests = list(requests)
         req_rows = [(r.id, r.arrival, r.first_scheduled, r.token_times[0] if r.token_times else None,
-                     r.finish_time, r.prompt_len, len(r.output_ids), r.max_output, r.preemptions,
+                     r.finish_time, r.prompt_len, len(r.token_times), r.max_output, r.preemptions,
                      r.status.value, r.finish_reason) for r in requests]
         return Trace(
             batches=self._batches_frame(),
             requests=pd.DataFrame(req_rows, columns=REQUEST_COLUMNS),
             # the token table (millions of rows on a long trace) is built when first read
             tokens=TokenTimes([(r.id, r.token_times) for r in requests]),
-            samples=_frame(SAMPLE_COLUMNS, self._sample_cols),
+            samples=self._samples_frame(),
             meta=dict(meta or {}),
         )
+
+    def _samples_frame(self) -> "pd.DataFrame":
+        df = _frame(_RECORDED_SAMPLE_COLUMNS, self._sample_cols)
+        df.insert(SAMPLE_COLUMNS.index("kv_util"), "kv_util", df["kv_used"] / df["kv_total"])
+        return df
 
     def _batches_frame(self) -> "pd.DataFrame":
         import numpy as np
@@ -108,6 +113,9 @@ class TraceRecorder:
                    np.array(self._times[0], dtype=np.float64), np.array(self._times[1], dtype=np.float64),
                    np.repeat(prefill, rows), np.repeat(decode, rows), np.repeat(requests, rows))
         return pd.DataFrame(dict(zip(BATCH_COLUMNS, columns)), copy=False)
+
+
+_RECORDED_SAMPLE_COLUMNS = [c for c in SAMPLE_COLUMNS if c != "kv_util"]
 
 
 def _frame(columns: list[str], arrays: tuple[array, ...]) -> "pd.DataFrame":

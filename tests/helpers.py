@@ -146,9 +146,10 @@ def check_invariants(s: Scheduler, full_pages: bool = True) -> None:
         assert r.id in in_queue, f"request {r.id} ({st}) is in no queue and not in flight: dropped"
         assert len(r.pages) * ps >= r.num_scheduled, (
             f"request {r.id}: {len(r.pages)} pages hold fewer than {r.num_scheduled} scheduled tokens")
-        assert r.num_computed <= r.num_scheduled <= r.prompt_len + len(r.output_ids)
+        assert r.num_computed <= r.num_scheduled <= r.num_tokens
         assert r.tokens_computed_total >= r.num_scheduled
-        assert len(r.output_ids) < r.max_output
+        assert r.num_output < r.max_output
+        assert not r.output_ids or len(r.output_ids) == r.num_output  # ids, where sampled, match the count
     # The running sums policies read must match the state they summarise.
     assert s.num_unfinished == unfinished
     assert s.waiting_tokens == sum(r.num_unscheduled for r in s.waiting), "waiting_tokens drifted"

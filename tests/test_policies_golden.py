@@ -283,7 +283,7 @@ def test_tt_preempts_while_free_pages_below_decodes():
     assert items_of(s.next_batch(1.0)) == [dec(0, 3), dec(1, 3), dec(2, 3)]
     r5 = reqs[5]
     assert r5.preemptions == 1 and r5.status is Status.WAITING and not r5.pages
-    assert r5.num_scheduled == 0 and r5.output_ids == [0]      # keeps its sampled token
+    assert r5.num_scheduled == 0 and r5.num_output == 1        # keeps its sampled token
     assert list(s.waiting) == [r5] and s.waiting_tokens == 4   # recompute 3 prompt + 1 output
     assert [r.id for r in s.ready] == [3, 4] and s.free_pages == 3
     # Next plan: Rn = 2 ready + 3 in flight = 5 -> D = (5+1)//2 = 3 (j=1), capped by 2 ready.
@@ -355,7 +355,7 @@ def test_sarathi_preempts_newest_ready_when_a_decode_needs_a_page():
     # r2 recomputes prompt and its generated token (8 tokens, 2 pages) and samples its 2nd
     assert items_of(s.next_batch(3.0)) == [pre(2, 0, 8)]
     complete_oldest(s, 4.0)
-    assert r2.status is Status.FINISHED and len(r2.output_ids) == 2
+    assert r2.status is Status.FINISHED and r2.num_output == 2
     assert r2.tokens_computed_total == 7 + 8        # first prefill + recompute
     assert s.free_pages == 4
 
@@ -499,7 +499,7 @@ def test_user_policy_by_dotted_path(path):
     assert isinstance(s.policy, FixedPlanPolicy) and s.policy.bound and s.policy.prefill == 8
     res = drive(s, make_requests([(20, 3), (5, 2)]))
     assert res.log[0] == (0, (pre(0, 0, 8),))            # prefill budget 8, FIFO
-    assert all(r.status is Status.FINISHED and len(r.output_ids) == r.max_output for r in res.requests)
+    assert all(r.status is Status.FINISHED and r.num_output == r.max_output for r in res.requests)
     with pytest.raises(ValueError, match=r"did you mean 'prefill'"):  # its parameters are checked too
         make_policy(path, {"prefil": 8})
     with pytest.raises(ValueError, match=r"FixedPlanPolicy\.prefill"):  # and validated by the class

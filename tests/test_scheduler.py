@@ -116,7 +116,7 @@ def check_outcome(res) -> None:
     s = res.scheduler
     for r in res.requests:
         assert r.status is Status.FINISHED and r.finish_reason == "length", (r.id, r.status, r.finish_reason)
-        assert len(r.output_ids) == r.max_output and len(r.token_times) == r.max_output
+        assert r.num_output == r.max_output and not r.output_ids  # the simulator samples no ids
         assert r.in_flight == 0 and not r.pages
         minimum = r.prompt_len + r.max_output - 1   # prompt once, then one decode per later token
         if r.preemptions == 0:
@@ -240,9 +240,9 @@ def test_too_long_requests_are_rejected_and_reported(specs, ps, pp, policy, data
         if pages_for(r.max_kv_tokens, ps) > num_pages:
             assert r.status is Status.REJECTED and r.finish_reason == "too_long"
             assert r.finish_time is not None and r.first_scheduled is None
-            assert r.id not in scheduled and not r.output_ids and r.tokens_computed_total == 0
+            assert r.id not in scheduled and not r.num_output and r.tokens_computed_total == 0
         else:
-            assert r.status is Status.FINISHED and len(r.output_ids) == r.max_output
+            assert r.status is Status.FINISHED and r.num_output == r.max_output
     assert s.free_pages == s.total_pages and not s.has_work
 
 
@@ -279,9 +279,9 @@ def test_random_aborts_keep_invariants(sc: Scenario, p_abort: float):
     for r in res.requests:
         assert r.status is Status.FINISHED and not r.pages and r.in_flight == 0
         if r.id in aborted:
-            assert r.finish_reason == "aborted" and len(r.output_ids) < r.max_output
+            assert r.finish_reason == "aborted" and r.num_output < r.max_output
         else:
-            assert r.finish_reason == "length" and len(r.output_ids) == r.max_output
+            assert r.finish_reason == "length" and r.num_output == r.max_output
     assert s.free_pages == s.total_pages and s.num_holding_pages == 0 and s.waiting_tokens == 0
 
 
@@ -345,7 +345,7 @@ def test_abort_ready_frees_pages():
     assert list(s.ready) == [a, b] and s.free_pages == 32 - 3 - 2
     s.abort(a, 2.0)
     assert list(s.ready) == [b] and not a.pages and s.free_pages == 32 - 2
-    assert a.finish_reason == "aborted" and len(a.output_ids) == 1 and s.num_running == 1
+    assert a.finish_reason == "aborted" and a.num_output == 1 and s.num_running == 1
     check_invariants(s)
 
 
@@ -373,7 +373,7 @@ def test_abort_in_flight_frees_pages_when_batch_returns(requeue):
         assert r.pages and s.free_pages == 32 - held  # b2 still uses them
         check_invariants(s)
         assert s.complete(b2, 2.0) == []
-    assert not r.pages and s.free_pages == 32 and r.in_flight == 0 and not r.output_ids
+    assert not r.pages and s.free_pages == 32 and r.in_flight == 0 and not r.num_output
     assert s.next_batch(3.0) is None
     check_invariants(s)
 
@@ -389,7 +389,7 @@ def test_abort_in_flight_decode():
     s.abort(r, 1.5)
     assert r.pages
     assert s.complete(b, 2.0, [42]) == []
-    assert r.output_ids == [0] and not r.pages and s.free_pages == 32 and s.num_running == 0
+    assert r.num_output == 1 and not r.pages and s.free_pages == 32 and s.num_running == 0
     check_invariants(s)
 
 

@@ -7,8 +7,8 @@ in by the time the backlog would show), so on its own that gives capacities abov
 the policy can serve at all. A probe here also has to be sustainable, judged over the
 steady part of its arrivals, the second half of the arrival window (see `sustainability`):
 the number of arrived, not yet scheduled requests must not grow faster than sustain x the
-arrival rate; and, when the max throughput is known (`saturated_rps` of a run with every
-request at t = 0, on by default), the offered rate must not exceed it. `failures` names
+arrival rate; and, when the max throughput is known (the rate of a run with every request
+at t = 0, on by default), the offered rate must not exceed it. `failures` names
 every condition a probe misses, so a search says which one bound it.
 
 The delivered rate (requests finished per second over the window) is reported, not
@@ -18,8 +18,17 @@ unsustainable at 9.51 of 10.0 req/s with a P99 TTFT under 1 s, and read Sarathi
 "delivering" 20.0 of 13.2; a least-squares slope of the backlog fails the same Token
 Throttling cell (Qwen2.5-14B, A100, pp 4, conversation trace x1.9: 9.45 of 10.45 req/s over
 the first 1,000 requests), while over 4,000 requests at that rate the backlog stays at
-66-126 with no trend. An overload shows in the queue once the KV cache is full, and before
-that in the offered rate passing the saturated one.
+66-126 with no trend. An overload shows in the queue (admissions fall behind), or in a
+growing running set, whose TPOT the SLO bounds; and no probe may offer more than the max
+throughput.
+
+The max throughput is the whole all-at-t=0 run's rate, drain included: conservative by a
+few percent (Qwen2.5-14B, A100, pp 4, conversation trace: Token Throttling 14.04 req/s over
+1,000 requests, 14.57 over 4,000; Sarathi(512) 13.84 and 14.37), so a capacity it caps is
+never too high. A rate over a "saturated" window only (finishes from the warm-up to the
+last admission) was tried and dropped: with every request there at once, short requests
+finish first and the window's rate swings with the order (Token Throttling read 11.4,
+Sarathi 13.3, against whole-run rates of 14.0 and 13.8).
 """
 from __future__ import annotations
 
@@ -106,29 +115,6 @@ def sustainability(requests: "pd.DataFrame", points: int = 101) -> dict[str, flo
     backlog_slope = float(np.polyfit(t, arrived - np.searchsorted(finish, t, "right"), 1)[0])
     return {"steady_offered_rps": float(rate), "steady_delivered_rps": float(rate - backlog_slope),
             "queue_growth": queue_slope / rate}
-
-
-def saturated_rps(requests: "pd.DataFrame", warmup: float = 0.05) -> float:
-    """Requests finished per second while the run is saturated: from the finish that ends
-    the warm-up (the first `warmup` of the finishes) until the last request is first
-    scheduled (from then on the queue is empty and the batch drains). With every request
-    at t = 0 this is the max throughput a capacity may not exceed; over the whole run,
-    drain included, it read ~15% low (Sarathi(512): 5.08 req/s over 1,000 requests, 6
-    sustained over 4,000). Falls back to the whole run's rate when the saturated stretch
-    holds under 10% of the finishes."""
-    finish = np.sort(requests["finish"].to_numpy(np.float64))
-    finish = finish[np.isfinite(finish)]
-    n = len(finish)
-    if n < 2:
-        return math.nan
-    scheduled = requests["first_scheduled"].to_numpy(np.float64)
-    t_queue_empty = float(np.nanmax(scheduled)) if np.isfinite(scheduled).any() else math.inf
-    first = int(warmup * n)
-    last = int(np.searchsorted(finish, t_queue_empty, "right")) - 1
-    if last - first >= max(2, n // 10) and finish[last] > finish[first]:
-        return float((last - first) / (finish[last] - finish[first]))
-    start = float(np.nanmin(requests["arrival"].to_numpy(np.float64)))
-    return float(n / (finish[-1] - start)) if finish[-1] > start else math.nan
 
 
 def sustain_failures(row: Mapping[str, Any], sustain: float) -> list[str]:

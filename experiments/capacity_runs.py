@@ -40,8 +40,7 @@ def search_capacity(name: str, run: Run, cap: Any, runner: Runner,
     if cap.max_throughput:
         row = runner.run_one(Task(max_throughput_config(run), name=f"max throughput {name}"))
         on_run()
-        # the saturated stretch's rate: the whole run's includes the drain (capacity.saturated_rps)
-        max_rps = row["saturated_rps"] if math.isfinite(row.get("saturated_rps", math.nan)) else row["throughput_rps"]
+        max_rps = row["throughput_rps"]
         mt = {"max_throughput_rps": max_rps, "max_output_tps": row["output_tps"],
               "max_total_tps": row["total_tps"], "max_bubble_ratio": row["bubble_ratio"],
               "max_ttft_p99": row["ttft_p99"], "max_tpot_p99": row["tpot_p99"]}

@@ -272,7 +272,7 @@ def make_report(out: str | Path, exp: Experiment, plot_dir: str | Path | None = 
         slo = ", ".join(f"{k} <= {v:g} s" for k, v in c.slo.items())
         how = (f"Capacity: the highest `{c.key}` whose run meets every SLO ({slo}; no request "
                f"rejected or unfinished) and is sustainable (over the second half of its arrivals its queue "
-               f"grows by at most {c.sustain:.0%} of the arrival rate){', at an offered rate no higher than the max throughput (saturated finishes per second of an all-at-t=0 run)' if c.max_throughput else ''}, "
+               f"grows by at most {c.sustain:.0%} of the arrival rate){', at an offered rate no higher than the max throughput' if c.max_throughput else ''}, "
                f"by bisection over [{c.lo:g}, {c.hi:g}] to within {c.tol:g}. The column says which "
                "condition bound each search. " if c.slo else "No SLO given: no capacity search. ")
         lines += ["## Capacity", "", how + "Max throughput: every request arrives at t=0.",

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from core.table_io import default_formats
-from experiments.capacity import saturated_rps, sustainability
+from experiments.capacity import sustainability
 from experiments.errors import RunError
 from experiments.executors import LocalPool, warm_profiles
 from profiles.schema import resolve
@@ -96,7 +96,6 @@ def execute(config: dict[str, Any], artefact_dir: str | None = None) -> dict[str
     span = float(arrivals.max() - arrivals.min()) if len(arrivals) > 1 else 0.0
     row["offered_rps"] = (len(arrivals) - 1) / span if span > 0 else math.inf
     row.update(sustainability(result.trace.requests))
-    row["saturated_rps"] = saturated_rps(result.trace.requests)
     if artefact_dir is not None:
         folder = Path(artefact_dir)
         result.trace.save(folder, formats=default_formats())

@@ -8,8 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from experiments.capacity import (binding_condition, probe_failures, saturated_rps, sustain_failures,
-                                 sustainability)
+from experiments.capacity import binding_condition, probe_failures, sustain_failures, sustainability
 from experiments.config import ConfigError, expand, parse_experiment, probe_config
 from experiments.runner import execute, run_sweep
 
@@ -68,21 +67,6 @@ def test_a_burst_in_a_light_run_is_not_an_overload():
         assert sustain_failures(s, 0.05) == [], (seed, s)
         assert abs(s["queue_growth"]) < 0.01
         assert s["steady_delivered_rps"] == pytest.approx(s["steady_offered_rps"], rel=0.05)
-
-
-def test_saturated_rate_leaves_out_warm_up_and_drain():
-    """Every request at t = 0 on a server finishing 4 a second after a 2 s warm-up, whose
-    last 100 requests then drain slowly: the saturated rate is 4, the whole run's far less."""
-    n = 1000
-    scheduled = np.minimum(np.arange(n) / 4.0, (n - 100) / 4.0)
-    finish = 2.0 + np.arange(n) / 4.0
-    finish[-100:] = finish[-101] + np.arange(1, 101) * 1.0  # the drain: one a second
-    t = pd.DataFrame({"arrival": np.zeros(n), "first_scheduled": scheduled, "finish": finish})
-    assert saturated_rps(t) == pytest.approx(4.0, rel=0.01)
-    assert n / finish[-1] < 0.8 * 4.0
-    # too short a saturated stretch: the whole run's rate
-    t["first_scheduled"] = 0.0
-    assert saturated_rps(t) == pytest.approx(n / finish[-1])
 
 
 def test_unfinished_requests_count_as_never_delivered():

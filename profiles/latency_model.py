@@ -168,28 +168,15 @@ class LatencyModel:
 
     def stage_time(self, stage: int, prefill_tokens: float, decode_tokens: float,
                    prefill_attention_work: float, decode_context: float) -> float:
-        # Plain float math: the simulator calls this ~10^6 times per sweep.
-        c0, c1, c2, c3, c4, c5, c6, knee_tokens, knee_decode, c7, c8, knee_small = self.coefs[stage]
-        t = (c0 + c1 * prefill_tokens + c2 * decode_tokens
-             + c3 * prefill_attention_work + c4 * decode_context)
-        if prefill_tokens > 0:
-            t += c7
-        tokens = prefill_tokens + decode_tokens
-        t += c8 * (tokens if tokens < knee_small else knee_small)
-        gap = knee_tokens - tokens
-        if gap > 0.0:
-            t += c5 * gap
-        gap = knee_decode - decode_tokens
-        if gap > 0.0:
-            t += c6 * gap
-        return t
+        """One stage's predicted time (`stage_times` computes them all: the simulator's and
+        the pricing's hot paths call that)."""
+        return self.stage_times(prefill_tokens, decode_tokens, prefill_attention_work, decode_context)[stage]
 
     def stage_times(self, prefill_tokens: float, decode_tokens: float,
                     prefill_attention_work: float, decode_context: float) -> list[float]:
-        """`stage_time` of every stage, in one call: the simulator times each micro-batch on
-        every stage and time_balanced prices candidates on the slowest, so the per-stage
-        call overhead was a tenth of a trace-scale run (py-spy). The same arithmetic in the
-        same order as `stage_time`, so the two agree bit for bit (tests/test_profiles.py)."""
+        """Every stage's predicted time, in one call: the simulator times each micro-batch
+        on every stage and time_balanced prices candidates on the slowest, so a call per
+        stage was a tenth of a trace-scale run (py-spy). Plain float math."""
         tokens = prefill_tokens + decode_tokens
         has_prefill = prefill_tokens > 0
         times = []

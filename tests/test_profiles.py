@@ -342,9 +342,10 @@ def test_bad_jitter_file_is_named(table, rows, columns, needles):
 
 @pytest.mark.parametrize("table", ["qwen2.5-14b_h100-80gb_pp8", "llama-32m_cpu-1thread_pp2"])
 def test_stage_times_agree_bit_for_bit_with_stage_time(table):
-    """The simulator times batches with `stage_times` (all stages in one call) while tests
-    and tools use `stage_time`: a trace must not depend on which one ran, so the two must
-    agree exactly, on both sides of every knee, with and without prefill."""
+    """The simulator times batches with `stage_times` (all stages in one call), tools with
+    `stage_time`, the policies with `SlowestStage.predict`: a trace must not depend on which
+    one ran, so they must agree exactly, on both sides of every knee, with and without
+    prefill."""
     from profiles.latency_model import SlowestStage
 
     model = fit(table)[0]

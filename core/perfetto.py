@@ -25,6 +25,8 @@ def write_perfetto(trace: "Trace", path: str | Path, window: tuple[float, float]
     Events are written `chunk` at a time: memory stays flat however long the run.
     """
     import numpy as np  # why: core stays importable without numpy (the scheduler never needs it)
+    # Long on purpose: the file's parts in the order they are written (tracks, stage
+    # events, counters, meta), each streamed as it is made.
 
     pid = 1
     head: list[dict[str, Any]] = [

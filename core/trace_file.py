@@ -54,6 +54,8 @@ def read_trace(path: str | os.PathLike[str], *, time_scale: float = 1.0, start: 
     Rows up to the last kept one are validated, and errors name the file, the 1-based
     line number and the column. Times must be finite, >= 0 and non-decreasing (equal is
     fine); prompt lengths >= 1; output lengths >= 0, with 0 raised to 1 and counted."""
+    # Long on purpose: one pass over the file, each check beside the line it names in its
+    # error; split up, the line number and the previous row's time would travel with it.
     path = os.fspath(path)
     time_scale = _real("time_scale", time_scale, low=0, strict=True)
     if rate_scale is not None:

@@ -235,6 +235,8 @@ class Check:
 
     # -- stage steps vs roofline ----------------------------------------------------------
     def steps(self) -> None:
+        # Long on purpose: one model and cache set up once, then every measured step shape
+        # (decode rows, the mixed step) against its roofline, in the order of the table.
         from profiles import specs
         from profiles.analytical import stage_latency
         from runtime.config import ModelConfig

@@ -205,6 +205,8 @@ def _json_object(text: str) -> dict:
 
 
 def main() -> None:
+    # Long on purpose: the flags, then both sides loaded once and run alternately, in one
+    # place so the order of the runs (which the comparison depends on) reads top to bottom.
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--pp", type=int, default=2)

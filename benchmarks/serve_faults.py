@@ -136,6 +136,8 @@ def classify(outcomes) -> dict:
 
 
 def main() -> int:
+    # Long on purpose: the soak's timeline (start, measure capacity, load, kill, recover,
+    # check) in the order it happens.
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="arrival window (default 10)")
     ap.add_argument("--load", type=float, default=1.2, help="offered rate / measured capacity (default 1.2)")

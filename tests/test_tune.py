@@ -206,3 +206,17 @@ def test_shipped_tune_configs_load(name):
     from experiments.tune_config import load_tune
     spec = load_tune(Path(__file__).resolve().parents[1] / "experiments" / name)
     assert spec.policy == "token_throttling" and spec.trials >= 20 and spec.params
+
+
+@pytest.mark.parametrize("name,policy", [("tt", "token_throttling"), ("tb", "time_balanced"),
+                                         ("sarathi", "sarathi"), ("vllm", "vllm")])
+def test_issue17_tune_configs_load_with_equal_budgets(name, policy, monkeypatch):
+    """experiments/tune_code: one config per policy, the same budget, seed and targets."""
+    from experiments.tune_config import load_tune
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo.parent / "shared/data/traces/azure_code_2023.csv").is_file():
+        pytest.skip("the Azure code trace is not at ../shared (the configs read it from there)")
+    monkeypatch.chdir(repo)
+    spec = load_tune(Path("experiments/tune_code") / f"{name}.yaml")
+    assert spec.policy == policy and (spec.trials, spec.seed, spec.batch) == (16, 0, 4)
+    assert [t.name for t in spec.targets] == ["a100_pp4", "a100_pp8", "h100_pp4", "h100_pp8"]

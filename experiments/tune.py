@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import sys
-import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor

@@ -7,13 +7,12 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import numpy as np  # noqa: E402
 import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from runtime.attention import BatchMeta, KernelMeta  # noqa: E402
+from runtime.attention import KernelMeta  # noqa: E402
 from runtime.config import ModelConfig  # noqa: E402
 from runtime.cuda_graphs import GraphStep, GraphRunner, graph_buckets  # noqa: E402
 from runtime.model import StageModel  # noqa: E402

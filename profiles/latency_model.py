@@ -234,7 +234,7 @@ class SlowestStage:
     on its slowest stage. What the simulator and the runtime hand the scheduler, so a policy
     prices batches with the very model (or table) that times them. Any object with
     `stage_time(stage, *features)` works (the simulator's StageLatency)."""
-    __slots__ = ("latency", "pp", "monotone")
+    __slots__ = ("latency", "pp", "monotone", "_stage_times")
 
     def __init__(self, latency, pp: int | None = None) -> None:
         self.latency = latency
@@ -244,6 +244,9 @@ class SlowestStage:
         # core.cost_model.largest_chunk searches faster when the time never falls as a
         # prefill chunk grows
         self.monotone = isinstance(latency, LatencyModel) and all(map(_grows_with_prefill, latency.coefs))
+        # every stage in one call where the model offers it (decided once: predict is a hot path)
+        self._stage_times = latency.stage_times if isinstance(latency, LatencyModel) and latency.pp == self.pp \
+            else None
 
     @classmethod
     def of_profile(cls, profile: Profile | str) -> "SlowestStage":
@@ -258,10 +261,9 @@ class SlowestStage:
 
     def predict(self, prefill_tokens: float, decode_tokens: float,
                 prefill_attention_work: float, decode_context: float) -> float:
-        latency = self.latency
-        if type(latency) is LatencyModel and latency.pp == self.pp:  # one call for every stage
-            return max(latency.stage_times(prefill_tokens, decode_tokens, prefill_attention_work, decode_context))
-        stage_time = latency.stage_time
+        if self._stage_times is not None:
+            return max(self._stage_times(prefill_tokens, decode_tokens, prefill_attention_work, decode_context))
+        stage_time = self.latency.stage_time
         return max([stage_time(s, prefill_tokens, decode_tokens, prefill_attention_work, decode_context)
                     for s in range(self.pp)])
 

@@ -23,9 +23,26 @@ class StageTimeModel(Protocol):
 
 def largest_chunk(model: StageTimeModel, prefill_tokens: float, decode_tokens: float,
                   prefill_attention_work: float, decode_context: float,
-                  start: int, cap: int, budget: float) -> int:
+                  start: int, cap: int, budget: float, floor: int = 0) -> int:
     """Largest n in [0, cap] such that the batch plus a prefill chunk of n tokens starting at
-    position `start` (attention work n * (start + n)) is predicted within `budget` seconds.
+    position `start` (attention work n * (start + n)) is predicted within `budget` seconds,
+    or `floor` (<= cap) when that is larger: tokens the budget may not cut, which need no
+    pricing (the scheduler's `min_prefill`; a fifth of the searches on the Azure trace).
+
+    A model may answer this itself, exactly, by offering a method of the same name and
+    signature (profiles' SlowestStage solves its fitted model in closed form, verified
+    against its own predictions); otherwise `search_largest_chunk` searches."""
+    solve = getattr(model, "largest_chunk", None)
+    if solve is not None:
+        return solve(prefill_tokens, decode_tokens, prefill_attention_work, decode_context, start, cap, budget, floor)
+    return search_largest_chunk(model, prefill_tokens, decode_tokens, prefill_attention_work, decode_context,
+                                start, cap, budget, floor)
+
+
+def search_largest_chunk(model: StageTimeModel, prefill_tokens: float, decode_tokens: float,
+                         prefill_attention_work: float, decode_context: float,
+                         start: int, cap: int, budget: float, floor: int = 0) -> int:
+    """`largest_chunk` by search, for any model.
 
     Predicted time grows with n (the fitted coefficients are non-negative; only below the
     weight-read knee can it dip slightly), so an integer bisection finds it: ~log2(cap)
@@ -37,15 +54,16 @@ def largest_chunk(model: StageTimeModel, prefill_tokens: float, decode_tokens: f
     def time_of(n: int) -> float:
         return model.predict(prefill_tokens + n, decode_tokens,
                              prefill_attention_work + n * (start + n), decode_context)
-    if cap <= 0:
-        return 0
+    if cap <= floor:
+        return cap
     t_hi = time_of(cap)
     if t_hi <= budget:
         return cap
-    t_lo = time_of(1)
+    first = floor + 1   # the smallest chunk the budget decides
+    t_lo = time_of(first)
     if t_lo > budget:
-        return 0
-    lo, hi = 1, cap  # fits(lo), not fits(hi)
+        return floor
+    lo, hi = first, cap  # fits(lo), not fits(hi)
     rounds = 3 if getattr(model, "monotone", False) is True else 0
     last = (cap, t_hi)  # the most recent prediction besides the bracket's ends
     while hi - lo > 1:

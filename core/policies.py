@@ -238,19 +238,22 @@ class StageTimeBalanced:
     def plan(self, view: SchedulerView) -> BatchPlan:
         tt = self._tt
         plan = tt.plan(view)
+        if not view.num_waiting:   # no prefill to add: no pricing (half the batches on the Azure trace)
+            return plan
+        free, pp = view.free_pages, view.pp
+        cap = int(view.page_size * max(free - tt._reserve, 0))             # hard page reserve
+        if pp > 1 and cap > 0:
+            ramp = max(0.0, (free / view.total_pages - tt.kvthresh) / (1 - tt.kvthresh))
+            cap = min(cap, round(ramp * tt.maxp))                           # TT's UT rule
+        else:
+            cap = min(tt.maxp, cap)
+        if cap <= plan.prefill_budget:   # TT's budget already takes what the KV rules allow
+            return plan
         level = self.in_flight_level(view) * self.fill
         if level > 0.0:
-            free, pp = view.free_pages, view.pp
-            cap = int(view.page_size * max(free - tt._reserve, 0))         # hard page reserve
-            if pp > 1 and cap > 0:
-                ramp = max(0.0, (free / view.total_pages - tt.kvthresh) / (1 - tt.kvthresh))
-                cap = min(cap, round(ramp * tt.maxp))                       # TT's UT rule
-            else:
-                cap = min(tt.maxp, cap)
-            if cap > plan.prefill_budget:
-                plan.min_prefill = plan.prefill_budget   # TT's own budget is never cut
-                plan.prefill_budget = cap
-                plan.time_budget = level
+            plan.min_prefill = plan.prefill_budget   # TT's own budget is never cut
+            plan.prefill_budget = cap
+            plan.time_budget = level
         return plan
 
 

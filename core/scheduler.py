@@ -335,9 +335,9 @@ class Scheduler:
             if time_budget is not None and n > 0:
                 # The chunk the predicted time allows; the first `min_prefill` tokens of the
                 # batch are exempt, so a backlog drains even when decodes fill the budget.
-                fit = largest_chunk(self.stage_time_model, batch.prefill_tokens, batch.decode_tokens,
-                                    batch.prefill_attention_work, batch.decode_context, start, n, time_budget)
-                n = max(fit, min(n, plan.min_prefill - batch.prefill_tokens))
+                n = largest_chunk(self.stage_time_model, batch.prefill_tokens, batch.decode_tokens,
+                                  batch.prefill_attention_work, batch.decode_context, start, n, time_budget,
+                                  max(0, min(n, plan.min_prefill - batch.prefill_tokens)))
             if n <= 0:
                 break  # FIFO: the head waits for pages (or time), nobody overtakes it
             waiting.popleft()

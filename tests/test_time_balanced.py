@@ -89,6 +89,11 @@ def test_largest_chunk_is_the_brute_force_answer(monotone):
         m.calls = 0
         assert largest_chunk(m, *shape, start, cap, budget) == want
         calls += m.calls
+        # tokens the budget may not cut: the answer is never below them, and they are not priced
+        floor = int(rng.integers(0, cap + 1))
+        m.calls = 0
+        assert largest_chunk(m, *shape, start, cap, budget, floor) == max(want, floor)
+        assert floor < cap or m.calls == 0
     # bisection: ~5.9 predictions per search here (1-2 when the cap or nothing fits, ~11 else)
     assert (calls / 200 < 3.6) if monotone else (calls / 200 > 5.5)
 
@@ -114,6 +119,41 @@ def test_slowest_stage_declares_monotone_only_when_its_fit_grows_with_prefill(ta
         want = max([n for n in range(cap + 1) if n == 0 or model.predict(
             shape[0] + n, shape[1], shape[2] + n * (start + n), shape[3]) <= budget])
         assert largest_chunk(model, *shape, start, cap, budget) == want
+
+
+@pytest.mark.parametrize("table", ["qwen2.5-32b_a100-80gb_pp4", "llama-3-70b_h100-80gb_pp8", "qwen2.5-14b_l40s_pp1",
+                                   "llama-32m_cpu-1thread_pp2", "llama-3-8b_h200_pp4"])
+def test_slowest_stage_solves_largest_chunk_in_closed_form(table, monkeypatch):
+    """SlowestStage answers largest_chunk by solving each stage's piecewise quadratic (knees
+    included: small batches, decode-heavy batches) and checking the answer with predict.
+    Against brute force, with and without a floor; for a monotone model the closed form is
+    right every time (the search it falls back to when a check fails is never called), for
+    a non-monotone one (llama-3-8b on H200) it is not used at all."""
+    from profiles import fit
+    from profiles import latency_model
+    from profiles.latency_model import SlowestStage
+
+    searches = []
+    search = latency_model.search_largest_chunk
+    monkeypatch.setattr(latency_model, "search_largest_chunk", lambda *a: searches.append(a) or search(*a))
+    model = SlowestStage(fit(table)[0])
+    rng = np.random.default_rng(2)
+    for i in range(40):
+        p = int(rng.choice([0, rng.integers(1, 64), rng.integers(1, 2048)]))
+        d = int(rng.choice([0, rng.integers(1, 16), rng.integers(1, 256)]))
+        shape = (p, d, p * int(rng.integers(p, 4 * p + 1)), d * int(rng.integers(1, 4096)))
+        start, cap = int(rng.integers(0, 4096)), int(rng.integers(1, 2049))
+        floor = int(rng.choice([0, rng.integers(0, cap + 1)]))
+        k = int(rng.integers(0, cap + 1))
+        budget = model.predict(shape[0] + k, shape[1], shape[2] + k * (start + k), shape[3]) * float(rng.uniform(0.95, 1.05))
+        fits = [n == 0 or model.predict(shape[0] + n, shape[1], shape[2] + n * (start + n), shape[3]) <= budget
+                for n in range(cap + 1)]
+        got = largest_chunk(model, *shape, start, cap, budget, floor)
+        if model.monotone:
+            assert got == max(floor, max(n for n in range(cap + 1) if fits[n])), (i, shape, start, cap, floor)
+        else:   # where the time dips there may be several answers: each fits, one token more does not
+            assert got >= floor and (got == floor or fits[got]) and (got == cap or not fits[got + 1])
+    assert (not searches) if model.monotone else searches
 
 
 def test_time_budget_cuts_prefill_after_uncut_decodes_and_spares_min_prefill():

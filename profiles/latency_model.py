@@ -300,36 +300,42 @@ class SlowestStage:
 
     def largest_chunk(self, prefill_tokens: float, decode_tokens: float, prefill_attention_work: float,
                       decode_context: float, start: int, cap: int, budget: float, floor: int = 0) -> int:
-        """core.cost_model.largest_chunk for this model: solved in closed form per stage
-        (`_chunk_root`) where every stage's time rises with the chunk, then checked against
+        """core.cost_model.largest_chunk for this model, where every stage's time rises with
+        the chunk: solved in closed form (`_chunk_root`) for the stage slowest at the cap,
+        then for any other stage still over the budget at that answer, and checked against
         `predict` itself (the answer fits, one token more does not), so rounding in the
         solve can never change an answer; any doubt goes to the search. Why: time_balanced
         asks this for ~60,000 chunks on the Azure conversation trace, and the search needed
-        ~6 predictions for a cut chunk against 3 here."""
+        ~6 predictions for a cut chunk, against two stage-time rows, one root and one
+        prediction here."""
         if cap <= floor:
             return cap
         if not self._solvable:
             return search_largest_chunk(self, prefill_tokens, decode_tokens, prefill_attention_work,
                                         decode_context, start, cap, budget, floor)
+        coefs, stage_times = self.latency.coefs, self._stage_times
         shape = (prefill_tokens, decode_tokens, prefill_attention_work, decode_context)
-        n, over = cap - 1, False
-        # a stage within the budget at the cap is within it for every smaller chunk (its time rises)
-        for coef, t in zip(self.latency.coefs, self._stage_times(prefill_tokens + cap, decode_tokens,
-                                                                  prefill_attention_work + cap * (start + cap),
-                                                                  decode_context)):
-            if t > budget:
-                over = True
-                root = _chunk_root(coef, *shape, start, budget)
-                if root < n:
-                    n = int(root)
-        if not over:
+        n = cap
+        for _ in range(self.pp + 1):   # each round settles one stage; the last one checks
+            times = stage_times(prefill_tokens + n, decode_tokens, prefill_attention_work + n * (start + n),
+                                decode_context)
+            worst = max(times)
+            if worst <= budget:
+                break
+            # the slowest stage over the budget at n sets the next candidate; a stage within it
+            # at n stays within it for every smaller chunk (its time rises)
+            root = _chunk_root(coefs[times.index(worst)], *shape, start, budget)
+            n = min(n - 1, int(root))
+            if n <= floor:
+                n = floor
+                break
+        else:
+            n = -1   # not settled in pp rounds: search
+        if n == cap:
             return cap   # the max of these very stage times is what predict gives
-        def fits(k: int) -> bool:
-            return self.predict(prefill_tokens + k, decode_tokens, prefill_attention_work + k * (start + k),
-                                decode_context) <= budget
-        n = max(n, floor)
-        if not fits(n + 1) and (n == floor or fits(n)):
-            return n
+        if n >= floor and self.predict(prefill_tokens + n + 1, decode_tokens,
+                                       prefill_attention_work + (n + 1) * (start + n + 1), decode_context) > budget:
+            return n   # n fits (checked in the loop, or n is the floor) and n + 1 does not
         return search_largest_chunk(self, prefill_tokens, decode_tokens, prefill_attention_work,
                                     decode_context, start, cap, budget, floor)
 

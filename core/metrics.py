@@ -133,14 +133,19 @@ def bubble_ratio(batches: "pd.DataFrame", requests: "pd.DataFrame", pp: int,
 
 # ------------------------------------------------------------------ latency
 
-def describe(values: np.ndarray, prefix: str) -> dict[str, float]:
-    """{prefix}_mean, _p50, _p90, _p99 (NaN when there are no values)."""
+def describe(values: np.ndarray, prefix: str, scratch: bool = False) -> dict[str, float]:
+    """{prefix}_mean, _p50, _p90, _p99 (NaN when there are no values). `scratch`: `values`
+    is a temporary the percentiles may reorder in place. Why: on the Azure conversation
+    trace the inter-token gaps are 4 million values, and this saves two 32 MB copies."""
     v = np.asarray(values, dtype=np.float64)
-    v = v[~np.isnan(v)]
+    if v.size and math.isnan(v.sum()):   # copy only when there are NaNs to drop
+        v = v[~np.isnan(v)]
+        scratch = True
     if v.size == 0:
         return {f"{prefix}_mean": math.nan, **{f"{prefix}_p{p}": math.nan for p in PERCENTILES}}
-    pct = np.percentile(v, PERCENTILES)
-    return {f"{prefix}_mean": float(v.mean()), **{f"{prefix}_p{p}": float(x) for p, x in zip(PERCENTILES, pct)}}
+    mean = float(v.mean())
+    pct = np.percentile(v, PERCENTILES, overwrite_input=scratch)
+    return {f"{prefix}_mean": mean, **{f"{prefix}_p{p}": float(x) for p, x in zip(PERCENTILES, pct)}}
 
 
 def request_latencies(requests: "pd.DataFrame") -> "pd.DataFrame":
@@ -268,7 +273,7 @@ def summarize(trace: "Trace", slo: "SLO | Mapping[str, float | None] | None" = N
     }
     out.update(describe(lat["ttft"].to_numpy(), "ttft"))
     out.update(describe(lat["tpot"].to_numpy(), "tpot"))
-    out.update(describe(trace.token_gaps(lat["request_id"]), "itl"))  # no token table built
+    out.update(describe(trace.token_gaps(lat["request_id"]), "itl", scratch=True))  # no token table built
     out.update(describe(lat["e2e"].to_numpy(), "e2e"))
 
     br = bubble_ratio(trace.batches, req, pp)

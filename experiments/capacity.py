@@ -6,8 +6,8 @@ overloaded and still meet a TTFT P99 SLO before its queue has grown (every reque
 in by the time the backlog would show), so on its own that gives capacities above what
 the policy can serve at all. A probe here also has to be sustainable, judged over the
 steady part of its arrivals, the second half of the arrival window (see `sustainability`):
-the number of arrived, not yet scheduled requests must not grow faster than sustain x the
-arrival rate; and, when the max throughput is known (the rate of a run with every request
+the number of arrived requests without a first token (waiting, or part way through their
+prefill) must not grow faster than sustain x the arrival rate; and, when the max throughput is known (the rate of a run with every request
 at t = 0, on by default), the offered rate must not exceed it. `failures` names
 every condition a probe misses, so a search says which one bound it.
 
@@ -21,6 +21,14 @@ the first 1,000 requests), while over 4,000 requests at that rate the backlog st
 66-126 with no trend. An overload shows in the queue (admissions fall behind), or in a
 growing running set, whose TPOT the SLO bounds; and no probe may offer more than the max
 throughput.
+
+The queue counts a request until its first token, not until its first chunk is scheduled.
+Measured why: time_balanced with a per-request chunk cap (max_chunk 256, Qwen2.5-14B, H100,
+pp 8, code trace) starts every waiting prompt with a 256-token chunk, so "arrived, not yet
+scheduled" grew at only 4.9% of the arrivals at rate_scale 9.4 while the backlog of
+unfinished requests grew at 58% (38.8 req/s offered, 16.2 delivered): `pipetwin tune`
+found that setting and reported +69% capacity over Token Throttling, all of it this
+artefact. Counted to the first token, the same probe's queue grows at ~58% too.
 
 The max throughput is the whole all-at-t=0 run's rate, drain included: conservative by a
 few percent (Qwen2.5-14B, A100, pp 4, conversation trace: Token Throttling 14.04 req/s over
@@ -94,9 +102,10 @@ def sustainability(requests: "pd.DataFrame", points: int = 101) -> dict[str, flo
       steady_delivered_rps  the same less the least-squares slope of the backlog (arrived,
                             not yet finished requests; unfinished ones never finish): the
                             rate requests leave at, as long as the window lasts
-      queue_growth          the least-squares slope of the queue (arrived, not yet scheduled
-                            requests), as a fraction of the arrival rate: about
-                            1 - capacity/offered when overloaded, about 0 when not.
+      queue_growth          the least-squares slope of the queue (arrived requests with no
+                            first token yet: waiting, or part way through their prefill),
+                            as a fraction of the arrival rate: about 1 - capacity/offered
+                            when overloaded, about 0 when not.
     NaN when the arrivals span no time (all at once): there is no rate to keep up with."""
     arrival = np.sort(requests["arrival"].to_numpy(np.float64))
     n = len(arrival)
@@ -105,13 +114,13 @@ def sustainability(requests: "pd.DataFrame", points: int = 101) -> dict[str, flo
     if n < 8 or not t_end > t_mid:
         return nan
     finish = np.sort(np.nan_to_num(requests["finish"].to_numpy(np.float64), nan=math.inf))
-    scheduled = np.sort(np.nan_to_num(requests["first_scheduled"].to_numpy(np.float64), nan=math.inf))
+    first_token = np.sort(np.nan_to_num(requests["first_token"].to_numpy(np.float64), nan=math.inf))
     t = np.linspace(t_mid, t_end, points)
     arrived = np.searchsorted(arrival, t, "right")
     rate = (arrived[-1] - arrived[0]) / (t_end - t_mid)  # arrivals in (t_mid, t_end]
     if not rate > 0:
         return nan
-    queue_slope = float(np.polyfit(t, arrived - np.searchsorted(scheduled, t, "right"), 1)[0])
+    queue_slope = float(np.polyfit(t, arrived - np.searchsorted(first_token, t, "right"), 1)[0])
     backlog_slope = float(np.polyfit(t, arrived - np.searchsorted(finish, t, "right"), 1)[0])
     return {"steady_offered_rps": float(rate), "steady_delivered_rps": float(rate - backlog_slope),
             "queue_growth": queue_slope / rate}

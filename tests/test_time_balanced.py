@@ -65,7 +65,8 @@ def test_a_time_budget_without_a_model_is_an_error_not_ignored():
 
 
 @pytest.mark.parametrize("field,value", [("fill", -0.1), ("fill", True), ("maxp", 0), ("iterp", 0),
-                                         ("minp", 4096), ("kvthresh", 1.0)])
+                                         ("minp", 4096), ("kvthresh", 1.0), ("max_chunk", 0),
+                                         ("max_chunk", 1.5), ("max_chunk", True)])
 def test_bad_parameters_name_the_policy_and_field(field, value):
     with pytest.raises(ValueError, match=rf"time_balanced\.{field} must be"):
         make_policy("time_balanced", {field: value})
@@ -238,6 +239,23 @@ def test_decodes_come_first_uncut_and_prefill_fills_what_time_leaves():
     b2 = s.next_batch(1.0)
     assert (b2.decode_tokens, b2.prefill_tokens) == (5, 49)
     check_invariants(s)
+
+
+def test_max_chunk_shares_a_batch_among_waiting_prompts_instead_of_the_head_taking_it():
+    # pp=2, iterp 1: TT's budget is the whole backlog (1,100 tokens, within the KV ramp cap)
+    # and nothing is in flight, so there is no time budget: only the chunk cap differs.
+    runs = {}
+    for cap in (None, 256):
+        s = scheduler(iterp=1, requeue_chunks=True, max_chunk=cap)
+        s.add(Request(0, 1000, 4))
+        s.add(Request(1, 100, 4))
+        runs[cap] = items_of(s.next_batch(0.0))
+        check_invariants(s)
+    assert runs[None] == [pre(0, 0, 1000), pre(1, 0, 100)]
+    # capped: the long prompt takes 256 and the short one all of its 100 in the same batch
+    # (its first token comes a batch round earlier); one chunk per prompt per batch, so the
+    # long prompt continues in the next batch.
+    assert runs[256] == [pre(0, 0, 256), pre(1, 0, 100)]
 
 
 def test_kv_pressure_throttles_the_extra_prefill_like_tt():

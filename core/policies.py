@@ -184,10 +184,10 @@ class StageTimeBalanced:
     `max_chunk` caps the tokens of one prompt in a micro-batch (vLLM's
     long_prefill_token_threshold), so a batch's prefill is shared among the waiting prompts
     instead of going to the head of the queue: a long prompt no longer holds every short one
-    behind it for several batches. Measured on the Azure code trace (600 requests, Qwen2.5-14B,
-    maxp 1024 or 2048 with requeue_chunks): capacity +6.6% to +9.2% on A100/H100 at pp 4 and 8
-    with a cap of 256, and Token Throttling given the same cap gains the same, so this is
-    the cap's gain, not the time balancing's (docs/benchmarks.md).
+    behind it for several batches. Measured on the Azure code trace (experiments/
+    chunk_cap_code.yaml: 600 requests, Qwen2.5-14B on A100/H100 at pp 4 and 8): capacity
+    +4.5% to +8.3% over Token Throttling with a cap of 256, of which Token Throttling
+    given the same cap gains +4.3% to +5.6% (`fill: 0` here is exactly that).
 
     Token Throttling's protections are unchanged: its decodes (Rn/pp, rotating jitter,
     optional `maxd`) are taken first and never cut by time; its prefill budget (KV reserve,

@@ -122,6 +122,10 @@ def test_shipped_configs_validate(monkeypatch):
     if trace.is_file():
         exp = load_experiment("experiments/azure_conv_trace.yaml")
         assert all(Path(r.config["workload"]["trace"]).is_absolute() for r in expand(exp))
+        # issue 17's comparisons: equal grids per policy, four platforms each
+        for name, variants in [("time_balanced_conv", 16), ("time_balanced_code", 16), ("chunk_cap_code", 12)]:
+            exp = load_experiment(f"experiments/{name}.yaml")
+            assert exp.count() == 4 * variants and exp.capacity is not None, name
 
 
 def test_all_runs_are_validated_before_any_starts(tmp_path):

@@ -283,6 +283,28 @@ def test_backlog_drains_and_every_request_finishes_with_invariants():
     assert not s.waiting and not s.ready and not s.in_flight
 
 
+@pytest.mark.parametrize("cap", [None, 64])
+def test_fill_zero_is_token_throttling_plus_only_the_chunk_cap(cap):
+    """experiments/chunk_cap_code.yaml labels time_balanced with fill 0 "TT + cap": it must
+    make Token Throttling's decisions exactly, with only the per-prompt cap added."""
+    class CappedTT:
+        requeue_chunks = True   # what the invariant checks read
+
+        def __init__(self): self.tt = make_policy("token_throttling", {"requeue_chunks": True})
+        def bind(self, view): self.tt.bind(view)
+        def plan(self, view):
+            plan = self.tt.plan(view)
+            plan.max_chunk = cap
+            return plan
+
+    def log(policy):
+        reqs = make_requests([(int(p), 8) for p in np.random.default_rng(6).integers(1, 900, 40)])
+        s = Scheduler(SchedulerConfig(pp=3, num_pages=400, page_size=16), policy, stage_time_model=LinearTime())
+        return drive(s, reqs, arrivals=True, seed=7).log
+    assert log(make_policy("time_balanced", {"fill": 0.0, "requeue_chunks": True, "max_chunk": cap})) \
+        == log(CappedTT())
+
+
 def test_same_inputs_same_decisions():
     def log():
         reqs = make_requests([(int(p), 8) for p in np.random.default_rng(4).integers(1, 900, 40)])

@@ -7,9 +7,10 @@ in by the time the backlog would show), so on its own that gives capacities abov
 the policy can serve at all. A probe here also has to be sustainable, judged over the
 steady part of its arrivals, the second half of the arrival window (see `sustainability`):
 the number of arrived requests without a first token (waiting, or part way through their
-prefill) must not grow faster than sustain x the arrival rate; and, when the max throughput is known (the rate of a run with every request
-at t = 0, on by default), the offered rate must not exceed it. `failures` names
-every condition a probe misses, so a search says which one bound it.
+prefill) must not grow faster than sustain x the arrival rate; and, when the max
+throughput is known (the rate of a run with every request at t = 0, on by default), the
+offered rate must not exceed it. `failures` names every condition a probe misses, so a
+search says which one bound it.
 
 The delivered rate (requests finished per second over the window) is reported, not
 judged. On a finite bursty replay it measures bursts, not overload: the first version

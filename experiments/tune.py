@@ -163,8 +163,11 @@ def run_tune(config: str | Path | TuneSpec, out: str | Path | None = None, *, ex
     if not len(feasible):
         raise RuntimeError(f"{spec.name}: no feasible trial finished (see {out / 'trials.csv'})")
     best = feasible.sort_values(["objective", "trial"], ascending=[False, True], kind="stable").iloc[0]
+    # From the trial itself, not the table: a table column of categorical choices such as
+    # [null, 256, 512] is float64 (NaN, 256.0), which the policy's own validation rejects.
+    chosen = study.trials[int(best["trial"])].params
     best_params = {p.name: (int(v) if p.type == "int" else float(v) if p.type == "float" else v)
-                   for p in spec.params for v in [_plain(best[f"params.{p.name}"])]}
+                   for p in spec.params for v in [_plain(chosen[p.name])]}
     files.append(write_best(out / "best.yaml", spec, best_params, float(best["objective"]), int(best["trial"])))
     importance = param_importance(optuna, study, spec)
     if plots:

@@ -145,6 +145,25 @@ def test_best_yaml_runs_as_a_sim_config_and_the_outputs(tmp_path):
     assert {"trials.csv", "tune_report.md", "study.db", "history.png", "importance.png", "top2.png"} <= names
 
 
+def test_best_yaml_keeps_categorical_choices_as_chosen(tmp_path):
+    """A categorical of null and ints (time_balanced's max_chunk) comes back as the very
+    choice, not as the trials table's float64 (NaN, 256.0), which the policy rejects."""
+    from cli.main import main
+
+    d = small(policy="time_balanced", trials=6,
+              params={"maxp": {"type": "int", "low": 256, "high": 2048, "log": True},
+                      "max_chunk": {"type": "categorical", "choices": [None, 64, 256]}},
+              constraints=[])
+    res = tune(tmp_path, d)
+    assert table(res)["params.max_chunk"].dtype == float   # the table's view: floats and NaN
+    chosen = res.best_params["max_chunk"]
+    assert chosen is None or type(chosen) is int
+    best = yaml.safe_load((tmp_path / "out" / "best.yaml").read_text())
+    assert best["policy_params"]["max_chunk"] == chosen and type(best["policy_params"]["max_chunk"]) is type(chosen)
+    assert main(["sim", str(tmp_path / "out" / "best.yaml"), "--num-requests", "10",
+                 "--out", str(tmp_path / "sim")]) == 0
+
+
 def test_tune_command_prints_the_best_and_resumes(tmp_path, capsys):
     from cli.main import main
 

@@ -138,6 +138,8 @@ def run_tune(config: str | Path | TuneSpec, out: str | Path | None = None, *, ex
     if stored is None:
         study.set_user_attr("fingerprint", fingerprint)
         study.set_user_attr("code_version", code_version())
+        for params in spec.first_trials:   # a new study only: a resumed one has them already
+            study.enqueue_trial(params)
     elif stored != fingerprint:
         raise ConfigError(f"{out / 'study.db'}: holds a study of a different config (policy, params, "
                           "targets, objective or seed changed); give another --out or delete the folder")
@@ -209,9 +211,9 @@ def _optimize(optuna: Any, study: Any, spec: TuneSpec, evaluate: Evaluator, n_tr
 
     # A batch drawn before an interruption is drawn again with the same parameters (the
     # interrupted trials are kept, as FAIL); its finished simulations come from the cache.
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        if t.state == TrialState.RUNNING:
-            study.tell(t.number, state=TrialState.FAIL)
+    # Still-queued trials (first_trials, or re-queued ones not yet drawn) are asked as they are.
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)
         study.enqueue_trial(t.params)
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     bar.update(min(done, n_trials))

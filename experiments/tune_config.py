@@ -29,6 +29,8 @@ Schema (YAML):
     batch: 8                      # trials drawn together and run in parallel (part of what
                                   #   the trials are: not tied to the machine's cores)
     startup_trials: 10            # random trials before TPE models the results
+    first_trials:                 # optional: settings tried first, in order (a grid's best, the
+      - {maxp: 2048, minp: 32}    #   defaults); a tuned param left out is drawn as usual
 
 Goodput uses the SimConfig `slo` (per-request ttft/tpot/e2e, in base or a target): an
 objective `goodput` without one is an error.
@@ -55,7 +57,7 @@ from experiments.spec import CapacitySpec, Run
 from sim.config import SimConfig, default_workload
 
 TOP_KEYS = ("name", "description", "policy", "fixed", "params", "constraints", "base", "targets",
-            "objective", "capacity", "trials", "seed", "batch", "startup_trials")
+            "objective", "capacity", "trials", "seed", "batch", "startup_trials", "first_trials")
 PARAM_TYPES = ("int", "float", "categorical")
 PARAM_KEYS = {"int": ("type", "low", "high", "log", "step"), "float": ("type", "low", "high", "log", "step"),
               "categorical": ("type", "choices")}
@@ -131,6 +133,7 @@ class TuneSpec:
     seed: int
     batch: int
     startup_trials: int
+    first_trials: list[dict[str, Any]] = field(default_factory=list)
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -195,8 +198,36 @@ def parse_tune(raw: Any, default_name: str = "tune", check_files: bool = True) -
     seed = _int(d, "seed", 0, 0)
     batch = _int(d, "batch", 8, 1)
     startup = _int(d, "startup_trials", 10, 0)
+    first = _parse_first_trials(d.get("first_trials"), params)
     return TuneSpec(name, description, policy, fixed, params, constraints, targets, objective, capacity,
-                    trials, seed, batch, startup, raw=copy.deepcopy(d))
+                    trials, seed, batch, startup, first, raw=copy.deepcopy(d))
+
+
+def _parse_first_trials(raw: Any, params: list[ParamSpec]) -> list[dict[str, Any]]:
+    """Settings to try first: each a mapping of tuned params to values inside their ranges
+    (a value outside would be a trial the search could never draw)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ConfigError(f"first_trials must be a list of {{param: value}} mappings, got {raw!r}")
+    by_name = {p.name: p for p in params}
+    out = []
+    for i, entry in enumerate(raw):
+        where = f"first_trials[{i}]"
+        entry = dict(check_keys(entry, list(by_name), where))
+        for name, v in entry.items():
+            p = by_name[name]
+            if p.type == "categorical":
+                ok, allowed = v in p.choices and any(type(v) is type(c) for c in p.choices if c == v), \
+                    f"one of {p.choices}"
+            else:
+                kind = int if p.type == "int" else (int, float)
+                ok = isinstance(v, kind) and not isinstance(v, bool) and p.low <= v <= p.high
+                allowed = f"{'an int' if p.type == 'int' else 'a number'} in [{p.low}, {p.high}]"
+            if not ok:
+                raise ConfigError(f"{where}.{name} must be {allowed} (params.{name}), got {v!r}")
+        out.append(entry)
+    return out
 
 
 def _number(v: Any) -> bool:

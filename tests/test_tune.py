@@ -63,6 +63,10 @@ def table(res) -> pd.DataFrame:
     (lambda d: d.update(fixed={"maxp": 512}), ["params.maxp", "fixed"]),
     (lambda d: d.update(batch=0), ["batch", ">= 1"]),
     (lambda d: d.update(trails=5), ["trails", "trials"]),
+    (lambda d: d.update(first_trials=[{"maxq": 512}]), ["first_trials[0]", "maxq", "maxp"]),
+    (lambda d: d.update(first_trials=[{"maxp": 100000}]), ["first_trials[0].maxp", "[128, 4096]"]),
+    (lambda d: d.update(first_trials=[{"maxp": 512.5}]), ["first_trials[0].maxp", "an int"]),
+    (lambda d: d.update(first_trials={"maxp": 512}), ["first_trials", "list"]),
 ])
 def test_config_errors_name_the_field(mutate, named):
     d = small()
@@ -104,6 +108,20 @@ def test_resumed_study_continues_with_the_trials_it_would_have_run(tmp_path):
     other["params"]["maxp"]["high"] = 2048
     with pytest.raises(ConfigError, match="different config"):
         tune(tmp_path, other, "resumed")
+
+
+def test_first_trials_run_first_in_order_and_once(tmp_path):
+    """A grid's best point or the defaults as the first trials; left-out params are drawn;
+    a resumed study does not add them again."""
+    first = [{"maxp": 2048, "minp": 64, "kvthresh": 0.05}, {"maxp": 512}]
+    res = tune(tmp_path, small(first_trials=first), trials=3)
+    t = table(res)
+    assert t.loc[0, ["params.maxp", "params.minp", "params.kvthresh"]].tolist() == [2048, 64, 0.05]
+    assert t.loc[1, "params.maxp"] == 512
+    again = tune(tmp_path, small(first_trials=first))
+    assert len(again.trials) == 6 and (table(again)["params.maxp"] == 512).sum() == 1
+    # and the queue is part of what the study is: without it the first trial is drawn
+    assert table(tune(tmp_path, small(), "plain", trials=1)).loc[0, "params.maxp"] != 2048
 
 
 def test_constraint_breakers_are_not_simulated(tmp_path):
@@ -239,3 +257,5 @@ def test_issue17_tune_configs_load_with_equal_budgets(name, policy, monkeypatch)
     spec = load_tune(Path("experiments/tune_code") / f"{name}.yaml")
     assert spec.policy == policy and (spec.trials, spec.seed, spec.batch) == (16, 0, 4)
     assert [t.name for t in spec.targets] == ["a100_pp4", "a100_pp8", "h100_pp4", "h100_pp8"]
+    # two start points each (its grid's best), every tuned param set
+    assert len(spec.first_trials) == 2 and all(set(f) == {p.name for p in spec.params} for f in spec.first_trials)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -323,6 +324,18 @@ def test_validation_config_takes_the_kernel_settings(tmp_path):
          "policies": ["vllm"], "attention_backend": "torch", "enforce_eager": True}))
     cfg = load_validation(tmp_path / "v.yaml")
     assert (cfg.attention_backend, cfg.enforce_eager) == ("torch", True)
+
+
+@pytest.mark.parametrize("name", ["twin_cpu", "twin_cpu_time_balanced", "twin_cpu_chunk_cap"])
+def test_shipped_validation_configs_load(name):
+    """The CPU twin configs the docs' figures come from, with their policies' parameters checked."""
+    from core.policies import make_policy
+    from twin.validate.config import load_validation
+
+    cfg = load_validation(Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml")
+    assert cfg.pp == 2 and len(cfg.loads) == 3
+    for p in cfg.policies:
+        make_policy(p["name"], p.get("params") or {})
 
 
 def test_sim_repeats_without_measured_jitter_are_refused(standin_profile, tmp_path, capsys):

@@ -15,17 +15,21 @@ from experiments.runner import execute, run_sweep
 PROFILE = "qwen2.5-32b_a100-80gb_pp4"
 
 
-def fifo_server(arrival_rate: float, service_rate: float, n: int = 2000, latency: float = 0.5) -> pd.DataFrame:
-    """Requests arriving evenly, scheduled in order at most `service_rate` a second, each
-    with its first token 0.1 s and its last `latency` after it is scheduled."""
-    arrival = np.arange(n) / arrival_rate
-    scheduled = np.empty(n)
+def served_in_order(arrival: np.ndarray, service_rate: float, latency) -> pd.DataFrame:
+    """Requests admitted in arrival order, at most `service_rate` a second, each with its
+    first token 0.1 s and its last `latency` (a number or one per request) after admission."""
+    scheduled = np.empty(len(arrival))
     free = 0.0
     for k, a in enumerate(arrival):
         scheduled[k] = free = max(a, free)
         free += 1 / service_rate
     return pd.DataFrame({"arrival": arrival, "first_scheduled": scheduled, "first_token": scheduled + 0.1,
                          "finish": scheduled + latency})
+
+
+def fifo_server(arrival_rate: float, service_rate: float, n: int = 2000, latency: float = 0.5) -> pd.DataFrame:
+    """Requests arriving evenly, served in order (`served_in_order`)."""
+    return served_in_order(np.arange(n) / arrival_rate, service_rate, latency)
 
 
 def test_sustainability_of_a_light_and_an_overloaded_server():
@@ -48,13 +52,7 @@ def bursty_server(service_rate: float, latency_of, n: int = 1000, seed: int = 0)
     CV 3, as the Azure traces), each request finishing `latency_of(k)` after admission."""
     rng = np.random.default_rng(seed)
     arrival = np.cumsum(rng.gamma(1 / 9, 9 / 1.0, n))  # rate 1, CV 3
-    scheduled = np.empty(n)
-    free = 0.0
-    for k, a in enumerate(arrival):
-        scheduled[k] = free = max(a, free)
-        free += 1 / service_rate
-    return pd.DataFrame({"arrival": arrival, "first_scheduled": scheduled, "first_token": scheduled + 0.1,
-                         "finish": scheduled + np.array([latency_of(k) for k in range(n)])})
+    return served_in_order(arrival, service_rate, np.array([latency_of(k) for k in range(n)]))
 
 
 def test_a_burst_in_a_light_run_is_not_an_overload():

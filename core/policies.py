@@ -205,7 +205,6 @@ class StageTimeBalanced:
     max_chunk: int | None = None  # most tokens of one prompt per micro-batch (None: no cap)
     _tt: TokenThrottling = dataclasses.field(default=None, init=False, repr=False)  # type: ignore[assignment]
     _model: StageTimeModel | None = dataclasses.field(default=None, init=False, repr=False)
-    _times: dict[int, float] = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         n = "time_balanced"
@@ -227,23 +226,20 @@ class StageTimeBalanced:
                              "the table it runs with) and the scheduler was given none: the simulator and "
                              "the runtime pass theirs; a bare Scheduler needs stage_time_model=")
         self._model = model
-        self._times = {}
         self._tt.bind(view)
 
     def in_flight_level(self, view: SchedulerView) -> float:
-        """Predicted time of the slowest batch in flight (0 when none); each batch priced once."""
-        times, predict = self._times, self._model.predict  # type: ignore[union-attr]
+        """Predicted time of the slowest batch in flight (0 when none); each batch priced once
+        (its `predicted_time`)."""
+        predict = self._model.predict  # type: ignore[union-attr]
         level = 0.0
-        for bid, b in view.in_flight.items():
-            t = times.get(bid)
+        for b in view.in_flight.values():
+            t = b.predicted_time
             if t is None:
-                t = times[bid] = predict(b.prefill_tokens, b.decode_tokens, b.prefill_attention_work,
-                                         b.decode_context)
+                t = b.predicted_time = predict(b.prefill_tokens, b.decode_tokens, b.prefill_attention_work,
+                                               b.decode_context)
             if t > level:
                 level = t
-        if len(times) > 4 * view.pp:  # forget batches that have left the pipeline
-            for bid in [k for k in times if k not in view.in_flight]:
-                del times[bid]
         return level
 
     def plan(self, view: SchedulerView) -> BatchPlan:

@@ -96,14 +96,20 @@ class TokenThrottling:
         self._jitter = 0
 
     def plan(self, view: SchedulerView) -> BatchPlan:
-        free, total, pp = view.free_pages, view.total_pages, view.pp
-        p_mem = int(view.page_size * max(free - self._reserve, 0))
-        if pp > 1 and p_mem > 0:
-            ramp = max(0.0, (free / total - self.kvthresh) / (1 - self.kvthresh))
-            prefill = min(p_mem, round(ramp * self.maxp))                      # UT rule
-            prefill = min(prefill, max(view.waiting_tokens // self.iterp, self.minp))  # WT rule
+        return self.plan_and_kv_cap(view)[0]
+
+    def plan_and_kv_cap(self, view: SchedulerView) -> tuple[BatchPlan, int]:
+        """The plan, and the prefill tokens the KV rules alone allow (page reserve and, at
+        pp > 1, the utilisation ramp; the WT rule then cuts the plan's budget below it):
+        time_balanced lets prefill grow up to that cap."""
+        free, pp = view.free_pages, view.pp
+        cap = int(view.page_size * max(free - self._reserve, 0))              # hard page reserve
+        if pp > 1 and cap > 0:
+            ramp = max(0.0, (free / view.total_pages - self.kvthresh) / (1 - self.kvthresh))
+            cap = min(cap, round(ramp * self.maxp))                            # UT rule
+            prefill = min(cap, max(view.waiting_tokens // self.iterp, self.minp))  # WT rule
         else:
-            prefill = min(self.maxp, p_mem)
+            prefill = cap = min(self.maxp, cap)
         running = view.num_running
         if running < pp:
             decodes = running
@@ -112,8 +118,8 @@ class TokenThrottling:
             self._jitter = (self._jitter + 1) % pp
         if self.maxd is not None:
             decodes = min(decodes, self.maxd)
-        return BatchPlan(max_decodes=decodes, prefill_budget=prefill,
-                         reserve_page_per_decode=True, requeue_chunks=self.requeue_chunks)
+        return BatchPlan(max_decodes=decodes, prefill_budget=prefill, reserve_page_per_decode=True,
+                         requeue_chunks=self.requeue_chunks), cap
 
 
 @dataclass(slots=True)
@@ -243,18 +249,10 @@ class StageTimeBalanced:
         return level
 
     def plan(self, view: SchedulerView) -> BatchPlan:
-        tt = self._tt
-        plan = tt.plan(view)
+        plan, cap = self._tt.plan_and_kv_cap(view)
         plan.max_chunk = self.max_chunk
         if not view.num_waiting:   # no prefill to add: no pricing (half the batches on the Azure trace)
             return plan
-        free, pp = view.free_pages, view.pp
-        cap = int(view.page_size * max(free - tt._reserve, 0))             # hard page reserve
-        if pp > 1 and cap > 0:
-            ramp = max(0.0, (free / view.total_pages - tt.kvthresh) / (1 - tt.kvthresh))
-            cap = min(cap, round(ramp * tt.maxp))                           # TT's UT rule
-        else:
-            cap = min(tt.maxp, cap)
         if cap <= plan.prefill_budget:   # TT's budget already takes what the KV rules allow
             return plan
         level = self.in_flight_level(view) * self.fill

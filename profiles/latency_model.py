@@ -287,6 +287,11 @@ class SlowestStage:
             else None
         self._solvable = self.monotone and self._stage_times is not None
 
+    def is_max_of(self, stage_times) -> bool:
+        """Whether `predict(*shape)` is exactly `max(stage_times(*shape))`: then a caller that
+        has a batch's stage times (the simulator times every batch) has its price too."""
+        return self._stage_times is not None and self._stage_times == stage_times
+
     @classmethod
     def of_profile(cls, profile: Profile | str) -> "SlowestStage":
         """The fitted model of a latency table (shipped name, folder, or Profile)."""

@@ -364,3 +364,38 @@ def test_stage_time_profile_prices_with_another_table_and_leaves_other_policies_
     assert batches("token_throttling").equals(batches("token_throttling", "llama-32m_cpu-1thread_pp2"))
     with pytest.raises(ValueError, match="stage_time_profile must be"):
         SimConfig(stage_time_profile="")
+
+
+def test_the_simulator_hands_its_own_price_to_time_balanced_and_the_batches_do_not_change(monkeypatch):
+    """The simulator times every batch with the model time_balanced prices with, so it sets
+    each batch's `predicted_time` (the max over its stage times) and the policy finds every
+    in-flight batch priced; pricing them itself gives the very same batches."""
+    from profiles.latency_model import SlowestStage
+    from sim import SimConfig, simulate
+    from sim.run import fitted_model
+    model = fitted_model("qwen2.5-32b_a100-80gb_pp4")[0]
+    other = fitted_model("llama-32m_cpu-1thread_pp2")[0]
+    assert SlowestStage(model).is_max_of(model.stage_times)
+    assert not SlowestStage(model).is_max_of(other.stage_times)
+    assert not SlowestStage(model, pp=2).is_max_of(model.stage_times)   # per-stage fallback: no
+    workload = {"num_requests": 150, "arrival": {"kind": "gamma", "rate": 6.0},
+                "prompt_len": {"kind": "lognormal", "mean": 1155, "spread": 0.96, "max": 8192},
+                "output_len": {"kind": "lognormal", "mean": 60, "spread": 0.771, "max": 512}}
+    cfg = SimConfig(profile="qwen2.5-32b_a100-80gb_pp4", policy="time_balanced", workload=workload)
+    unpriced = []
+    level = StageTimeBalanced.in_flight_level
+
+    def checked_level(self, view):
+        unpriced.extend(b.id for b in view.in_flight.values() if b.predicted_time is None)
+        for b in view.in_flight.values():
+            if b.predicted_time is not None:
+                assert b.predicted_time == self._model.predict(b.prefill_tokens, b.decode_tokens,
+                                                               b.prefill_attention_work, b.decode_context)
+        return level(self, view)
+    monkeypatch.setattr(StageTimeBalanced, "in_flight_level", checked_level)
+    shared = simulate(cfg).trace.batches
+    assert unpriced == []
+    monkeypatch.setattr(SlowestStage, "is_max_of", lambda self, stage_times: False)
+    priced_by_policy = simulate(cfg).trace.batches
+    assert unpriced   # now the policy priced them
+    assert shared.equals(priced_by_policy)

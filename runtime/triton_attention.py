@@ -197,6 +197,31 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                            k_cache.stride(1), v_cache.stride(1), WIDTH=width, BLOCK=_pow2(width))
 
 
+def kernel_constants(heads: int, kv_heads: int, head_dim: int, page_size: int, block_q: int, block_n: int,
+                     splits: int, per_seq: bool, *, upcast: bool, interpret: bool) -> dict[str, int | bool]:
+    """`_paged_attn_kernel`'s compile-time constants for one launch (benchmarks/
+    triton_resources.py compiles the kernel for sm_80 and sm_90 with exactly these). On a
+    GPU, tl.dot wants every dimension >= 16: rows (query tokens x the group's heads) are
+    padded to 16, and so is the head dimension (masked), so a model with head_dim 8
+    compiles too; the interpreter takes any shape. Key tiles are halved for head_dim 256:
+    at 64 keys the tile's registers spill (ptxas, sm_90)."""
+    group = heads // kv_heads
+    group_pad = _pow2(group)
+    least = 1 if interpret else 16
+    block_d = max(least, _pow2(head_dim))
+    return dict(GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
+                BLOCK_M=max(least, block_q * group_pad), BLOCK_N=block_n if block_d <= 128 else min(block_n, 32),
+                PAGE=page_size, NUM_SPLITS=splits if per_seq else 1, PER_SEQ=per_seq, UPCAST=upcast)
+
+
+def num_warps(const: dict[str, int | bool]) -> int:
+    """Warps per program: 8 once a tile is 128 wide or 64 rows tall. With 4, every such
+    configuration spills registers to local memory on sm_80 and sm_90 (80-7,472 bytes a
+    thread, ptxas through benchmarks/triton_resources.py); with 8 none of the shipped
+    models' shapes does."""
+    return 4 if const["BLOCK_D"] <= 64 and const["BLOCK_M"] <= 64 else 8
+
+
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
            launch, *, per_seq: bool) -> None:
     """One launch over `launch` (runtime.batch_meta.KernelLaunch): decode rows when
@@ -207,14 +232,11 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: t
         return
     heads, d = q.shape[1], q.shape[2]
     kv_heads = k_cache.shape[2]
-    group = heads // kv_heads
-    group_pad = _pow2(group)
-    block_d = _pow2(d)
-    upcast = interpreted() or q.dtype == torch.float32
-    # tl.dot wants >= 16 rows on a GPU; the interpreter does not
-    min_m = 1 if interpreted() else 16
-    block_m = max(min_m, launch.block_q * group_pad)
-    splits = launch.num_splits if per_seq else 1
+    interpret = interpreted()
+    const = kernel_constants(heads, kv_heads, d, k_cache.shape[1], launch.block_q, launch.block_n,
+                             launch.num_splits, per_seq, upcast=interpret or q.dtype == torch.float32,
+                             interpret=interpret)
+    splits = const["NUM_SPLITS"]
     grid0 = n_seq if per_seq else launch.blk_seq.numel()
     part = lse = out
     if splits > 1:
@@ -228,11 +250,9 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: t
         launch.table, launch.seq_lens, launch.q_starts, launch.q_lens, blk_seq, blk_first,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), launch.table.stride(0), heads, scale_log2,
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m,
-        BLOCK_N=launch.block_n, PAGE=k_cache.shape[1], NUM_SPLITS=splits, PER_SEQ=per_seq,
-        UPCAST=upcast)
+        out.stride(0), out.stride(1), launch.table.stride(0), heads, scale_log2, **const,
+        num_warps=num_warps(const))
     if splits > 1:
         _reduce_kernel[(n_seq, heads)](part, lse, out, launch.q_starts, launch.q_lens,
                                        out.stride(0), out.stride(1), heads,
-                                       HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=splits)
+                                       HEAD_DIM=d, BLOCK_D=const["BLOCK_D"], NUM_SPLITS=splits)

@@ -203,14 +203,16 @@ def kernel_constants(heads: int, kv_heads: int, head_dim: int, page_size: int, b
     triton_resources.py compiles the kernel for sm_80 and sm_90 with exactly these). On a
     GPU, tl.dot wants every dimension >= 16: rows (query tokens x the group's heads) are
     padded to 16, and so is the head dimension (masked), so a model with head_dim 8
-    compiles too; the interpreter takes any shape. Key tiles are halved for head_dim 256:
-    at 64 keys the tile's registers spill (ptxas, sm_90)."""
+    compiles too; the interpreter takes any shape. Key tiles are halved for head_dim 256
+    and for 128-row blocks (GQA 8:1 prefill): at 64 keys their registers spill (ptxas,
+    sm_80 and sm_90, with triton 3.7 or 3.9)."""
     group = heads // kv_heads
     group_pad = _pow2(group)
     least = 1 if interpret else 16
     block_d = max(least, _pow2(head_dim))
-    return dict(GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                BLOCK_M=max(least, block_q * group_pad), BLOCK_N=block_n if block_d <= 128 else min(block_n, 32),
+    block_m = max(least, block_q * group_pad)
+    return dict(GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
+                BLOCK_N=block_n if block_d <= 128 and block_m <= 64 else min(block_n, 32),
                 PAGE=page_size, NUM_SPLITS=splits if per_seq else 1, PER_SEQ=per_seq, UPCAST=upcast)
 
 

@@ -71,18 +71,40 @@ def _signature(kernel, pointer_types: dict[str, str], const: dict) -> dict[str, 
             for n in kernel.arg_names}
 
 
-def _compile(kernel, sig: dict[str, str], const: dict, arch: int, warps: int | None) -> dict:
+def _aligned(kernel, sig: dict[str, str], ints: dict[str, int]) -> dict:
+    """The specialization a launch on a GPU compiles with: Triton marks each pointer that is
+    16-byte aligned (torch's allocations and these views are) and each int divisible by 16
+    (`ints`: the values the runtime passes) `tt.divisibility=16`. Without it the compiler
+    cannot prove aligned vector loads, so the offline build would differ from the real one."""
+    names = kernel.arg_names
+    return {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+            if t.startswith("*") or (t == "i32" and ints.get(n, 1) % 16 == 0)}
+
+
+def _compile(kernel, sig: dict[str, str], const: dict, arch: int, warps: int | None,
+             ints: dict[str, int] | None = None) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     options = {} if warps is None else {"num_warps": warps}
     try:
-        k = triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32), options=options)
+        k = triton.compile(ASTSource(kernel, sig, const, _aligned(kernel, sig, ints or {})),
+                           target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as e:  # noqa: BLE001 - the report names every failure
         return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"}
     regs, stack = _resources(k.asm["cubin"])
+    ir = k.asm["ttgir"]
     return {"regs": regs, "stack": stack, "shared": int(k.metadata.shared), "warps": int(k.metadata.num_warps),
-            "shared_limit": SHARED_LIMIT.get(arch)}
+            "shared_limit": SHARED_LIMIT.get(arch), "async_copies": ir.count("async_copy_global_to_local")}
+
+
+def _attention_ints(heads: int, kv_heads: int, head_dim: int, page_size: int) -> dict[str, int]:
+    """The int arguments `attend` passes for a contiguous q/out [T, heads, d] and caches
+    [pages, page_size, kv_heads, d] (page tables are >= 16 pages wide but for tiny runs)."""
+    kv = page_size * kv_heads * head_dim
+    return {"stride_qt": heads * head_dim, "stride_qh": head_dim, "stride_kp": kv, "stride_ks": kv_heads * head_dim,
+            "stride_kh": head_dim, "stride_vp": kv, "stride_vs": kv_heads * head_dim, "stride_vh": head_dim,
+            "stride_ot": heads * head_dim, "stride_oh": head_dim, "stride_table": 16, "num_heads": heads}
 
 
 def attention_case(model: str, launch: str, arch: int, dtype: str = "bfloat16", page_size: int = 16,
@@ -99,7 +121,8 @@ def attention_case(model: str, launch: str, arch: int, dtype: str = "bfloat16", 
                                              "part_ptr": "*fp32", "lse_ptr": "*fp32"}, const)
     row = {"kernel": "attention", "model": model, "launch": launch, "arch": arch, "dtype": dtype,
            "head_dim": head_dim, "block_m": const["BLOCK_M"], "block_n": const["BLOCK_N"]}
-    row.update(_compile(ta._paged_attn_kernel, sig, const, arch, warps or ta.num_warps(const)))
+    row.update(_compile(ta._paged_attn_kernel, sig, const, arch, warps or ta.num_warps(const),
+                        _attention_ints(heads, kv_heads, head_dim, page_size)))
     return row
 
 
@@ -111,11 +134,13 @@ def helper_cases(arch: int, dtype: str = "bfloat16") -> list[dict]:
     const = {"HEAD_DIM": 128, "BLOCK_D": 128, "NUM_SPLITS": 16}
     sig = _signature(ta._reduce_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": t}, const)
     rows.append({"kernel": "reduce", "model": "llama3-8b", "launch": "decode-split16", "arch": arch,
-                 "dtype": dtype, **_compile(ta._reduce_kernel, sig, const, arch, None)})
+                 "dtype": dtype, **_compile(ta._reduce_kernel, sig, const, arch, None,
+                                            {"stride_ot": 4096, "stride_oh": 128, "num_heads": 32})})
     const = {"WIDTH": 8 * 128, "BLOCK": 1024}
     sig = _signature(ta._store_kv_kernel, {"k_ptr": t, "v_ptr": t, "k_cache_ptr": t, "v_cache_ptr": t}, const)
     rows.append({"kernel": "store_kv", "model": "llama3-8b", "launch": "any", "arch": arch, "dtype": dtype,
-                 **_compile(ta._store_kv_kernel, sig, const, arch, None)})
+                 **_compile(ta._store_kv_kernel, sig, const, arch, None,
+                            {"stride_kt": 1024, "stride_vt": 1024, "stride_ck": 1024, "stride_cv": 1024})})
     return rows
 
 
@@ -157,14 +182,14 @@ def main() -> None:
         print(json.dumps(rows))
         return
     print(f"{'kernel':9} {'model':12} {'launch':15} {'sm':>3} {'dtype':9} {'M':>4} {'N':>3} {'warps':>5} "
-          f"{'regs':>4} {'stack B':>7} {'shared KB':>9}")
+          f"{'regs':>4} {'stack B':>7} {'shared KB':>9} {'async':>5}")
     for r in rows:
         if "error" in r:
             print(f"{r['kernel']:9} {r['model']:12} {r['launch']:15} {r['arch']:>3} {r['dtype']:9} ERROR {r['error']}")
             continue
         print(f"{r['kernel']:9} {r['model']:12} {r['launch']:15} {r['arch']:>3} {r['dtype']:9} "
               f"{r.get('block_m', ''):>4} {r.get('block_n', ''):>3} {r['warps']:>5} {r['regs']:>4} {r['stack']:>7} "
-              f"{r['shared'] / 1024:>9.1f}")
+              f"{r['shared'] / 1024:>9.1f} {r['async_copies']:>5}")
     if any("error" in r for r in rows):
         sys.exit(1)
 

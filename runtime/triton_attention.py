@@ -203,25 +203,21 @@ def kernel_constants(heads: int, kv_heads: int, head_dim: int, page_size: int, b
     triton_resources.py compiles the kernel for sm_80 and sm_90 with exactly these). On a
     GPU, tl.dot wants every dimension >= 16: rows (query tokens x the group's heads) are
     padded to 16, and so is the head dimension (masked), so a model with head_dim 8
-    compiles too; the interpreter takes any shape. Key tiles are halved for head_dim 256
-    and for 128-row blocks (GQA 8:1 prefill): at 64 keys their registers spill (ptxas,
-    sm_80 and sm_90, with triton 3.7 or 3.9)."""
+    compiles too (it did not); the interpreter takes any shape."""
     group = heads // kv_heads
     group_pad = _pow2(group)
     least = 1 if interpret else 16
-    block_d = max(least, _pow2(head_dim))
-    block_m = max(least, block_q * group_pad)
-    return dict(GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
-                BLOCK_N=block_n if block_d <= 128 and block_m <= 64 else min(block_n, 32),
-                PAGE=page_size, NUM_SPLITS=splits if per_seq else 1, PER_SEQ=per_seq, UPCAST=upcast)
+    return dict(GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=max(least, _pow2(head_dim)),
+                BLOCK_M=max(least, block_q * group_pad), BLOCK_N=block_n, PAGE=page_size,
+                NUM_SPLITS=splits if per_seq else 1, PER_SEQ=per_seq, UPCAST=upcast)
 
 
 def num_warps(const: dict[str, int | bool]) -> int:
-    """Warps per program: 8 once a tile is 128 wide or 64 rows tall. With 4, every such
-    configuration spills registers to local memory on sm_80 and sm_90 (80-7,472 bytes a
-    thread, ptxas through benchmarks/triton_resources.py); with 8 none of the shipped
-    models' shapes does."""
-    return 4 if const["BLOCK_D"] <= 64 and const["BLOCK_M"] <= 64 else 8
+    """Warps per program: 8 for blocks of 64+ query rows (prefill with GQA 4:1 or more) and
+    for head_dim 256, else 4. With 4, those spill registers to local memory: 16-240 bytes
+    a thread (ptxas for sm_80 and sm_90, triton 3.7.1 and 3.9.0, through benchmarks/
+    triton_resources.py); with 8, no launch of the shipped models' shapes spills at sm_90."""
+    return 8 if const["BLOCK_M"] >= 64 or const["BLOCK_D"] >= 256 else 4
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,

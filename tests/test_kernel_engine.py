@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")   # inherited by the stage processes
 
 import importlib.util  # noqa: E402
+import pickle  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -61,7 +62,16 @@ def test_one_gpu_functional_mode(monkeypatch):
     opts, _, _ = build_engine_config(dict(TINY), pp=2, device="cuda", attention_backend="torch")
     assert opts.shared_gpu and opts.backend == "gloo"
     assert [opts.stage_device(s) for s in range(2)] == ["cuda:0", "cuda:0"]
+    # in a spawned stage process: the config arrives pickled and runtime.processes.stage_main
+    # has set WORLD_SIZE and LOCAL_RANK; stage 1 must still take cuda:0 and gloo
+    staged = pickle.loads(pickle.dumps(opts))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert staged.shared_gpu and staged.backend == "gloo" and staged.stage_device(1) == "cuda:0"
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_RANK")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    opts, _, _ = build_engine_config(dict(TINY), pp=2, device="cuda", attention_backend="torch")
     assert not opts.shared_gpu and opts.backend == "nccl" and opts.stage_device(1) == "cuda:1"
 
 

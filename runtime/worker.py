@@ -118,11 +118,17 @@ class StageRunner:
         if o.kv_cache_gib is not None:
             budget, how = o.kv_cache_gib * 2**30, f"kv_cache_gib={o.kv_cache_gib:g}"
         elif self.device.type == "cuda":
+            # memory this process freed (an earlier engine's KV cache) stays reserved by
+            # torch's caching allocator and counts as used in mem_get_info: release it
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             # leave (1 - utilization) of the whole GPU, and what is already used, alone
             budget = free - (1 - o.gpu_memory_utilization) * total
             how = (f"gpu_memory_utilization={o.gpu_memory_utilization:g} "
                    f"({free / 2**30:.2f} of {total / 2**30:.2f} GiB free after weights)")
+            if o.shared_gpu:   # every stage sizes before any allocates: split the budget
+                budget /= o.pp
+                how += f", shared by {o.pp} stages"
         else:
             budget, how = 2**30, "the CPU default of 1 GiB per stage"
         return max(0, int(budget // per)), f"{how}, {per} bytes per page"

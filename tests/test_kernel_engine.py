@@ -141,3 +141,39 @@ def test_validate_report_flags_slow_stages():
     assert "tt at 2.0" not in text
     ok = " ".join(slow_stage_lines(errors.assign(real_vs_table=[1.0, 1.2, 0.9])))
     assert ok.startswith("Every cell's real stage time is within 1.2x")
+
+
+def test_kv_sizing_on_one_gpu(monkeypatch):
+    """KV pages from free GPU memory: torch's cached blocks are released first (an earlier
+    engine's KV cache would otherwise count as used, leaving the next one no page), and
+    stages sharing one GPU split the budget (each sizes before any allocates)."""
+    from runtime.engine import Engine
+    from runtime.worker import StageRunner
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+
+    def mem_get_info(device):
+        calls.append("mem_get_info")
+        return 100 * 2**30, 140 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(StageRunner, "bytes_per_page", lambda self: 2**20)
+    fits = {}
+    for pp in (1, 2):
+        opts, _, _ = build_engine_config(dict(TINY), pp=pp, device="cuda", attention_backend="torch")
+        runner = object.__new__(StageRunner)      # no model: sizing only
+        runner.opts, runner.device = opts, torch.device("cuda:0")
+        fits[pp], how = runner.pages_that_fit()
+        assert calls[-2:] == ["empty_cache", "mem_get_info"]
+    assert fits[1] == 86 * 1024 and fits[2] == 43 * 1024      # (100 - 0.1 x 140) GiB of 1 MiB pages
+    assert "shared by 2 stages" in how
+
+    class Driver:
+        def close(self):
+            calls.append("close")
+    engine = object.__new__(Engine)               # a pp=1 engine on cuda, shutting down
+    engine.opts, engine.mode, engine._closed, engine._online, engine._driver = opts, "local", False, None, Driver()
+    engine.shutdown()
+    assert calls[-2:] == ["close", "empty_cache"] and engine._driver is None

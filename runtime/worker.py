@@ -141,6 +141,16 @@ class StageRunner:
         self.graphs = GraphRunner(self.model, self.cache, o.page_size, o.attention_backend,
                                   self.device, enforce_eager=o.enforce_eager or None,
                                   max_rows=256, max_context=o.model_cfg.max_position_embeddings)
+        if self.graphs.use_graphs:
+            # Every bucket now, while this is the process's only thread: captured lazily on
+            # the compute thread of a stage >= 1, a graph would be invalidated ("operation not
+            # permitted when stream is capturing") by the Inbox thread uploading a prefill's
+            # metadata at the same time (pinned and device allocations, copies).
+            cfg, dev = self.model.cfg, self.device
+            example = (torch.zeros(1, dtype=torch.long, device=dev) if self.is_first else
+                       tuple(torch.zeros(1, cfg.hidden_size, dtype=self.model.dtype, device=dev)
+                             for _ in range(2)))
+            self.graphs.capture_all(example)
 
     # ---- compute ----
     def now(self) -> float:

@@ -177,3 +177,21 @@ def test_kv_sizing_on_one_gpu(monkeypatch):
     engine.opts, engine.mode, engine._closed, engine._online, engine._driver = opts, "local", False, None, Driver()
     engine.shutdown()
     assert calls[-2:] == ["close", "empty_cache"] and engine._driver is None
+
+
+def test_sampler_never_hands_multinomial_an_invalid_row(monkeypatch):
+    """Finite logits that overflow when divided by a small temperature fail their row
+    before multinomial: on CUDA multinomial over inf/NaN is a device-side assert that
+    ends the process (CPU raises, which the sampler also catches)."""
+    from runtime.sampling import FAILED, Sampler, SamplingParams
+    real = torch.multinomial
+
+    def cuda_like(probs, n, generator=None):
+        if not (torch.isfinite(probs).all() and (probs >= 0).all() and probs.sum() > 0):
+            raise AssertionError("device-side assert: probability tensor contains inf, nan or < 0")
+        return real(probs, n, generator=generator)
+    monkeypatch.setattr(torch, "multinomial", cuda_like)
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    logits[1, 4] = 3e38                      # finite; / 1e-3 overflows to inf
+    out = Sampler().sample(logits, [0, 1, 2], SamplingParams(temperature=1e-3, seed=1))
+    assert out[1] == FAILED and FAILED not in (out[0], out[2])

@@ -9,6 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -149,3 +150,28 @@ def test_stage_captures_every_bucket_at_start(monkeypatch):
         else:
             assert [x.shape for x in static_in] == [(1, 64), (1, 64)]
             assert all(x.dtype == torch.float32 for x in static_in)
+
+
+def test_staging_waits_on_the_copy_stream_of_its_device(monkeypatch):
+    """The pinned buffer's 'copy done' event is recorded on the stream of the device the
+    copy went to, not the thread's current device's (a stage on cuda:1 builds metadata
+    on a thread whose current device is cuda:0), and waited for before reuse."""
+    from runtime.kernel_layout import _Staging
+    log = []
+
+    class Event:
+        def record(self, stream=None):
+            log.append(("record", stream))
+
+        def synchronize(self):
+            log.append(("synchronize",))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+    st = _Staging(torch.device("cuda", 1))
+    st.buf = torch.zeros(4096, dtype=torch.int32)     # stands in for the pinned buffer
+    dst = torch.zeros(8, dtype=torch.int32)           # stands in for a graph's static buffer
+    host = np.arange(8, dtype=np.int32)
+    st.upload_into(host, dst)
+    st.upload_into(host + 1, dst)
+    assert log == [("record", "stream of cuda:1"), ("synchronize",), ("record", "stream of cuda:1")]
+    assert dst.tolist() == list(range(1, 9))

@@ -157,6 +157,10 @@ class StageRunner:
         return time.perf_counter() + self.offset
 
     def build_meta(self, m: StepMeta) -> BatchMeta | GraphStep:
+        if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
+            # set_device is per thread: the Inbox thread of a stage on cuda:1 starts on
+            # cuda:0, where its pinned uploads would open a second CUDA context
+            torch.cuda.set_device(self.device)
         return self.graphs.build_meta(m.starts, m.lens, m.pages, m.samples)
 
     def forward(self, inputs: Any, meta: BatchMeta | GraphStep) -> Any:

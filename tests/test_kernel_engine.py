@@ -195,3 +195,20 @@ def test_sampler_never_hands_multinomial_an_invalid_row(monkeypatch):
     logits[1, 4] = 3e38                      # finite; / 1e-3 overflows to inf
     out = Sampler().sample(logits, [0, 1, 2], SamplingParams(temperature=1e-3, seed=1))
     assert out[1] == FAILED and FAILED not in (out[0], out[2])
+
+
+def test_metadata_thread_takes_the_stage_device(monkeypatch):
+    """A stage on cuda:1 builds metadata on its Inbox thread, whose current device is
+    cuda:0 until set (set_device is per thread)."""
+    from types import SimpleNamespace
+
+    from runtime.comm import StepMeta
+    from runtime.worker import StageRunner
+    current = {"dev": 0}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["dev"])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.update(dev=torch.device(d).index))
+    runner = object.__new__(StageRunner)
+    runner.device = torch.device("cuda:1")
+    runner.graphs = SimpleNamespace(build_meta=lambda *a: ("meta on", current["dev"]))
+    m = StepMeta(0, [0], [1], [[0]], [True], 0, 1, [0])
+    assert runner.build_meta(m) == ("meta on", 1)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import os
 import statistics
@@ -335,9 +336,19 @@ class Check:
 
     # -- profile -> sim -> bench, validate --------------------------------------------------
     def cli(self, *argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """`pipetwin ARGV`; its output goes to OUT/logs/<command>.log, and a failure raises
+        with the last line it printed (a one-shot GPU run must say why, not only the exit code)."""
         env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-        return subprocess.run([sys.executable, "-m", "cli", *argv], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=timeout, check=True)
+        log = self.out / "logs" / f"{argv[0]}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        res = subprocess.run([sys.executable, "-m", "cli", *argv], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=timeout)
+        log.write_text(f"$ pipetwin {' '.join(argv)}\n{res.stdout}\n--- stderr ---\n{res.stderr}")
+        if res.returncode != 0:
+            lines = [ln for ln in res.stderr.splitlines() if ln.strip()] or ["(no output)"]
+            raise RuntimeError(f"{lines[-1].strip()} (pipetwin {argv[0]} exit {res.returncode}, "
+                               f"see {log})\n" + "\n".join(lines[-40:]))
+        return res
 
     def model_arg(self) -> str:
         cfg = dict(TINY if self.args.quick else LLAMA3_8B, torch_dtype=self.args.dtype)
@@ -460,6 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     with Sampler(Telemetry(), interval_s=0.5) as sampler:
         for name in sections:
             getattr(check, name)()
+            check.write()   # the table so far: a run stopped at its time limit keeps it
+            if check.device.type == "cuda":
+                # hand this section's GPU memory back: the CLI runs of serve and validate
+                # are other processes, and size their KV cache from the free memory
+                gc.collect()
+                torch.cuda.empty_cache()
     check.telemetry_rows(sampler.summary())
     (out / "telemetry.json").write_text(json.dumps(sampler.summary(), indent=2) + "\n")
     check.add("total", "wall time", f"{time.perf_counter() - t0:.0f} s", "<= 480 s", "info")

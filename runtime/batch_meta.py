@@ -156,6 +156,9 @@ class KernelLaunch:
     num_splits: int           # parts each row's keys are cut in (decode; 1 = none)
 
 
+_ALIGN = 4   # int32 elements: 16 bytes
+
+
 @dataclass(slots=True)
 class PackedMeta:
     """A micro-batch's kernel metadata on the host: one int32 array, and the sizes of
@@ -181,8 +184,20 @@ class PackedMeta:
                             self.chunk_rows, self.width, self.blocks)
         return [t, t, s, d, d, d, d * w, c, c, c, c * w, b, b]
 
+    def offsets(self) -> list[int]:
+        """Where each segment starts in the array, then its length: every segment on 16
+        bytes. Triton specializes a kernel on each pointer argument's 16-byte alignment, so
+        segments packed end to end would compile a new variant for every alignment
+        pattern the micro-batches' sizes happen to give (seconds each on a GPU)."""
+        out, at = [], 0
+        for n in self.sizes():
+            out.append(at)
+            at += -(-n // _ALIGN) * _ALIGN
+        return out + [at]
+
     def views(self, buf: torch.Tensor) -> "BatchMeta":
-        parts = list(torch.split(buf[:self.host.size], self.sizes()))
+        offs = self.offsets()
+        parts = [buf[o:o + n] for o, n in zip(offs, self.sizes())]
         pos, slots, samp = parts[:3]
         dec = chunks = None
         if self.dec_rows:
@@ -262,8 +277,9 @@ class KernelMeta:
         ns = nd if pad_tokens else int(samp.sum())
         packed = PackedMeta(np.empty(0, np.int32), tp, ns, nd, int(ch.size), blocks, width, splits,
                             block_q, block_n, backend, page_size)
-        host = np.zeros(sum(packed.sizes()), dtype=np.int32)
-        seg = iter(np.split(host, np.cumsum(packed.sizes())[:-1]))
+        offs = packed.offsets()
+        host = np.zeros(offs[-1], dtype=np.int32)
+        seg = iter([host[o:o + n] for o, n in zip(offs, packed.sizes())])
         pos_s, slot_s, samp_s = next(seg), next(seg), next(seg)
         pos_s[:t] = pos
         slot_s[:t] = flat[page_off[item] + pos // page_size] * page_size + pos % page_size

@@ -283,6 +283,11 @@ class Engine:
             if self._driver is not None:
                 self._driver.close()
             self._driver = None
+            if torch.device(self.opts.device).type == "cuda":
+                # hand the KV cache back to the driver, not just torch's cache: the next
+                # engine (maybe in stage processes) sizes its KV from the free memory
+                gc.collect()
+                torch.cuda.empty_cache()
             return
         if self._failed is None and all(p.is_alive() for p in self._procs):
             try:

@@ -3,7 +3,7 @@ validated once in the caller's process and pickled to every stage."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +36,8 @@ class EngineConfig:
     # auto | torch | triton | flashinfer (runtime.attention.resolve_backend); stored resolved
     attention_backend: str = "auto"
     enforce_eager: bool = False       # True: no CUDA graphs for decode-only micro-batches
+    # decided once, here in the caller's process (see shared_gpu)
+    _shared_gpu: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         def bad(name: str, want: str, value: Any) -> ValueError:
@@ -74,6 +76,10 @@ class EngineConfig:
                 raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
         if not isinstance(self.enforce_eager, bool):
             raise bad("enforce_eager", "true or false", self.enforce_eager)
+        # Not re-read in a stage process: a spawned stage sets WORLD_SIZE itself before it
+        # reads this, and would then take cuda:<rank> and nccl on a one-GPU machine.
+        object.__setattr__(self, "_shared_gpu", dev.type == "cuda" and self.pp > 1
+                           and "WORLD_SIZE" not in os.environ and torch.cuda.device_count() < self.pp)
         object.__setattr__(self, "attention_backend",
                            resolve_backend(self.attention_backend, self.stage_device(0)))
 
@@ -85,9 +91,9 @@ class EngineConfig:
     def shared_gpu(self) -> bool:
         """pp > 1 on fewer GPUs than stages (e.g. one): a functional mode, not a fast one.
         Every stage process uses cuda:0 and activations go through host memory (gloo);
-        the real path is one GPU per stage with NCCL."""
-        return (torch.device(self.device).type == "cuda" and self.pp > 1
-                and "WORLD_SIZE" not in os.environ and torch.cuda.device_count() < self.pp)
+        the real path is one GPU per stage with NCCL. Decided when the config is made (in
+        the caller's process, or each torchrun rank's)."""
+        return self._shared_gpu
 
     @property
     def backend(self) -> str:

@@ -67,8 +67,10 @@ class _Staging:
         else:
             dst[:n].copy_(self.buf[:n], non_blocking=True)
         if self.device.type == "cuda":
+            # the stream the copy went on: the thread's current device may be another GPU
+            # (set_device is per thread; a stage's Inbox thread never calls it)
             self.done = torch.cuda.Event()
-            self.done.record()
+            self.done.record(torch.cuda.current_stream(self.device))
         return dst
 
 

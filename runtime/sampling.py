@@ -116,8 +116,16 @@ class Sampler:
         temp = torch.tensor([params[i].temperature for i in rows], device=logits.device)
         top_k = torch.tensor([min(params[i].top_k, vocab) or vocab for i in rows], device=logits.device)
         top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device)
-        probs, order = filtered_probs(sub / temp[:, None], top_k, top_p)
+        scaled = sub / temp[:, None]
+        # finite logits can still overflow once divided by a small temperature; on CUDA,
+        # multinomial over such a row is a device-side assert that ends the process, not
+        # the RuntimeError it is on CPU, so those rows are failed here
+        finite = torch.isfinite(scaled.amax(dim=-1)).tolist()
+        probs, order = filtered_probs(scaled, top_k, top_p)
         for j, i in enumerate(rows):
+            if not finite[j]:
+                out[i] = FAILED
+                continue
             g = self._generator(request_ids[i], params[i], logits.device)
             try:
                 pick = torch.multinomial(probs[j], 1, generator=g)

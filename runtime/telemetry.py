@@ -50,6 +50,33 @@ def visible_indices(count: int, env: str | None = None) -> list[int]:
     return [int(p) for p in parts if int(p) < count]
 
 
+def _uuid_indices(nvml: Any, count: int) -> list[int] | None:
+    """NVML indices of CUDA_VISIBLE_DEVICES when it names GPUs by UUID (or a UUID's
+    prefix, as CUDA accepts; containers often do), mixed with plain indices or not;
+    None when it lists none, or something that cannot be mapped (MIG instances)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    parts = [p.strip() for p in env.split(",") if p.strip()]
+    if not any(p.startswith("GPU-") for p in parts):
+        return None
+    uuids = []
+    try:
+        for i in range(count):
+            u = nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(i))
+            uuids.append(u.decode() if isinstance(u, bytes) else str(u))
+    except Exception:   # an NVML without UUIDs: as before, every device
+        return None
+    out = []
+    for p in parts:
+        if p.isdigit() and int(p) < count:
+            out.append(int(p))
+            continue
+        hits = [i for i, u in enumerate(uuids) if p.startswith("GPU-") and u.startswith(p)]
+        if len(hits) != 1:
+            return None
+        out.append(hits[0])
+    return out
+
+
 class Telemetry:
     """NVML handles of some devices (default: the visible ones, in cuda:i order);
     `cuda_indices` picks some of those (e.g. the stages' devices)."""
@@ -63,7 +90,8 @@ class Telemetry:
             return
         try:
             self.nvml.nvmlInit()
-            visible = visible_indices(self.nvml.nvmlDeviceGetCount())
+            count = self.nvml.nvmlDeviceGetCount()
+            visible = _uuid_indices(self.nvml, count) or visible_indices(count)
             chosen = visible if cuda_indices is None else [visible[i] for i in cuda_indices
                                                            if 0 <= i < len(visible)]
             for i in chosen:

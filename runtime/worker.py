@@ -118,11 +118,17 @@ class StageRunner:
         if o.kv_cache_gib is not None:
             budget, how = o.kv_cache_gib * 2**30, f"kv_cache_gib={o.kv_cache_gib:g}"
         elif self.device.type == "cuda":
+            # memory this process freed (an earlier engine's KV cache) stays reserved by
+            # torch's caching allocator and counts as used in mem_get_info: release it
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             # leave (1 - utilization) of the whole GPU, and what is already used, alone
             budget = free - (1 - o.gpu_memory_utilization) * total
             how = (f"gpu_memory_utilization={o.gpu_memory_utilization:g} "
                    f"({free / 2**30:.2f} of {total / 2**30:.2f} GiB free after weights)")
+            if o.shared_gpu:   # every stage sizes before any allocates: split the budget
+                budget /= o.pp
+                how += f", shared by {o.pp} stages"
         else:
             budget, how = 2**30, "the CPU default of 1 GiB per stage"
         return max(0, int(budget // per)), f"{how}, {per} bytes per page"
@@ -135,12 +141,26 @@ class StageRunner:
         self.graphs = GraphRunner(self.model, self.cache, o.page_size, o.attention_backend,
                                   self.device, enforce_eager=o.enforce_eager or None,
                                   max_rows=256, max_context=o.model_cfg.max_position_embeddings)
+        if self.graphs.use_graphs:
+            # Every bucket now, while this is the process's only thread: captured lazily on
+            # the compute thread of a stage >= 1, a graph would be invalidated ("operation not
+            # permitted when stream is capturing") by the Inbox thread uploading a prefill's
+            # metadata at the same time (pinned and device allocations, copies).
+            cfg, dev = self.model.cfg, self.device
+            example = (torch.zeros(1, dtype=torch.long, device=dev) if self.is_first else
+                       tuple(torch.zeros(1, cfg.hidden_size, dtype=self.model.dtype, device=dev)
+                             for _ in range(2)))
+            self.graphs.capture_all(example)
 
     # ---- compute ----
     def now(self) -> float:
         return time.perf_counter() + self.offset
 
     def build_meta(self, m: StepMeta) -> BatchMeta | GraphStep:
+        if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
+            # set_device is per thread: the Inbox thread of a stage on cuda:1 starts on
+            # cuda:0, where its pinned uploads would open a second CUDA context
+            torch.cuda.set_device(self.device)
         return self.graphs.build_meta(m.starts, m.lens, m.pages, m.samples)
 
     def forward(self, inputs: Any, meta: BatchMeta | GraphStep) -> Any:

@@ -9,6 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -112,3 +113,65 @@ def test_static_path_matches_eager(pp):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     for a, b in zip(ref_kv, out_kv):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_stage_captures_every_bucket_at_start(monkeypatch):
+    """StageRunner.allocate makes every bucket's graph (here: its static buffers) before
+    the first step, largest first (the shared pool is sized by the largest), with inputs
+    of the stage's kind: a capture later, on a stage's compute thread, would race the
+    Inbox thread's uploads of prefill metadata."""
+    from runtime import worker
+    from runtime.llm import build_engine_config
+    tiny = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 128,
+            "max_position_embeddings": 256, "torch_dtype": "float32"}
+    opts, _, _ = build_engine_config(tiny, pp=2, attention_backend="triton")
+    made = []
+
+    class Runner(GraphRunner):     # graphs on, as on CUDA; capture=False: buffers only
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **dict(kw, enforce_eager=False, capture=False))
+            self.order = []
+            made.append(self)
+
+        def _ensure(self, rows, example):
+            self.order.append(rows)
+            return super()._ensure(rows, example)
+    monkeypatch.setattr(worker, "GraphRunner", Runner)
+    for stage in (0, 1):
+        r = worker.StageRunner(opts, stage)
+        r.allocate(16)
+        g = made[-1]
+        assert g.order == sorted(graph_buckets(256), reverse=True) and len(g.order) == 20
+        static_in = g._static[1][2]
+        if stage == 0:
+            assert static_in.dtype == torch.long and static_in.shape == (1,)
+        else:
+            assert [x.shape for x in static_in] == [(1, 64), (1, 64)]
+            assert all(x.dtype == torch.float32 for x in static_in)
+
+
+def test_staging_waits_on_the_copy_stream_of_its_device(monkeypatch):
+    """The pinned buffer's 'copy done' event is recorded on the stream of the device the
+    copy went to, not the thread's current device's (a stage on cuda:1 builds metadata
+    on a thread whose current device is cuda:0), and waited for before reuse."""
+    from runtime.kernel_layout import _Staging
+    log = []
+
+    class Event:
+        def record(self, stream=None):
+            log.append(("record", stream))
+
+        def synchronize(self):
+            log.append(("synchronize",))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+    st = _Staging(torch.device("cuda", 1))
+    st.buf = torch.zeros(4096, dtype=torch.int32)     # stands in for the pinned buffer
+    dst = torch.zeros(8, dtype=torch.int32)           # stands in for a graph's static buffer
+    host = np.arange(8, dtype=np.int32)
+    st.upload_into(host, dst)
+    st.upload_into(host + 1, dst)
+    assert log == [("record", "stream of cuda:1"), ("synchronize",), ("record", "stream of cuda:1")]
+    assert dst.tolist() == list(range(1, 9))

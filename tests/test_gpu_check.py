@@ -62,3 +62,27 @@ def test_bad_sections(tmp_path):
     gc = _load()
     with pytest.raises(SystemExit):
         gc.main(["--device", "cpu", "--sections", "steps,gpus", "--out", str(tmp_path)])
+
+
+def test_cli_failure_says_why_and_table_is_written_per_section(tmp_path, monkeypatch):
+    """A CLI step that fails shows the last line it printed (not only "exit status 1"),
+    with its whole output in OUT/logs; the table is rewritten after every section, so a
+    run stopped at its time limit keeps the rows it has."""
+    gc = _load()
+    out = tmp_path / "gc"
+    seen = {}
+
+    def validate(self):
+        seen["table"] = (out / "table.md").read_text()
+        self.guard("validate", "a failing CLI run", lambda: self.cli("sim", "--profile", str(tmp_path / "none")))
+    monkeypatch.setattr(gc.Check, "validate", validate)
+    assert gc.main(["--device", "cpu", "--quick", "--sections", "kernel,validate",
+                    "--attention-backend", "torch", "--out", str(out)]) == 0
+    assert "| kernel | decode 1 rows, varied contexts |" in seen["table"]
+    rows = list(csv.DictReader((out / "rows.csv").open()))
+    bad = [r for r in rows if r["section"] == "validate"][0]
+    assert bad["status"] == "error" and "exit status" not in bad["value"]
+    assert bad["value"].startswith("RuntimeError: ") and len(bad["value"]) > len("RuntimeError: ") + 10
+    assert (out / "logs" / "sim.log").read_text().startswith("$ pipetwin sim --profile")
+    assert "(pipetwin sim exit 2" in (out / "errors.log").read_text() or \
+        "(pipetwin sim exit 1" in (out / "errors.log").read_text()

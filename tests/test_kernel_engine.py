@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")   # inherited by the stage processes
 
 import importlib.util  # noqa: E402
+import pickle  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -61,7 +62,16 @@ def test_one_gpu_functional_mode(monkeypatch):
     opts, _, _ = build_engine_config(dict(TINY), pp=2, device="cuda", attention_backend="torch")
     assert opts.shared_gpu and opts.backend == "gloo"
     assert [opts.stage_device(s) for s in range(2)] == ["cuda:0", "cuda:0"]
+    # in a spawned stage process: the config arrives pickled and runtime.processes.stage_main
+    # has set WORLD_SIZE and LOCAL_RANK; stage 1 must still take cuda:0 and gloo
+    staged = pickle.loads(pickle.dumps(opts))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert staged.shared_gpu and staged.backend == "gloo" and staged.stage_device(1) == "cuda:0"
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_RANK")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    opts, _, _ = build_engine_config(dict(TINY), pp=2, device="cuda", attention_backend="torch")
     assert not opts.shared_gpu and opts.backend == "nccl" and opts.stage_device(1) == "cuda:1"
 
 
@@ -131,3 +141,74 @@ def test_validate_report_flags_slow_stages():
     assert "tt at 2.0" not in text
     ok = " ".join(slow_stage_lines(errors.assign(real_vs_table=[1.0, 1.2, 0.9])))
     assert ok.startswith("Every cell's real stage time is within 1.2x")
+
+
+def test_kv_sizing_on_one_gpu(monkeypatch):
+    """KV pages from free GPU memory: torch's cached blocks are released first (an earlier
+    engine's KV cache would otherwise count as used, leaving the next one no page), and
+    stages sharing one GPU split the budget (each sizes before any allocates)."""
+    from runtime.engine import Engine
+    from runtime.worker import StageRunner
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+
+    def mem_get_info(device):
+        calls.append("mem_get_info")
+        return 100 * 2**30, 140 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(StageRunner, "bytes_per_page", lambda self: 2**20)
+    fits = {}
+    for pp in (1, 2):
+        opts, _, _ = build_engine_config(dict(TINY), pp=pp, device="cuda", attention_backend="torch")
+        runner = object.__new__(StageRunner)      # no model: sizing only
+        runner.opts, runner.device = opts, torch.device("cuda:0")
+        fits[pp], how = runner.pages_that_fit()
+        assert calls[-2:] == ["empty_cache", "mem_get_info"]
+    assert fits[1] == 86 * 1024 and fits[2] == 43 * 1024      # (100 - 0.1 x 140) GiB of 1 MiB pages
+    assert "shared by 2 stages" in how
+
+    class Driver:
+        def close(self):
+            calls.append("close")
+    engine = object.__new__(Engine)               # a pp=1 engine on cuda, shutting down
+    engine.opts, engine.mode, engine._closed, engine._online, engine._driver = opts, "local", False, None, Driver()
+    engine.shutdown()
+    assert calls[-2:] == ["close", "empty_cache"] and engine._driver is None
+
+
+def test_sampler_never_hands_multinomial_an_invalid_row(monkeypatch):
+    """Finite logits that overflow when divided by a small temperature fail their row
+    before multinomial: on CUDA multinomial over inf/NaN is a device-side assert that
+    ends the process (CPU raises, which the sampler also catches)."""
+    from runtime.sampling import FAILED, Sampler, SamplingParams
+    real = torch.multinomial
+
+    def cuda_like(probs, n, generator=None):
+        if not (torch.isfinite(probs).all() and (probs >= 0).all() and probs.sum() > 0):
+            raise AssertionError("device-side assert: probability tensor contains inf, nan or < 0")
+        return real(probs, n, generator=generator)
+    monkeypatch.setattr(torch, "multinomial", cuda_like)
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    logits[1, 4] = 3e38                      # finite; / 1e-3 overflows to inf
+    out = Sampler().sample(logits, [0, 1, 2], SamplingParams(temperature=1e-3, seed=1))
+    assert out[1] == FAILED and FAILED not in (out[0], out[2])
+
+
+def test_metadata_thread_takes_the_stage_device(monkeypatch):
+    """A stage on cuda:1 builds metadata on its Inbox thread, whose current device is
+    cuda:0 until set (set_device is per thread)."""
+    from types import SimpleNamespace
+
+    from runtime.comm import StepMeta
+    from runtime.worker import StageRunner
+    current = {"dev": 0}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["dev"])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.update(dev=torch.device(d).index))
+    runner = object.__new__(StageRunner)
+    runner.device = torch.device("cuda:1")
+    runner.graphs = SimpleNamespace(build_meta=lambda *a: ("meta on", current["dev"]))
+    m = StepMeta(0, [0], [1], [[0]], [True], 0, 1, [0])
+    assert runner.build_meta(m) == ("meta on", 1)

@@ -141,3 +141,18 @@ def test_stage_gpus():
     shared = SimpleNamespace(device="cuda", pp=2, stage_device=lambda s: "cuda:0")
     assert stage_gpus(shared) == [0]
     assert Telemetry(cuda_indices=[], nvml=FakeNVML()).devices == []   # CPU run: NVML untouched
+
+
+def test_cuda_visible_devices_by_uuid(monkeypatch):
+    """Containers often name the GPU by UUID (or a prefix of it): the telemetry follows
+    that device, not every GPU NVML sees; what cannot be mapped (MIG) takes them all."""
+    class UUIDNVML(FakeNVML):
+        def nvmlDeviceGetUUID(self, h):
+            return f"GPU-{h[1]}aaa-{h[1]}" if h[1] else b"GPU-0aaa-0"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1aaa-1")
+    t = Telemetry(nvml=UUIDNVML())
+    assert [(i, n) for i, _, n in t.devices] == [(1, "NVIDIA H100")]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1aa,GPU-0aaa-0")   # a prefix, then a full UUID
+    assert [i for i, _, _ in Telemetry(cuda_indices=[1], nvml=UUIDNVML()).devices] == [0]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-5c4b")
+    assert [i for i, _, _ in Telemetry(nvml=UUIDNVML()).devices] == [0, 1]

@@ -149,6 +149,32 @@ def test_packed_metadata_matches_torch_path():
         KernelMeta.build([100], [1], [list(range(7))], [True], 16, width=4)
 
 
+
+def test_packed_segments_are_16_byte_aligned():
+    """Every tensor the kernels get starts on 16 bytes of the (aligned) buffer, whatever
+    the token, sample, row and block counts: Triton specializes on each pointer's
+    alignment, and a GPU would otherwise compile a kernel variant per pattern."""
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        n = int(rng.integers(1, 9))
+        lens = [int(x) if rng.random() < 0.5 else 1 for x in rng.integers(1, 40, n)]
+        starts = [int(x) for x in rng.integers(0, 30, n)]
+        pages = [list(range(100 * i, 100 * i + (s + k + 15) // 16)) for i, (s, k) in enumerate(zip(starts, lens))]
+        samples = [bool(x) for x in rng.random(n) < 0.7]
+        packed = KernelMeta.build(starts, lens, pages, samples, 16)
+        buf = torch.from_numpy(packed.host).clone()     # torch's CPU allocator: 64-byte aligned
+        assert buf.data_ptr() % 16 == 0
+        meta = packed.views(buf)
+        ref = BatchMeta.build(starts, lens, pages, samples, 16)
+        assert meta.slots.tolist() == ref.slots.tolist() and meta.sample_idx.tolist() == ref.sample_idx.tolist()
+        tensors = [meta.positions, meta.slots, meta.sample_idx]
+        for launch in (meta.kernel.decode, meta.kernel.chunks):
+            if launch is not None:
+                tensors += [x for x in (launch.q_starts, launch.q_lens, launch.seq_lens, launch.table,
+                                        launch.blk_seq, launch.blk_first) if x is not None]
+        assert all(x.numel() == 0 or x.data_ptr() % 16 == 0 for x in tensors)
+
+
 def test_padding_tokens_skip_the_cache():
     from runtime import triton_attention as ta
     kc = torch.zeros(2, 4, 1, 8)

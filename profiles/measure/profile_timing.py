@@ -181,7 +181,7 @@ def profile_stages(opts: ProfileOptions, shapes: list[Shape], deadline: float,
         visits = [n for *_, n in best]
         counts[stage] = {"measured": len(best), "skipped": skipped,
                          "revisited": sum(v > 1 for v in visits)}
-        model = cache = None   # free this stage before building the next
+        model = cache = runner = None   # free this stage (the runner holds both) before the next
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

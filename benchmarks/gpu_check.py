@@ -88,6 +88,7 @@ class Check:
                       "float32": torch.float32}[args.dtype]
         self.out = Path(args.out)
         self.rows: list[Row] = []
+        self.kept: list[Row] = []   # --append: the rows of sections this run does not redo
         from runtime.attention import resolve_backend
         self.backend = resolve_backend(args.attention_backend, self.device)
 
@@ -431,15 +432,31 @@ class Check:
             self.add("device", f"{gpu} SM clock / utilisation",
                      f"{f(s['sm_clock_mhz_mean'], 'MHz')}, {f(s['gpu_util_pct_mean'], '%')}", "", "info")
 
+    def keep_earlier(self, sections: list[str]) -> int:
+        """--append: keep OUT/rows.csv's rows of the sections not run now (a check split over
+        two calls, e.g. equality,kernel,steps then serve,validate, ends in one table); the
+        earlier run's own totals are relabelled so both runs' show. Returns how many."""
+        path = self.out / "rows.csv"
+        if not path.exists():
+            return 0
+        for r in csv.DictReader(path.open()):
+            if r["section"] in sections:
+                continue
+            if r["section"] in ("total", "device"):
+                r["section"] += " (earlier run)"
+            self.kept.append(Row(r["section"], r["case"], r["value"], r["goal"], r["status"]))
+        return len(self.kept)
+
     def write(self) -> str:
         lines = ["| section | case | value | goal | status |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {r.section} | {r.case} | {r.value} | {r.goal} | {r.status} |" for r in self.rows]
+        rows = self.kept + self.rows
+        lines += [f"| {r.section} | {r.case} | {r.value} | {r.goal} | {r.status} |" for r in rows]
         table = "\n".join(lines) + "\n"
         (self.out / "table.md").write_text(table)
         with (self.out / "rows.csv").open("w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["section", "case", "value", "goal", "status"])
-            w.writerows([[r.section, r.case, r.value, r.goal, r.status] for r in self.rows])
+            w.writerows([[r.section, r.case, r.value, r.goal, r.status] for r in rows])
         return table
 
 
@@ -452,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs in the steps section")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (the CPU test)")
     ap.add_argument("--out", default="results/gpu_check", help="results folder")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of other sections already in OUT/rows.csv (a check split over runs)")
     args = ap.parse_args(argv)
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
@@ -465,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from runtime.telemetry import Sampler, Telemetry
     check = Check(args)
+    if args.append:
+        print(f"gpu_check: keeping {check.keep_earlier(sections)} rows of other sections from {out}/rows.csv")
     t0 = time.perf_counter()
     print(f"gpu_check: device {args.device}, dtype {args.dtype}, attention {check.backend}, "
           f"sections {','.join(sections)} -> {out}", flush=True)

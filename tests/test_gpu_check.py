@@ -86,3 +86,20 @@ def test_cli_failure_says_why_and_table_is_written_per_section(tmp_path, monkeyp
     assert (out / "logs" / "sim.log").read_text().startswith("$ pipetwin sim --profile")
     assert "(pipetwin sim exit 2" in (out / "errors.log").read_text() or \
         "(pipetwin sim exit 1" in (out / "errors.log").read_text()
+
+
+def test_append_keeps_the_other_sections_of_an_earlier_run(tmp_path):
+    """A check split over two calls (the device's per-call limit) ends in one table with
+    --append; without it the second run's table has only its own sections."""
+    gc = _load()
+    out = tmp_path / "gc"
+    common = ["--device", "cpu", "--quick", "--attention-backend", "torch", "--out", str(out)]
+    assert gc.main(common + ["--sections", "kernel"]) == 0
+    assert gc.main(common + ["--sections", "steps", "--append"]) == 0
+    rows = list(csv.DictReader((out / "rows.csv").open()))
+    sections = [r["section"] for r in rows]
+    assert sections.count("kernel") == 3 and sections.count("steps") == 5
+    assert "total (earlier run)" in sections and sections[-1] == "total"
+    assert (out / "table.md").read_text().count("\n") == len(rows) + 2
+    assert gc.main(common + ["--sections", "steps"]) == 0   # no --append: a fresh table
+    assert {r["section"] for r in csv.DictReader((out / "rows.csv").open())} == {"steps", "total"}

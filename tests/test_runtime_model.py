@@ -207,6 +207,24 @@ def test_dummy_weights_same_for_any_split(models):
                        one.stages[0].layers[0].mlp.down_proj.weight)
 
 
+def test_dummy_weights_drawn_in_parallel_are_the_serial_draws(models, monkeypatch):
+    """dummy_weights draws tensors in threads; each has its own generator seeded by its HF
+    name, so the values are exactly the one-thread ones, and those of a direct draw."""
+    import zlib
+
+    from runtime import weights
+    cfg = ModelConfig.from_dir(models["qwen2"][0])
+    parallel = load_stage(None, 0, 1, load_format="dummy", cfg=cfg, seed=3)
+    monkeypatch.setattr(weights.os, "cpu_count", lambda: 1)
+    serial = load_stage(None, 0, 1, load_format="dummy", cfg=cfg, seed=3)
+    a, b = parallel.state_dict(), serial.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    g = torch.Generator().manual_seed(zlib.crc32(b"model.layers.0.mlp.down_proj.weight") ^ 3)
+    direct = torch.randn(parallel.layers[0].mlp.down_proj.weight.shape, generator=g) * 0.02
+    assert torch.equal(parallel.layers[0].mlp.down_proj.weight, direct.to(parallel.dtype))
+    assert torch.equal(parallel.norm.weight, torch.ones_like(parallel.norm.weight))
+
+
 def test_stage_interfaces(models):
     path, _ = models["llama"]
     first = load_stage(path, 0, 2)

@@ -36,8 +36,9 @@ class MicroBatch:
     prefill_attention_work: int = 0   # sum over prefill chunks of chunk x context
     decode_context: int = 0           # sum of decode requests' context lengths
     num_samples: int = 0              # tokens the last stage samples
-    # The scheduler's stage_time_model price of this batch, set by the first policy that
-    # asks once the batch is formed (time_balanced prices each in-flight batch once).
+    # The scheduler's stage_time_model price of this batch, set once by whoever computes it
+    # first: the simulator when it times the batch with that same model, else the policy
+    # (time_balanced prices each in-flight batch once).
     predicted_time: float | None = None
 
     def add(self, item: BatchItem) -> None:

@@ -334,6 +334,19 @@ class Check:
                      f"{worst[1]:.1%} (a step of {worst[0]} tokens)", "<= 10%", ok)
         self.add("steps", "graph replays / eager steps", f"{runner.replays} / {runner.eager_steps}",
                  "", "info")
+        if self.device.type == "cuda" and self.backend == "triton":
+            self.guard("steps", "compiled attention variants (kernel, steps)", self.kernel_variants)
+
+    def kernel_variants(self) -> tuple[str, str, str]:
+        """What the driver loaded, against benchmarks/triton_resources.py's offline figures:
+        few variants (metadata segments 16-byte aligned) and no spills."""
+        from runtime.triton_attention import compiled_variants
+        v = compiled_variants()
+        if not v or any(x["regs"] is None for x in v):
+            return "not readable from this triton's cache", "", "info"
+        spills = max(int(x["spills"] or 0) for x in v)
+        return (f"{len(v)} variants, {min(x['regs'] for x in v)}-{max(x['regs'] for x in v)} registers, "
+                f"n_spills max {spills}", "no spills", "ok" if spills == 0 else "MISS")
 
     # -- profile -> sim -> bench, validate --------------------------------------------------
     def cli(self, *argv: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -220,6 +220,23 @@ def num_warps(const: dict[str, int | bool]) -> int:
     return 8 if const["BLOCK_M"] >= 64 or const["BLOCK_D"] >= 256 else 4
 
 
+def compiled_variants(kernel=None) -> list[dict[str, int | None]]:
+    """The attention kernel's compiled variants in this process (on a GPU, after launches):
+    registers, Triton's `n_spills`, shared bytes and warps of each, as the driver loaded
+    them, to check benchmarks/triton_resources.py's offline figures on the real toolchain.
+    [] under the interpreter, or where a triton version keeps its cache elsewhere
+    (`device_caches[device][0]`: key -> CompiledKernel in triton 3.7 and 3.9)."""
+    kernel = _paged_attn_kernel if kernel is None and triton is not None else kernel
+    out = []
+    for entry in (getattr(kernel, "device_caches", None) or {}).values():
+        cache = entry[0] if isinstance(entry, tuple) and entry and isinstance(entry[0], dict) else {}
+        for compiled in cache.values():
+            md = getattr(compiled, "metadata", None)
+            out.append({"regs": getattr(compiled, "n_regs", None), "spills": getattr(compiled, "n_spills", None),
+                        "shared": getattr(md, "shared", None), "warps": getattr(md, "num_warps", None)})
+    return out
+
+
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
            launch, *, per_seq: bool) -> None:
     """One launch over `launch` (runtime.batch_meta.KernelLaunch): decode rows when

@@ -235,3 +235,16 @@ def test_stage_model_logits_match_torch_backend():
         outs.append((first, model(torch.tensor([5, 7]), meta, kv)))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_variants_reads_a_triton_jit_cache_and_is_empty_when_interpreted():
+    """gpu_check reports the attention kernel's compiled variants (registers, spills) as
+    the driver loaded them; the cache layout is triton's (3.7 and 3.9: device_caches[dev][0])."""
+    from types import SimpleNamespace
+
+    from runtime import triton_attention as ta
+    assert ta.compiled_variants() == []      # interpreted here: nothing compiled
+    k = SimpleNamespace(n_regs=119, n_spills=0, metadata=SimpleNamespace(shared=39424, num_warps=4))
+    fake = SimpleNamespace(device_caches={0: ({"key-a": k, "key-b": k}, {}, None, None, None)})
+    assert ta.compiled_variants(fake) == [{"regs": 119, "spills": 0, "shared": 39424, "warps": 4}] * 2
+    assert ta.compiled_variants(SimpleNamespace(device_caches={0: "another layout"})) == []

@@ -433,6 +433,27 @@ class Check:
             self.cli("validate", str(path), timeout=1200)
             return f"report {self.out / 'validate' / 'report.md'}", "goals in report", "info"
         self.guard("validate", "pp=1, 3 policies, 0.5x/0.9x/inf", run)
+        errors = self.out / "validate" / "errors.csv"
+        if errors.is_file():
+            self.validate_goals(errors)
+
+    # the CPU twin's goals (issue 14 asks the GPU twin to meet them): column, |limit| in %
+    TWIN_GOALS = (("throughput_err_pct", 3.0), ("ttft_p50_err_pct", 10.0), ("ttft_p99_err_pct", 20.0),
+                  ("tpot_p50_err_pct", 5.0))
+
+    def validate_goals(self, errors: Path) -> None:
+        """One row per twin goal from validate's errors.csv: cells within it, and the worst."""
+        cells = list(csv.DictReader(errors.open()))
+        for column, limit in self.TWIN_GOALS:
+            def goal(column=column, limit=limit) -> tuple[str, str, str]:
+                errs = [(float(c[column]), f"{c['policy']} @ {c['load']}") for c in cells if c.get(column)]
+                if not errs:
+                    raise RuntimeError(f"{errors} has no {column} values")
+                met = sum(abs(e) <= limit for e, _ in errs)
+                worst = max(errs, key=lambda x: abs(x[0]))
+                return (f"{met}/{len(errs)} cells; worst {worst[0]:+.1f}% ({worst[1]})", f"within ±{limit:g}%",
+                        "ok" if met == len(errs) else ("MISS" if self.device.type == "cuda" else "info"))
+            self.guard("validate", column.replace("_err_pct", " error"), goal)
 
     # -- table ----------------------------------------------------------------------------
     def telemetry_rows(self, summary: dict[str, dict[str, Any]]) -> None:

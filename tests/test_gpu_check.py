@@ -103,3 +103,26 @@ def test_append_keeps_the_other_sections_of_an_earlier_run(tmp_path):
     assert (out / "table.md").read_text().count("\n") == len(rows) + 2
     assert gc.main(common + ["--sections", "steps"]) == 0   # no --append: a fresh table
     assert {r["section"] for r in csv.DictReader((out / "rows.csv").open())} == {"steps", "total"}
+
+
+def test_validate_goals_become_rows_from_errors_csv(tmp_path):
+    """The one-shot GPU run states the twin goals' verdicts in its table, not only in the
+    report: cells within each limit and the worst cell."""
+    gc = _load()
+    errors = tmp_path / "errors.csv"
+    with errors.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["policy", "load", "throughput_err_pct", "ttft_p50_err_pct", "ttft_p99_err_pct",
+                    "tpot_p50_err_pct"])
+        w.writerow(["token_throttling", "3.5", "1.0", "-4.0", "12.0", "2.0"])
+        w.writerow(["vllm", "inf", "-3.5", "9.0", "-25.0", "4.9"])
+    check = gc.Check(gc.argparse.Namespace(device="cpu", dtype="float32", attention_backend="torch",
+                                           out=str(tmp_path), quick=True))
+    check.validate_goals(errors)
+    rows = {r.case: r for r in check.rows}
+    assert rows["throughput error"].value == "1/2 cells; worst -3.5% (vllm @ inf)"
+    assert rows["throughput error"].goal == "within ±3%"   # no "|": a markdown table cell
+    assert rows["ttft_p50 error"].value.startswith("2/2 cells") and rows["ttft_p50 error"].status == "ok"
+    assert rows["ttft_p99 error"].value == "1/2 cells; worst -25.0% (vllm @ inf)"
+    assert rows["tpot_p50 error"].status == "ok"
+    assert rows["throughput error"].status == "info"   # a miss on CPU is information, on CUDA a MISS

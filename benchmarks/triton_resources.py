@@ -8,8 +8,10 @@ Triton's NVIDIA backend compiles to a cubin with no driver or GPU (its wheel car
 ptxas and cuobjdump), so this checks on CPU what the interpreter cannot: that every
 launch `runtime.triton_attention.attend` makes compiles for sm_90 (H100/H200) and sm_80
 (A100), that its shared memory fits the part, and whether registers spill to local
-memory ("stack" bytes a thread: a spilling attention kernel is slow). The constants and
-warps are the very ones `attend` launches with (`kernel_constants`, `num_warps`).
+memory ("stack" bytes a thread: a spilling attention kernel is slow), and whether the K/V
+loads are pipelined ("async": cp.async copies in the compiled IR). The constants and
+warps are the very ones `attend` launches with (`kernel_constants`, `num_warps`), and the
+compile gets the alignment specialization a launch on aligned tensors gets (`_aligned`).
 tests/test_triton_compile.py runs it on the shipped models' shapes.
 """
 from __future__ import annotations
@@ -162,17 +164,18 @@ def _csv(kind):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--archs", type=_csv(int), default=[90, 80], help="compute capabilities, e.g. 90,80")
+    ap.add_argument("--archs", type=_csv(int), default=[90, 80], help="compute capabilities: 80 (A100), 86, 89, 90 (H100/H200)")
     ap.add_argument("--cases", type=_csv(str), default=list(MODELS), help=f"models: {','.join(MODELS)}")
     ap.add_argument("--dtypes", type=_csv(str), default=["bfloat16"], help=f"any of {','.join(DTYPES)}")
     ap.add_argument("--warps", type=int, choices=[1, 2, 4, 8, 16],
                     help="attention kernel warps instead of attend's choice (to compare)")
     ap.add_argument("--json", action="store_true", help="one JSON list instead of the table")
     args = ap.parse_args()
-    for name, allowed, values in (("--cases", MODELS, args.cases), ("--dtypes", DTYPES, args.dtypes)):
+    for name, allowed, values in (("--cases", MODELS, args.cases), ("--dtypes", DTYPES, args.dtypes),
+                                  ("--archs", SHARED_LIMIT, args.archs)):
         bad = [v for v in values if v not in allowed]
         if bad:
-            ap.error(f"{name}: unknown {bad}; allowed: {', '.join(allowed)}")
+            ap.error(f"{name}: unknown {bad}; allowed: {', '.join(map(str, allowed))}")
     try:
         import triton  # noqa: F401
     except ImportError:

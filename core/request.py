@@ -32,7 +32,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0               # tokens whose KV has come back from the last stage
     num_scheduled: int = 0              # tokens sent into the pipeline (>= num_computed)
-    pages: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)   # the runtime's: array('i'), same operations
     status: Status = Status.WAITING
     in_flight: int = 0                  # in-flight micro-batches carrying this request
     first_scheduled: float | None = None

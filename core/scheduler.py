@@ -422,7 +422,7 @@ class Scheduler:
     def _free_pages(self, r: Request) -> None:
         if r.pages:
             self.kv.free(r.pages)
-            r.pages = []
+            r.pages = r.pages[:0]   # a new, empty list of the same kind (the runtime's is array('i'))
             self._holding_pages -= 1
 
     def _sample(self, now: float) -> None:

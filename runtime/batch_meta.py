@@ -142,6 +142,18 @@ def input_ids(batch: MicroBatch) -> list[int]:
     return ids
 
 
+def _flat_pages(pages: Sequence[Sequence[int]], total: int) -> np.ndarray:
+    """Every item's page ids end to end. The runtime's requests keep theirs as array('i')
+    (runtime.stage0_loop.page_list): one join, a memcpy each; Python lists go id by id."""
+    try:
+        joined = b"".join(pages)            # TypeError for Python lists
+    except TypeError:
+        joined = b""
+    if len(joined) == 4 * total:            # 4-byte ids (array('i')), not 8-byte ones
+        return np.frombuffer(joined, dtype=np.int32)
+    return np.fromiter(chain.from_iterable(pages), dtype=np.int64, count=total)
+
+
 @dataclass(slots=True)
 class KernelLaunch:
     """One attention launch over `n` sequences (decode rows, or prefill chunks)."""
@@ -249,7 +261,7 @@ class KernelMeta:
         if n and (have < need).any():
             i = int(np.flatnonzero(have < need)[0])
             raise ValueError(f"item needs {need[i]} pages for {ctx[i]} tokens, has {have[i]}")
-        flat = np.fromiter(chain.from_iterable(pages), dtype=np.int64, count=int(have.sum()))
+        flat = _flat_pages(pages, int(have.sum()))
         page_off = np.cumsum(have) - have
         w = int(need.max()) if n else 1
         width = bucket_width(w) if width is None else width
@@ -292,9 +304,14 @@ class KernelMeta:
             k = rows.size
             q_starts[:k], q_lens[:k], seq_lens[:k] = offsets[rows], ln[rows], ctx[rows]
             nr = need[rows]
-            r = np.repeat(np.arange(k), nr)
-            c = np.arange(int(nr.sum())) - np.repeat(np.cumsum(nr) - nr, nr)
-            table.reshape(-1, width)[r, c] = flat[page_off[rows][r] + c]
+            total = int(nr.sum())
+            first = np.cumsum(nr) - nr               # each row's first page among those written
+            rank = np.arange(total)
+            dst = rank + np.repeat(np.arange(k) * width - first, nr)
+            if total == flat.size and k == n:         # every item, each holding just its pages
+                table[dst] = flat                     # (a decode-only step): no gather
+            else:
+                table[dst] = flat[rank + np.repeat(page_off[rows] - first, nr)]
 
         launch(dec, next(seg), next(seg), next(seg), next(seg))
         launch(ch, next(seg), next(seg), next(seg), next(seg))

@@ -31,7 +31,7 @@ import socket
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,7 +48,7 @@ class StepMeta:
     batch_id: int
     starts: list[int]                 # per item: first position computed
     lens: list[int]                   # per item: tokens computed
-    pages: list[list[int]]            # per item: page ids covering start + len
+    pages: list[Sequence[int]]        # per item: page ids covering at least start + len (list or array('i'))
     samples: list[bool]               # per item: does the last stage sample
     prefill_tokens: int               # for the trace rows (items carry no prefill flag)
     decode_tokens: int

@@ -73,7 +73,7 @@ class GraphRunner:
     def graph_rows(self, lens: Sequence[int], contexts: Sequence[int]) -> int | None:
         """The bucket a step runs in, or None (eager): not decode-only, too many rows,
         or a context past the captured width."""
-        if not self.use_graphs or not lens or any(n != 1 for n in lens):
+        if not self.use_graphs or not lens or max(lens) != 1 or min(lens) != 1:
             return None
         rows = bucket_rows(len(lens))
         if rows > self.buckets[-1] or max(contexts) > self.width * self.page_size:
@@ -84,7 +84,9 @@ class GraphRunner:
                    pages: Sequence[Sequence[int]], samples: Sequence[bool]) -> BatchMeta | GraphStep:
         rows = None
         if self.use_graphs:   # the CPU path pays nothing for graphs
-            rows = self.graph_rows(lens, [s + n for s, n in zip(starts, lens)])
+            # decode rows attend their start + 1 keys (a step that is not decode-only goes
+            # eager whatever its contexts): no per-row Python on the hot path
+            rows = self.graph_rows(lens, (max(starts, default=-1) + 1,))
         if rows is None:
             self.eager_steps += 1
             return BatchMeta.build(starts, lens, pages, samples, self.page_size, self.device,
@@ -114,6 +116,8 @@ class GraphRunner:
         self.replays += 1
         if isinstance(out, tuple):       # not the last stage: the real rows go on
             return out[0][:n].clone(), out[1][:n].clone()
+        if meta.sample_rows.size == n:   # every row samples (decodes do): no index upload
+            return out[:n]               # read (sampled) before the next replay, in stream order
         return out.index_select(0, torch.as_tensor(meta.sample_rows, device=out.device))
 
     def _ensure(self, rows: int, example: Any) -> tuple:

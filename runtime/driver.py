@@ -32,7 +32,7 @@ from core.trace import Trace, TraceRecorder
 from runtime.engine_config import EngineConfig
 from runtime.pipes import DistPipe, LocalPipe
 from runtime.sampling import FAILED, SamplingParams
-from runtime.stage0_loop import Stage0Loop
+from runtime.stage0_loop import Stage0Loop, page_list
 from runtime.worker import StageRunner
 
 _POLL_S = 0.002        # online: how long stage 0 waits on the pipe before looking for new commands
@@ -125,7 +125,7 @@ class GenerateLoop(Stage0Loop):
         n = self.n = len(job.prompts)
         arrivals = job.arrivals or [0.0] * n
         self.requests = [Request(id=i, prompt_len=len(p), max_output=job.max_tokens[i], arrival=float(arrivals[i]),
-                                 prompt_ids=list(p), stop_token_ids=job.stop_token_ids[i])
+                                 prompt_ids=list(p), stop_token_ids=job.stop_token_ids[i], pages=page_list())
                          for i, p in enumerate(job.prompts)]
         self.order = sorted(range(n), key=lambda i: (self.requests[i].arrival, i))
         self.k = 0                       # requests handed to the scheduler, in arrival order
@@ -227,7 +227,7 @@ class OnlineLoop(Stage0Loop):
         if cmd == "add":
             rid, prompt, max_tokens, stop_ids, sp = payload
             r = Request(id=rid, prompt_len=len(prompt), max_output=max_tokens, arrival=self.clock(),
-                        prompt_ids=prompt, stop_token_ids=stop_ids)
+                        prompt_ids=prompt, stop_token_ids=stop_ids, pages=page_list())
             self.live[rid], self.sent[rid], self.params[rid] = r, 0, sp
             self.non_greedy += not sp.greedy
             if not self.sched.add(r, r.arrival):  # the frontend checks lengths first; never silent

@@ -30,7 +30,7 @@ from runtime.batch_meta import BatchMeta
 from runtime.comm import free_port
 from runtime.config import ModelConfig
 from runtime.cuda_graphs import GraphRunner
-from runtime.stage0_loop import step_meta
+from runtime.stage0_loop import page_list, step_meta
 from runtime.weights import load_stage
 
 
@@ -281,7 +281,7 @@ def measure_sched_overhead(opts: ProfileOptions, decisions: int = 400, warm: int
         nonlocal next_id
         for _ in range(n):
             p = rng.randint(128, 384)
-            sched.add(Request(next_id, p, rng.randint(50, 150), prompt_ids=[1] * p))
+            sched.add(Request(next_id, p, rng.randint(50, 150), prompt_ids=[1] * p, pages=page_list()))
             next_id += 1
 
     add(live)

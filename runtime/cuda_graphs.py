@@ -91,7 +91,13 @@ class GraphRunner:
             self.eager_steps += 1
             return BatchMeta.build(starts, lens, pages, samples, self.page_size, self.device,
                                    backend=self.backend)
-        packed = KernelMeta.build_decode_graph(starts, pages, self.page_size, rows, self.width,
+        # the table only as wide as this step's longest row needs (bucketed): forward
+        # copies those columns into the graph's full-width table, whose other columns are
+        # never read (each row reads its seq_len's pages). At the model's full width a step
+        # would build and copy rows x max_positions / page_size ids (8 MB at 256 rows of a
+        # 128k-context model) whatever its contexts.
+        width = bucket_width(-(-(max(starts) + 1) // self.page_size))
+        packed = KernelMeta.build_decode_graph(starts, pages, self.page_size, rows, width,
                                                self.max_context)
         return GraphStep(rows, len(lens), np.flatnonzero(np.asarray(samples, dtype=bool)), packed)
 
@@ -101,7 +107,9 @@ class GraphRunner:
         if isinstance(meta, BatchMeta):
             return self.model(inputs, meta, self.kv_cache)
         buf, static_meta, static_in, _ = self._ensure(meta.rows, inputs)
-        staging(self.device).upload_into(meta.packed.host, buf)
+        p = meta.packed
+        table_at = p.offsets()[6]         # decode-only: the page table is the last segment
+        staging(self.device).upload_rows_into(p.host, buf, table_at, p.dec_rows, p.width, self.width)
         n = meta.num_rows
         if isinstance(static_in, tuple):
             static_in[0][:n].copy_(inputs[0])

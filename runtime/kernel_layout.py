@@ -56,22 +56,49 @@ class _Staging:
     def upload_into(self, host: np.ndarray, dst: torch.Tensor | None) -> torch.Tensor:
         """`host` to the device: into `dst` (a CUDA graph's static buffer) or a new tensor."""
         n = host.size
+        src = self._pinned(host)
+        if dst is None:
+            dst = src.to(self.device, non_blocking=True)
+        else:
+            dst[:n].copy_(src, non_blocking=True)
+        self._copied()
+        return dst
+
+    def upload_rows_into(self, host: np.ndarray, dst: torch.Tensor, head: int, rows: int,
+                         width: int, dst_width: int) -> None:
+        """`host`, `head` ints then a [rows, width] table, into `dst`, whose table (at the
+        same offset) is [rows, dst_width]: the head and the table's first `width` columns.
+        The other columns keep what they held."""
+        if width == dst_width:
+            self.upload_into(host, dst)
+            return
+        if width > dst_width or host.size != head + rows * width:
+            raise ValueError(f"a [{rows}, {width}] table after {head} ints does not fit a "
+                             f"[{rows}, {dst_width}] one ({host.size} ints given)")
+        src = self._pinned(host)
+        dst[:head].copy_(src[:head], non_blocking=True)
+        table = dst[head:head + rows * dst_width].view(rows, dst_width)
+        table[:, :width].copy_(src[head:].view(rows, width), non_blocking=True)
+        self._copied()
+
+    def _pinned(self, host: np.ndarray) -> torch.Tensor:
+        """`host` copied into the pinned buffer (grown as needed), once the previous copy
+        out of it is done."""
+        n = host.size
         if self.buf is None or self.buf.numel() < n:
             self.buf = torch.empty(max(n, 4096, 2 * (0 if self.buf is None else self.buf.numel())),
                                    dtype=torch.int32, pin_memory=self.device.type == "cuda")
         elif self.done is not None:
             self.done.synchronize()
         self.buf[:n].numpy()[:] = host
-        if dst is None:
-            dst = self.buf[:n].to(self.device, non_blocking=True)
-        else:
-            dst[:n].copy_(self.buf[:n], non_blocking=True)
+        return self.buf[:n]
+
+    def _copied(self) -> None:
         if self.device.type == "cuda":
             # the stream the copy went on: the thread's current device may be another GPU
             # (set_device is per thread; a stage's Inbox thread never calls it)
             self.done = torch.cuda.Event()
             self.done.record(torch.cuda.current_stream(self.device))
-        return dst
 
 
 _STAGING: dict[tuple[torch.device, int], _Staging] = {}

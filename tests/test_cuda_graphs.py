@@ -72,11 +72,13 @@ def _init(model: StageModel) -> None:
 
 
 @needs_triton
-@pytest.mark.parametrize("pp", [1, 2])
-def test_static_path_matches_eager(pp):
+@pytest.mark.parametrize("pp,max_context", [(1, 64), (2, 64), (2, 1024)])
+def test_static_path_matches_eager(pp, max_context):
     """Prefill two prompts eagerly, then three decode steps of the graph path (3 rows in
     a bucket of 4, one row not sampling) on both stages of a pp=2 split: the same
-    logits as the torch backend's eager forward, and the same KV cache."""
+    logits as the torch backend's eager forward, and the same KV cache. With a model
+    context of 1024 the graph's table is 64 pages wide and a step fills only the 4 it
+    needs (the other columns are left as they were)."""
     stages = [StageModel(CFG, s, pp) for s in range(pp)]
     for m in stages:
         _init(m)
@@ -86,7 +88,7 @@ def test_static_path_matches_eager(pp):
     for backend in ("torch", "triton"):
         kvs = [m.make_kv_cache(8, 16) for m in stages]
         runners = [GraphRunner(m, kv, 16, backend, "cpu", enforce_eager=backend == "torch",
-                               capture=False, max_rows=8, max_context=64)
+                               capture=False, max_rows=8, max_context=max_context)
                    for m, kv in zip(stages, kvs)]
         starts = [0, 0, 0]
         lens = [len(p) for p in prompts]
@@ -175,3 +177,20 @@ def test_staging_waits_on_the_copy_stream_of_its_device(monkeypatch):
     st.upload_into(host + 1, dst)
     assert log == [("record", "stream of cuda:1"), ("synchronize",), ("record", "stream of cuda:1")]
     assert dst.tolist() == list(range(1, 9))
+
+
+def test_staging_fills_only_the_columns_a_step_uses():
+    """A decode step's table narrower than the graph's: the head and the first columns are
+    written, the other columns keep their old values (never read: a row reads only its
+    seq_len's pages); a table that cannot fit is an error, not a silent truncation."""
+    from runtime.kernel_layout import _Staging
+    st = _Staging(torch.device("cpu"))
+    dst = torch.full((3 + 2 * 8,), -7, dtype=torch.int32)      # head 3, table [2, 8]
+    host = np.arange(3 + 2 * 4, dtype=np.int32)                # head 3, table [2, 4]
+    st.upload_rows_into(host, dst, 3, 2, 4, 8)
+    assert dst[:3].tolist() == [0, 1, 2]
+    assert dst[3:].view(2, 8).tolist() == [[3, 4, 5, 6, -7, -7, -7, -7], [7, 8, 9, 10, -7, -7, -7, -7]]
+    st.upload_rows_into(np.arange(3 + 16, dtype=np.int32) + 100, dst, 3, 2, 8, 8)   # full width: one copy
+    assert dst.tolist() == list(range(100, 119))
+    with pytest.raises(ValueError, match=r"a \[2, 16\] table after 3 ints does not fit a \[2, 8\] one"):
+        st.upload_rows_into(np.zeros(3 + 32, dtype=np.int32), dst, 3, 2, 16, 8)

@@ -234,7 +234,7 @@ class KernelMeta:
     decode: KernelLaunch | None
     chunks: KernelLaunch | None
     backend: str = "triton"
-    flashinfer: object | None = None    # a planned flashinfer wrapper
+    flashinfer: "FlashInferStep | None" = None   # its wrapper and page table
 
     @staticmethod
     def build(starts: Sequence[int], lens: Sequence[int], pages: Sequence[Sequence[int]],
@@ -353,8 +353,12 @@ class KernelMeta:
 
     def plan_flashinfer(self, packed: PackedMeta, device: torch.device) -> None:
         """FlashInfer's batch prefill wrapper over the paged cache (decodes are 1-token
-        queries), planned once per micro-batch and run by every layer. Not testable
-        without a GPU and FlashInfer: written against its documented API, untested."""
+        queries): its CSR page table, made once per micro-batch and planned by the first
+        layer (plan wants the head counts), run by every layer. The indptr arrays stay in
+        host memory: plan reads them on the host, and a device copy would make it wait for
+        the GPU to drain, on a stage's metadata thread while the compute thread works. Run
+        on CPU only against a reference of FlashInfer's documented semantics
+        (tests/test_flashinfer_plumbing.py): no GPU build of FlashInfer was at hand."""
         import flashinfer
         ln, need, flat, page_off, ctx = packed.flash_args
         qo_indptr = np.concatenate([[0], np.cumsum(ln)])
@@ -362,26 +366,39 @@ class KernelMeta:
         idx = np.concatenate([flat[o:o + k] for o, k in zip(page_off, need)]) if len(ln) else flat[:0]
         last = ctx - (need - 1) * packed.page_size
 
-        def dev(x: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(np.asarray(x, dtype=np.int32), device=device)
+        def host(x: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int32))
 
         if device not in _FLASHINFER_WORKSPACE:   # one 128 MiB workspace per device
             _FLASHINFER_WORKSPACE[device] = torch.empty(128 * 2**20, dtype=torch.uint8, device=device)
         wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(_FLASHINFER_WORKSPACE[device],
                                                                  kv_layout="NHD")
-        self.flashinfer = (wrapper, (dev(qo_indptr), dev(kv_indptr), dev(idx), dev(last)))
+        self.flashinfer = FlashInferStep(wrapper, host(qo_indptr), host(kv_indptr),
+                                         host(idx).to(device), host(last))
+
+
+@dataclass(slots=True)
+class FlashInferStep:
+    """A micro-batch's FlashInfer wrapper and page table (indptrs on the host)."""
+    wrapper: object
+    qo_indptr: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    last_page_len: torch.Tensor
+    planned: bool = False
 
 
 _FLASHINFER_WORKSPACE: dict[torch.device, torch.Tensor] = {}
 
 
 def _flashinfer_attention(km: KernelMeta, q, k, v, k_cache, v_cache) -> torch.Tensor:
-    wrapper, (qo, kv, idx, last) = km.flashinfer
+    step = km.flashinfer
     kv_heads, d = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, kv_heads, d).index_copy_(0, km.slots.long(), k)
     v_cache.view(-1, kv_heads, d).index_copy_(0, km.slots.long(), v)
-    if not getattr(wrapper, "_pipetwin_planned", False):
-        wrapper.plan(qo, kv, idx, last, q.shape[1], kv_heads, d, k_cache.shape[1],
-                     causal=True, q_data_type=q.dtype, kv_data_type=k_cache.dtype)
-        wrapper._pipetwin_planned = True
-    return wrapper.run(q, (k_cache, v_cache))
+    if not step.planned:
+        step.wrapper.plan(step.qo_indptr, step.kv_indptr, step.kv_indices, step.last_page_len,
+                          q.shape[1], kv_heads, d, k_cache.shape[1],
+                          causal=True, q_data_type=q.dtype, kv_data_type=k_cache.dtype)
+        step.planned = True
+    return step.wrapper.run(q, (k_cache, v_cache))

@@ -16,7 +16,7 @@ Sampling parameters are checked against what the sampler really handles, as vLLM
                divisor would overflow float32 logits)
   top_p        in (0, 1]; however small, the most likely token is always kept
   top_k        0 or -1 = off; >= the vocabulary size = off (every token is in the top k)
-  seed         a signed 64-bit integer, the torch generator's range (like vLLM); else a 400
+  seed         a signed 64-bit integer (vLLM's range; the sampler's hash key); else a 400
 """
 from __future__ import annotations
 

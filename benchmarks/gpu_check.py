@@ -11,7 +11,9 @@ Sections (each a few rows of the table; --sections picks some):
             of pp=4 plus both ends), dummy weights: decode steps of 1, 8, 32, 128 and 256
             rows with Azure-conversation-shaped contexts (CUDA graphs), and a mixed step of a
             1024-token prefill chunk + 64 decodes, each against profiles/analytical.py's
-            roofline for the same shape on an H200 (goal <= 1.5x)
+            roofline for the same shape on an H200 (goal <= 1.5x); then the sampler over
+            256 rows of the model's vocabulary (greedy, temperature, top-p) and stage 0's
+            host work per decode step (benchmarks/host_step.py on this machine's CPU)
   serve     `pipetwin profile` of that model -> `pipetwin sim` capacity at rate inf ->
             `pipetwin bench` at rate inf (goal: bench output tok/s >= 90% of sim's)
   validate  `pipetwin validate`, pp=1, three policies, loads 0.5x and 0.9x of the
@@ -334,8 +336,41 @@ class Check:
                      f"{worst[1]:.1%} (a step of {worst[0]} tokens)", "<= 10%", ok)
         self.add("steps", "graph replays / eager steps", f"{runner.replays} / {runner.eager_steps}",
                  "", "info")
+        big = max(rows_list)
+        self.guard("steps", f"sampling {big} rows, vocab {cfg.vocab_size}: greedy / t 0.8 / + top_p 0.95",
+                   lambda: self.sampling_times(big, cfg.vocab_size, reps))
+        self.guard("steps", f"host work per decode step, {big} rows (benchmarks/host_step.py)",
+                   lambda: self.host_step(big, max(max_ctx, int(dec_ctx.max())) + 1))
         if self.device.type == "cuda" and self.backend == "triton":
             self.guard("steps", "compiled attention variants (kernel, steps)", self.kernel_variants)
+
+    def sampling_times(self, rows: int, vocab: int, reps: int) -> tuple[str, str, str]:
+        """Median ms of Sampler.sample over `rows` rows of float32 logits: the whole batch
+        at once, one copy to the host (it was a generator, a launch and a sync per row)."""
+        from runtime.sampling import Sampler, SamplingParams
+        g = torch.Generator(device=self.device).manual_seed(0)
+        logits = torch.randn(rows, vocab, generator=g, device=self.device) * 4
+        out = []
+        for params in (SamplingParams(), SamplingParams(temperature=0.8),
+                       SamplingParams(temperature=0.8, top_p=0.95)):
+            sampler, ts = Sampler(), []
+            for i in range(reps + 2):
+                self.sync()
+                t0 = time.perf_counter()
+                sampler.sample(logits, list(range(rows)), params)   # ends with the host copy
+                ts.append(time.perf_counter() - t0)
+            out.append(statistics.median(ts[2:]) * 1e3)
+        return " / ".join(f"{t:.2f}" for t in out) + " ms", "", "info"
+
+    def host_step(self, rows: int, max_context: int) -> tuple[str, str, str]:
+        """Stage 0's CPU work per decode step on the graph path (scheduler, metadata, the
+        pinned copy), which a pp = 1 engine adds to each GPU step: this machine's CPU."""
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("host_step", ROOT / "benchmarks" / "host_step.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        r = mod.measure(rows, 50 if self.args.quick else 200, 1000, max(max_context, 2048), 16, False)
+        return f"{r['pp1_total']:.0f} us (pickle for pp > 1: {r['pickle']:.0f} us)", "", "info"
 
     def kernel_variants(self) -> tuple[str, str, str]:
         """What the driver loaded, against benchmarks/triton_resources.py's offline figures:

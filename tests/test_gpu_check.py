@@ -46,7 +46,11 @@ def test_quick_cpu_run(tmp_path, capsys):
         assert r["status"] == "ok" and r["value"].startswith("triton: max abs diff")
         assert float(r["value"].rsplit(" ", 1)[1]) <= 1e-4
     steps = [r for r in rows if r["section"] == "steps"]
-    assert len(steps) == 5 and all(r["status"] in ("info", "ok") for r in steps)
+    assert len(steps) == 7 and all(r["status"] in ("info", "ok") for r in steps)
+    samp = by_case[("steps", "sampling 8 rows, vocab 256: greedy / t 0.8 / + top_p 0.95")]["value"]
+    assert samp.endswith(" ms") and all(float(x) > 0 for x in samp[:-3].split(" / "))
+    host = by_case[("steps", "host work per decode step, 8 rows (benchmarks/host_step.py)")]["value"]
+    assert int(host.split(" us")[0]) > 0 and "pickle for pp > 1" in host
     assert steps[3]["case"] == "same step repeated: p90 / p10 - 1, worst" and "% (a step of" in steps[3]["value"]
     assert all("ms (no roofline on cpu)" in r["value"] for r in steps[:3])
     # two warm-up + 3 timed decode steps at each of 1 and 8 rows took the static path

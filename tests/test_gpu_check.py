@@ -102,7 +102,7 @@ def test_append_keeps_the_other_sections_of_an_earlier_run(tmp_path):
     assert gc.main(common + ["--sections", "steps", "--append"]) == 0
     rows = list(csv.DictReader((out / "rows.csv").open()))
     sections = [r["section"] for r in rows]
-    assert sections.count("kernel") == 3 and sections.count("steps") == 5
+    assert sections.count("kernel") == 3 and sections.count("steps") == 7
     assert "total (earlier run)" in sections and sections[-1] == "total"
     assert (out / "table.md").read_text().count("\n") == len(rows) + 2
     assert gc.main(common + ["--sections", "steps"]) == 0   # no --append: a fresh table

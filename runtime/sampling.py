@@ -84,10 +84,10 @@ class Sampler:
     probabilities, and the tokens cross to the host in one copy. Each row's uniform is a
     counter-based hash of (the request's seed, its draw count), not a generator's stream:
     a request's tokens do not depend on which other requests share its micro-batches. A
-    torch.Generator per request cost a multinomial launch and a device sync per row (~20
-    us each: ~5 ms a step at 256 sampled rows on a GPU, against ~1-3 ms of model time);
-    hashing a uniform per token instead (Gumbel-max) would read and write [rows, vocab]
-    int64 a dozen times (~2 ms at 256 rows of a 128k vocabulary)."""
+    torch.Generator per request cost a multinomial launch and a device sync per row
+    (estimated ~3-5 ms a step at 256 sampled rows on a GPU, against ~1-3 ms of model
+    time); hashing a uniform per token instead (Gumbel-max) would read and write [rows,
+    vocab] int64 a dozen times (~2 ms at 256 rows of a 128k vocabulary, by bandwidth)."""
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from runtime.batch_meta import BatchMeta
-from runtime.config import ModelConfig
-from runtime.model import StageModel
+from tests.model_helpers import tiny_gqa_stage
 
 
 class ReferenceWrapper:
@@ -70,12 +69,7 @@ def flashinfer_stand_in(monkeypatch):
 
 
 def test_flashinfer_backend_gives_the_torch_backends_logits(flashinfer_stand_in):
-    cfg = ModelConfig(model_type="llama", hidden_size=64, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=16, intermediate_size=96, vocab_size=101)
-    torch.manual_seed(0)
-    model = StageModel(cfg)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.2)
+    model = tiny_gqa_stage()
     # two prompts (one across scattered pages), then a step mixing a decode with a second
     # chunk of a third prompt on top of its first (prior context: the causal alignment)
     steps = [([0, 0, 0], [9, 18, 20], [[0], [3, 1], [5, 2]], [True, True, False]),
@@ -95,7 +89,7 @@ def test_flashinfer_backend_gives_the_torch_backends_logits(flashinfer_stand_in)
     # one wrapper per micro-batch, planned once (by the first layer), run by every layer
     assert len(flashinfer_stand_in.made) == 2
     for w in flashinfer_stand_in.made:
-        assert len(w.plans) == 1 and w.runs == cfg.num_layers
+        assert len(w.plans) == 1 and w.runs == model.cfg.num_layers
         plan = w.plans[0]
         assert plan["causal"] and (plan["heads"], plan["kv_heads"], plan["d"], plan["page"]) == (4, 2, 16, 16)
         assert all(plan[k].device.type == "cpu" and plan[k].dtype == torch.int32 for k in ("qo", "kv", "last"))

@@ -214,14 +214,8 @@ def test_backend_choice_and_errors(monkeypatch):
 def test_stage_model_logits_match_torch_backend():
     """A whole tiny stage (embedding to logits, 2 layers, GQA) on the triton backend
     gives the torch backend's logits for a mixed micro-batch."""
-    from runtime.config import ModelConfig
-    from runtime.model import StageModel
-    cfg = ModelConfig(model_type="llama", hidden_size=64, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=16, intermediate_size=96, vocab_size=101)
-    torch.manual_seed(0)
-    model = StageModel(cfg)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.2)
+    from tests.model_helpers import tiny_gqa_stage
+    model = tiny_gqa_stage()
     starts, lens = [0, 0], [9, 18]
     pages = [[0], [3, 1]]
     outs = []

@@ -25,12 +25,13 @@ before wait(), hence threads and Python queues rather than polling works.
 from __future__ import annotations
 
 import datetime
+import itertools
 import pickle
 import queue
 import socket
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
 import torch
@@ -40,6 +41,51 @@ from runtime.sampling import SamplingParams
 
 FRAME_BYTES = 256 * 1024   # one ctrl message holds this much; more goes in a second one
 _LEN = 8                   # little-endian payload length at the start of a frame
+
+
+class PageRows(Sequence[memoryview]):
+    """Per item page ids, end to end in one int32 buffer: how a StepMeta's pages travel
+    to the other stages. Pickling 256 separate arrays cost ~0.5 us each on stage 0, whose
+    CPU time a pp > 1 pipeline waits on (benchmarks/host_step.py, "pickle"); the items read
+    back as memoryview slices (len, slicing, list() and b"".join work as on the arrays)."""
+    __slots__ = ("flat", "counts", "_offsets")
+
+    def __init__(self, flat: bytes, counts: list[int]) -> None:
+        self.flat = memoryview(flat).cast("i")
+        self.counts = counts
+        self._offsets = list(itertools.accumulate(counts, initial=0))
+        if self._offsets[-1] != len(self.flat):
+            raise ValueError(f"page counts sum to {self._offsets[-1]}, the buffer holds {len(self.flat)} ids")
+
+    @classmethod
+    def of(cls, pages: Sequence[Sequence[int]]) -> "PageRows | None":
+        """`pages` packed, or None when they are not all 4-byte id buffers (Python lists)."""
+        try:
+            joined = b"".join(pages)
+        except TypeError:
+            return None
+        counts = [len(p) for p in pages]
+        return cls(joined, counts) if len(joined) == 4 * sum(counts) else None
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self.counts)
+        if not -n <= i < n:
+            raise IndexError(f"item {i} of {n}")
+        i %= n
+        a = self._offsets[i]
+        return self.flat[a:a + self.counts[i]]
+
+    def __iter__(self):
+        flat, offs = self.flat, self._offsets
+        return (flat[a:b] for a, b in zip(offs, offs[1:]))
+
+    def __reduce__(self):
+        return (PageRows, (self.flat.tobytes(), self.counts))
 
 
 @dataclass(slots=True)
@@ -63,6 +109,15 @@ class StepMeta:
     @property
     def num_samples(self) -> int:
         return len(self.sample_ids)
+
+    def __reduce__(self):
+        # the page lists travel as one buffer (PageRows) when they are arrays
+        names = [f.name for f in fields(self)]
+        vals = [getattr(self, name) for name in names]
+        packed = self.pages if isinstance(self.pages, PageRows) else PageRows.of(self.pages)
+        if packed is not None:
+            vals[names.index("pages")] = packed
+        return (StepMeta, tuple(vals))
 
 
 @dataclass(slots=True)

@@ -110,3 +110,49 @@ def test_graph_runner_takes_decode_steps_to_graphs_and_others_eager():
     # a context past the captured width (256 tokens) or a chunk: eager
     assert isinstance(gr.build_meta([256], [1], [array("i", range(17))], [True]), BatchMeta)
     assert isinstance(gr.build_meta([0, 20], [4, 1], pages[:2], [True, True]), BatchMeta)
+
+
+def test_step_meta_pickles_array_pages_as_one_buffer_and_builds_the_same():
+    import pickle
+
+    import torch
+
+    from runtime.comm import PageRows, StepMeta
+    rng = np.random.default_rng(5)
+    starts, lens = [0, 40, 15, 300], [37, 64, 1, 1]
+    need = [-(-(s + n) // 16) for s, n in zip(starts, lens)]
+    arrays = [array("i", p) for p in _pages(rng, need, None)]
+    m = StepMeta(7, starts, lens, arrays, [True, False, True, True], 101, 2, [1, 3, 4])
+    back = pickle.loads(pickle.dumps(("batch", m), protocol=pickle.HIGHEST_PROTOCOL))[1]
+    assert isinstance(back.pages, PageRows) and len(back.pages) == 4
+    assert [list(p) for p in back.pages] == [list(p) for p in arrays]
+    assert (back.batch_id, back.starts, back.lens, back.sample_ids) == (7, starts, lens, [1, 3, 4])
+    for backend in ("triton", "torch"):   # the kernel metadata, and the CPU path's plan
+        a = BatchMeta.build(starts, lens, arrays, m.samples, 16, backend=backend)
+        b = BatchMeta.build(back.starts, back.lens, back.pages, back.samples, 16, backend=backend)
+        for name in ("positions", "slots", "sample_idx"):
+            assert torch.equal(getattr(a, name), getattr(b, name))
+        if backend == "triton":
+            assert torch.equal(a.kernel.decode.table, b.kernel.decode.table)
+            assert torch.equal(a.kernel.chunks.table, b.kernel.chunks.table)
+        else:
+            assert [c.first_page for c in a.chunks] == [c.first_page for c in b.chunks]
+            assert a.describe_decode() == b.describe_decode()
+    # Python lists (the profiler's, tests') travel as they are; a packed meta pickles again
+    lists = StepMeta(1, [0], [4], [[3, 4]], [True], 4, 0, [0])
+    assert pickle.loads(pickle.dumps(lists)).pages == [[3, 4]]
+    assert [list(p) for p in pickle.loads(pickle.dumps(back)).pages] == [list(p) for p in arrays]
+
+
+def test_page_rows_index_like_a_list():
+    from runtime.comm import PageRows
+    rows = PageRows(array("i", [1, 2, 3, 4, 5, 6]).tobytes(), [2, 0, 4])
+    assert [list(r) for r in rows] == [[1, 2], [], [3, 4, 5, 6]]
+    assert list(rows[-1]) == [3, 4, 5, 6] and list(rows[0][:1]) == [1]
+    assert [list(r) for r in rows[1:]] == [[], [3, 4, 5, 6]]
+    with pytest.raises(IndexError):
+        rows[3]
+    with pytest.raises(IndexError):
+        rows[-4]
+    with pytest.raises(ValueError, match="page counts sum to 7, the buffer holds 6 ids"):
+        PageRows(array("i", [1, 2, 3, 4, 5, 6]).tobytes(), [2, 1, 4])

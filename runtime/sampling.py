@@ -139,8 +139,8 @@ class Sampler:
             # finite logits can still overflow once divided by a small temperature; such a
             # row (or one with no probability left) fails alone
             fine = torch.isfinite(scaled.amax(dim=-1)) & torch.isfinite(total[:, 0]) & (total[:, 0] > 0)
-            ids = ids.index_copy(0, idx, picked)
-            ok = ok.index_copy(0, idx, ok.index_select(0, idx) & fine)
+            ids = ids.index_put((idx,), picked)
+            ok = ok.index_put((idx,), ok[idx] & fine)
         # one device-to-host copy (a GPU sync) per step
         return torch.where(ok, ids, FAILED).tolist()
 

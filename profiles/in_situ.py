@@ -19,8 +19,9 @@ From the same trace:
   CPU a decode batch of one shape varies by ~10% (log std), and stages of one batch vary
   together (correlation ~0.3); in a pipeline that variation is itself a cause of
   bubbles, which a simulator timed by the fit alone underestimates.
-- sched_overhead_s = 0: the runtime's stage-0 rows already include the scheduler's
-  decision and the step metadata (runtime.driver.Driver records them that way).
+- sched_overhead_s = sched_overhead_per_item_s = 0: the runtime's stage-0 rows already
+  include the scheduler's decision and the step metadata (runtime.driver.Driver records
+  them that way).
 - stage_turnaround_s: per stage, how long after a row ends the stage starts its next
   batch when that batch was already waiting (see stage_turnaround): the stage's thread
   posts its send and takes the next batch off its inbox outside its busy rows, ~0.27 ms
@@ -172,6 +173,7 @@ def in_situ_profile(base: Profile, batches: Sequence[pd.DataFrame], sources: Seq
     meta = copy.deepcopy(base.meta)
     meta["date"] = _dt.date.today().isoformat()
     meta["sched_overhead_s"] = 0.0
+    meta["sched_overhead_per_item_s"] = 0.0
     meta["stage_turnaround_s"] = turnaround
     meta["measurement"] = {
         "tool": "profiles.in_situ (runtime trace stage rows)",

@@ -151,12 +151,13 @@ class LatencyModel:
     name: str = ""
     error: FitError | None = None
     stage_turnaround: tuple[float, ...] = ()   # per stage, busy after a row ends (meta; () = 0)
+    sched_overhead_per_item: float = 0.0   # seconds per micro-batch item on top of sched_overhead
 
     def __post_init__(self) -> None:
         if not self.coefs or any(len(c) != 12 for c in self.coefs):
             raise ValueError("coefs needs one (c0..c6, knee_tokens, knee_decode, c7, c8, knee_small) per stage")
         if min(min(c) for c in self.coefs) < 0 or self.transfer_base_s < 0 \
-                or self.transfer_s_per_byte < 0 or self.sched_overhead < 0:
+                or self.transfer_s_per_byte < 0 or self.sched_overhead < 0 or self.sched_overhead_per_item < 0:
             raise ValueError("latency model coefficients must be non-negative")
         self.coefs = tuple(tuple(float(v) for v in c) for c in self.coefs)
         if self.stage_turnaround and (len(self.stage_turnaround) != len(self.coefs)
@@ -399,5 +400,6 @@ def fit(profile: Profile | str, holdout: float = 0.2, seed: int = 0) -> tuple[La
     cfg = profile.model_config
     model = LatencyModel(tuple(coefs), base, per_byte, float(profile.meta["sched_overhead_s"]),
                          cfg["hidden_size"] * profile.dtype_bytes * 2, profile.name, error,
-                         tuple(profile.meta.get("stage_turnaround_s") or ()))
+                         tuple(profile.meta.get("stage_turnaround_s") or ()),
+                         float(profile.meta.get("sched_overhead_per_item_s", 0.0)))
     return model, error

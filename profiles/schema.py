@@ -129,6 +129,11 @@ def _check_meta(meta: dict, label: str) -> None:
     for key in ("sched_overhead_s", "gpu_memory_bytes"):
         if not isinstance(meta[key], (int, float)) or meta[key] < 0:
             raise ProfileError(f"{label}: key {key!r} must be a non-negative number")
+    per_item = meta.get("sched_overhead_per_item_s", 0.0)   # optional: tables before 2026-12-05 lack it
+    if isinstance(per_item, bool) or not isinstance(per_item, (int, float)) or not math.isfinite(per_item) \
+            or per_item < 0:
+        raise ProfileError(f"{label}: key 'sched_overhead_per_item_s' must be a non-negative number "
+                           f"(seconds per micro-batch item), got {per_item!r}")
     turnaround = meta.get("stage_turnaround_s")   # optional: in-situ tables measure it
     if turnaround is not None and (
             not isinstance(turnaround, list) or len(turnaround) != pp

@@ -59,7 +59,9 @@ TOKEN_ID_BYTES = 8  # sampled token ids travel last stage -> stage 0 as int64
 
 class StageLatency(Protocol):
     """What the simulator needs from a latency model (profiles.LatencyModel fits one).
-    It may also have `stage_turnaround` (seconds per stage; absent or empty: 0)."""
+    It may also have `stage_turnaround` (seconds per stage; absent or empty: 0) and
+    `sched_overhead_per_item` (seconds per micro-batch item on top of `sched_overhead`;
+    absent: 0)."""
     sched_overhead: float
     def stage_time(self, stage: int, prefill_tokens: float, decode_tokens: float,
                    prefill_attention_work: float, decode_context: float) -> float: ...
@@ -75,6 +77,7 @@ class ConstantLatency:
     sched_overhead: float = 0.0
     token_return: float = 0.0
     stage_turnaround: tuple[float, ...] = ()
+    sched_overhead_per_item: float = 0.0
 
     def stage_time(self, stage: int, *shape: float) -> float:
         return self.stage
@@ -157,6 +160,10 @@ class PipelineSim:
         if turnaround and len(turnaround) != self.pp:
             raise ValueError(f"stage_turnaround has {len(turnaround)} values for pp={self.pp}")
         self._turnaround = [float(v) for v in turnaround] or [0.0] * self.pp
+        # stage 0's CPU work per micro-batch grows with its rows (profiles.measure)
+        self._overhead_per_item = float(getattr(latency, "sched_overhead_per_item", 0.0) or 0.0)
+        if self._overhead_per_item < 0:
+            raise ValueError(f"sched_overhead_per_item must be >= 0, got {self._overhead_per_item}")
         self._link_free = [0.0] * max(0, self.pp - 1)
         # every stage's time of a batch shape in one call where the model offers it
         # (LatencyModel.stage_times), else stage by stage
@@ -214,8 +221,9 @@ class PipelineSim:
 
     def _decide(self, now: float) -> None:
         """Form micro-batches at `now` (= env.now) while the scheduler gives them; each one
-        costs the profile's scheduling overhead before it enters the pipeline."""
-        env, sched, overhead = self.env, self.sched, self.latency.sched_overhead
+        costs the profile's scheduling overhead (base + per item) before it enters the pipeline."""
+        env, sched, base = self.env, self.sched, self.latency.sched_overhead
+        per_item = self._overhead_per_item
         self._idle = False
         while True:
             if self.driver_on_stage0 and self._stage_free[0] > now:
@@ -228,6 +236,7 @@ class PipelineSim:
                     return
                 self._new_wake()  # woken while busy: decide again now
                 continue
+            overhead = base + per_item * len(batch) if per_item else base
             if not overhead > 0:
                 self._dispatch_now(batch)
                 continue

@@ -51,6 +51,7 @@ def test_profile_fits_and_recovers_a_linear_cost():
     base = load_profile("llama-32m_cpu-1thread_pp2")
     prof = in_situ_profile(base, [rows(spec)], ["hand-built"])
     assert prof.meta["sched_overhead_s"] == 0 and prof.meta["measurement"]["traces"] == ["hand-built"]
+    assert prof.meta["sched_overhead_per_item_s"] == 0
     model, err = fit(prof, holdout=0.2)
     assert err.mape < 0.02
     assert model.stage_time(0, 100, 8, 10_000, 400) == pytest.approx(

@@ -50,6 +50,9 @@ def test_table_loads_and_is_measured(pp2_table):
     assert meta["model"]["config"]["hidden_size"] == 64 and meta["dtype"] == "float32"
     assert meta["device"].startswith("cpu:") and meta["torch_version"] == str(torch.__version__)
     assert meta["sched_overhead_s"] > 0 and meta["kv_pages_16"] > 0 and prof.kv_pages() > 0
+    # the per-batch CPU work grows with the batch (the page lists, the scheduler's rows)
+    assert meta["sched_overhead_per_item_s"] > 0
+    assert fit(prof)[0].sched_overhead_per_item == meta["sched_overhead_per_item_s"]
     assert len(meta["weight_bytes_per_stage"]) == 2 and min(meta["weight_bytes_per_stage"]) > 0
     st = prof.stages
     assert set(st["stage"]) == {0, 1}

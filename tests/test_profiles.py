@@ -360,3 +360,22 @@ def test_stage_times_agree_bit_for_bit_with_stage_time(table):
         each = [model.stage_time(s, *shape) for s in range(model.pp)]
         assert model.stage_times(*shape) == each, shape
         assert slowest.predict(*shape) == max(each)
+
+
+def test_sched_overhead_per_item_is_optional_and_checked(tmp_path):
+    """Tables before 2026-12-05 have no per-item term (0); a bad one is a named error; the
+    in-situ table zeroes it (its stage-0 rows hold that work already)."""
+    import shutil
+    assert fit("llama-32m_cpu-1thread_pp2")[0].sched_overhead_per_item == 0.0
+    src = Path(__file__).resolve().parents[1] / "profiles" / "tables" / "llama-32m_cpu-1thread_pp2"
+    for value, ok in ((2.5e-6, True), (-1e-6, False), (True, False), ("1e-6", False)):
+        dst = tmp_path / f"t{value!s}"
+        shutil.copytree(src, dst)
+        meta = yaml.safe_load((dst / "meta.yaml").read_text())
+        meta["sched_overhead_per_item_s"] = value
+        (dst / "meta.yaml").write_text(yaml.safe_dump(meta))
+        if ok:
+            assert fit(str(dst))[0].sched_overhead_per_item == value
+        else:
+            with pytest.raises(ProfileError, match="'sched_overhead_per_item_s' must be a non-negative number"):
+                load_profile(str(dst))

@@ -52,6 +52,21 @@ def test_lone_request_latency_is_the_pipeline_round_trip():
     assert res.summary["e2e_mean"] == pytest.approx(5 * round_trip)
 
 
+def test_scheduling_overhead_grows_with_the_batch_items():
+    # pp=1, three requests at t=0 in one micro-batch a step (prefill, then their decodes):
+    # each step costs base + per_item x 3 before its stage time; the profile gives both
+    # (profiles.measure fits them), a table without the per-item term charges the base.
+    base, per_item, stage = 0.001, 0.0005, 0.01
+    step = base + 3 * per_item + stage
+    lat = ConstantLatency(stage=stage, sched_overhead=base, sched_overhead_per_item=per_item)
+    res = simulate(sarathi(), latency=lat, pp=1, requests=reqs([(0.0, 4, 3)] * 3))
+    times = sorted(res.trace.tokens["time"].tolist())
+    assert times == pytest.approx([step] * 3 + [2 * step] * 3 + [3 * step] * 3)
+    with pytest.raises(ValueError, match="sched_overhead_per_item must be >= 0"):
+        simulate(sarathi(), latency=ConstantLatency(stage=stage, sched_overhead_per_item=-1.0), pp=1,
+                 requests=reqs([(0.0, 4, 3)]))
+
+
 @pytest.mark.parametrize("policy", ["token_throttling", "sarathi", "vllm"])
 def test_identical_decode_batches_fill_the_pipeline(policy):
     # One request per pipeline slot, arriving one stage time apart: every micro-batch holds
@@ -143,11 +158,13 @@ class ProcessScheduler(PipelineSim):
         self.env.process(self._process())
 
     def _process(self):
-        env, sched, overhead = self.env, self.sched, self.latency.sched_overhead
+        env, sched, base = self.env, self.sched, self.latency.sched_overhead
+        per_item = getattr(self.latency, "sched_overhead_per_item", 0.0)
         while True:
             yield self._wake
             self._wake = env.event()
             while (batch := sched.next_batch(env.now)) is not None:
+                overhead = base + per_item * len(batch)
                 if overhead > 0:
                     yield env.timeout(overhead)
                 self._dispatch_now(batch)
@@ -168,6 +185,7 @@ def tie_specs(seed, n=60):
 @pytest.mark.parametrize("lat, pp, time_limit", [
     (ConstantLatency(stage=0.25, transfer=0.0625, sched_overhead=0.125, token_return=0.125), 4, None),
     (ConstantLatency(stage=0.25, sched_overhead=0.25), 2, 12.0),
+    (ConstantLatency(stage=0.25, sched_overhead=0.0625, sched_overhead_per_item=0.03125), 3, None),
     (ConstantLatency(stage=0.125), 1, None),
     (TokenLatency(per_token=2 ** -10, sched_overhead=0.0625), 3, None),
 ])

@@ -267,10 +267,36 @@ def measure_transfers(opts: ProfileOptions) -> tuple[list[dict], str]:
 # ------------------------------------------------------------------ scheduling overhead
 
 def measure_sched_overhead(opts: ProfileOptions, decisions: int = 400, warm: int = 100,
-                           live: int = 64) -> tuple[float, str]:
-    """Median seconds of stage 0's per-micro-batch CPU work outside the model."""
+                           levels: tuple[int, ...] = (16, 64, 256)) -> tuple[float, float, str]:
+    """Stage 0's per-micro-batch CPU work outside the model, as `base + per_item x items`:
+    the median at each of `levels` live requests, fitted by least squares over the levels'
+    mean batch sizes (both terms >= 0). Most of the work is per row (the page lists, the
+    scheduler's bookkeeping): a constant measured at one size undercounts big batches
+    (benchmarks/host_step.py: ~80 us at 1 row, ~430 us at 256 rows, on a 2-core VM)."""
+    points, notes = [], []
+    for live in levels:
+        t, items, tokens, n = _sched_overhead_at(opts, decisions, warm, live)
+        if n:
+            points.append((items, t))
+            notes.append(f"{live} live: {t * 1e6:.0f} us at {items:.1f} items, {tokens:.0f} tokens")
+    if not points:
+        return 0.0, 0.0, "no micro-batch was formed"
+    x = np.array([p[0] for p in points])
+    y = np.array([p[1] for p in points])
+    per_item = float(np.polyfit(x, y, 1)[0]) if len(points) > 1 and np.ptp(x) > 0 else 0.0
+    per_item = max(per_item, 0.0)
+    base = max(float(np.mean(y - per_item * x)), 0.0)
+    note = (f"base + per_item x items, least squares over medians of {decisions} micro-batches at "
+            f"each of {', '.join(map(str, levels))} live requests ({'; '.join(notes)}) of "
+            "Scheduler.next_batch + complete (token_throttling, prompts 128-384, outputs 50-150), the "
+            f"runtime driver's step metadata{', pickled for the other stages' if opts.pp > 1 else ''}, "
+            "BatchMeta.build and the token-id tensor")
+    return base, per_item, note
 
 
+def _sched_overhead_at(opts: ProfileOptions, decisions: int, warm: int,
+                       live: int) -> tuple[float, float, float, int]:
+    """Median seconds per micro-batch with `live` requests, mean items and tokens, count."""
     device = torch.device(opts.device if opts.device == "cpu" else "cuda:0")
     ps = opts.page_size
     sched = Scheduler(SchedulerConfig(opts.pp, 1_000_000, ps), make_policy("token_throttling"))
@@ -318,10 +344,6 @@ def measure_sched_overhead(opts: ProfileOptions, decisions: int = 400, warm: int
     finally:
         gc.enable()
     if not times:
-        return 0.0, "no micro-batch was formed"
+        return 0.0, 0.0, 0.0, 0
     n = len(times)
-    note = (f"median over {n} micro-batches of Scheduler.next_batch + complete (token_throttling, "
-            f"{live} live requests, prompts 128-384, outputs 50-150), the runtime driver's step metadata"
-            f"{', pickled for the other stages' if opts.pp > 1 else ''}, BatchMeta.build and the "
-            f"token-id tensor on {device.type}; mean batch {items / n:.1f} items, {tokens / n:.0f} tokens")
-    return statistics.median(times), note
+    return statistics.median(times), items / n, tokens / n, n

@@ -31,10 +31,11 @@ slows every repeat of one visit (measured here: re-timing a table's shapes moved
 ~9% on average, a few by 2x).
 The transfer table times a ping-pong of (hidden, residual) between two processes (gloo on
 CPU, nccl across two GPUs), one way = round trip / 2, the lowest of three per-size
-medians taken in rounds over all sizes. `sched_overhead_s` is the median
-CPU time stage 0 spends per micro-batch outside the model: Scheduler.next_batch +
-complete, the step metadata (the runtime driver's own code), pickling it for the other
-stages, BatchMeta.build and the token-id tensor, in a steady state of ~64 live requests.
+medians taken in rounds over all sizes. `sched_overhead_s` + `sched_overhead_per_item_s`
+x items is the CPU time stage 0 spends per micro-batch outside the model:
+Scheduler.next_batch + complete, the step metadata (the runtime driver's own code),
+pickling it for the other stages, BatchMeta.build and the token-id tensor; medians in
+steady states of 16, 64 and 256 live requests, fitted as a line in the batch's items.
 
 Options and flags: profiles.measure.options; the timing: profiles.measure.profile_timing.
 
@@ -101,7 +102,7 @@ def profile(opts: ProfileOptions) -> ProfileResult:
         torch.manual_seed(opts.seed)
         shapes = grid_shapes(opts.grid)
         transfer_rows, transfer_note = measure_transfers(opts)
-        sched_s, sched_note = measure_sched_overhead(opts)
+        sched_s, sched_per_item_s, sched_note = measure_sched_overhead(opts)
         # GPU telemetry (NVML) while the stages are timed; absent on CPU
         telemetry = Telemetry(cuda_indices=[0]) if opts.device == "cuda" else None
         sampler = Sampler(telemetry) if telemetry is not None else None
@@ -138,6 +139,7 @@ def profile(opts: ProfileOptions) -> ProfileResult:
         "date": _dt.date.today().isoformat(),
         "source": "measured",
         "sched_overhead_s": float(sched_s),
+        "sched_overhead_per_item_s": float(sched_per_item_s),
         "kv_bytes_per_token_per_stage": kv_tok,
         "weight_bytes_per_stage": weights,
     }
@@ -224,7 +226,8 @@ def run_cli(args: argparse.Namespace) -> int:
     per = ", ".join(f"stage {s}: {c['measured']} shapes" + (f" ({c['skipped']} skipped)" if c["skipped"] else "")
                     for s, c in res.counts.items())
     print(f"wrote {res.path}: {len(st)} stage rows ({per}), {len(res.profile.transfer)} transfer rows, "
-          f"sched overhead {res.profile.meta['sched_overhead_s'] * 1e6:.0f} us; {res.wall_s:.0f} s")
+          f"sched overhead {res.profile.meta['sched_overhead_s'] * 1e6:.0f} us + "
+          f"{res.profile.meta['sched_overhead_per_item_s'] * 1e6:.2f} us per item; {res.wall_s:.0f} s")
     for line in format_fit(res.error, len(res.profile.transfer) > 0):
         print(line)
     return 0

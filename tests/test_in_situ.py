@@ -111,3 +111,13 @@ def test_stage_turnaround_is_the_mean_gap_before_batches_that_were_waiting():
         Profile({**base.meta, "stage_turnaround_s": [0.3]}, base.stages, base.transfer)
     with pytest.raises(ProfileError, match="stage_turnaround_s"):
         Profile({**base.meta, "stage_turnaround_s": [0.0, -1.0]}, base.stages, base.transfer)
+
+
+def test_transfer_is_the_mean_hop_of_each_size_bin():
+    """A hop that now and then waits for a core (right-skewed) is charged its mean: the
+    pipeline pays the sum of its hops, which the median would undercount."""
+    from profiles.in_situ import transfer_rows
+    gaps = pd.DataFrame({"bytes": [4096] * 4, "seconds": [0.001, 0.001, 0.001, 0.007]})
+    rows = transfer_rows(gaps)
+    assert rows["bytes"].tolist() == [4096] and rows["samples"].tolist() == [4]
+    assert rows["latency_median"].tolist() == pytest.approx([0.0025])   # the median: 0.001

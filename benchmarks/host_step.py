@@ -34,20 +34,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.policies import make_policy  # noqa: E402
 from core.request import Request  # noqa: E402
 from core.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from profiles.measure.profile_grid import VARIED_CONTEXTS_CV  # noqa: E402
 from runtime.cuda_graphs import GraphRunner  # noqa: E402
 from runtime.kernel_layout import _Staging  # noqa: E402
 from runtime.stage0_loop import page_list, step_meta  # noqa: E402
 
 PARTS = ("complete", "next_batch", "step_meta", "graph_meta", "staging", "pickle")
 OUTPUT = 2048       # tokens each request may decode: more than warm-up + --steps (<= 1000) take
-CONTEXT_CV = 0.96   # profiles.measure.profile_grid.VARIED_CONTEXTS_CV (Azure conversation prompts)
 
 
 def decoding_scheduler(rows: int, mean_context: int, max_context: int, page_size: int,
                        lists: bool, seed: int) -> Scheduler:
     """A pp = 1 scheduler whose `rows` requests are all decoding (prefilled off the clock)."""
     rng = np.random.default_rng(seed)
-    sigma = np.sqrt(np.log(1 + CONTEXT_CV ** 2))
+    sigma = np.sqrt(np.log(1 + VARIED_CONTEXTS_CV ** 2))
     ctx = rng.lognormal(np.log(mean_context) - sigma ** 2 / 2, sigma, rows)
     ctx = np.clip(ctx.astype(int), 16, max_context - 1024)     # room for the timed steps
     # every request fits with its whole output (else `add` rejects it as too long), and KV

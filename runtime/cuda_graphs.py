@@ -82,11 +82,12 @@ class GraphRunner:
 
     def build_meta(self, starts: Sequence[int], lens: Sequence[int],
                    pages: Sequence[Sequence[int]], samples: Sequence[bool]) -> BatchMeta | GraphStep:
-        rows = None
+        rows = longest = None
         if self.use_graphs:   # the CPU path pays nothing for graphs
             # decode rows attend their start + 1 keys (a step that is not decode-only goes
             # eager whatever its contexts): no per-row Python on the hot path
-            rows = self.graph_rows(lens, (max(starts, default=-1) + 1,))
+            longest = max(starts, default=-1) + 1
+            rows = self.graph_rows(lens, (longest,))
         if rows is None:
             self.eager_steps += 1
             return BatchMeta.build(starts, lens, pages, samples, self.page_size, self.device,
@@ -96,7 +97,7 @@ class GraphRunner:
         # never read (each row reads its seq_len's pages). At the model's full width a step
         # would build and copy rows x max_positions / page_size ids (8 MB at 256 rows of a
         # 128k-context model) whatever its contexts.
-        width = bucket_width(-(-(max(starts) + 1) // self.page_size))
+        width = bucket_width(-(-longest // self.page_size))
         packed = KernelMeta.build_decode_graph(starts, pages, self.page_size, rows, width,
                                                self.max_context)
         return GraphStep(rows, len(lens), np.flatnonzero(np.asarray(samples, dtype=bool)), packed)

@@ -7,6 +7,7 @@ from array import array
 
 import numpy as np
 import pytest
+import torch
 
 from core.policies import make_policy
 from core.request import Request
@@ -44,7 +45,7 @@ def test_array_pages_build_the_same_metadata_as_lists(shape):
     b = KernelMeta.build(starts, lens, arrays, samples, 16)
     assert a.sizes() == b.sizes() and np.array_equal(a.host, b.host)
     # and the table holds each row's pages, in order, read from the list form
-    meta = a.views(__import__("torch").from_numpy(a.host))
+    meta = a.views(torch.from_numpy(a.host))
     for launch, rows in ((meta.kernel.decode, [i for i, n in enumerate(lens) if n == 1]),
                          (meta.kernel.chunks, [i for i, n in enumerate(lens) if n != 1])):
         for j, i in enumerate(rows):
@@ -114,8 +115,6 @@ def test_graph_runner_takes_decode_steps_to_graphs_and_others_eager():
 
 def test_step_meta_pickles_array_pages_as_one_buffer_and_builds_the_same():
     import pickle
-
-    import torch
 
     from runtime.comm import PageRows, StepMeta
     rng = np.random.default_rng(5)

@@ -43,9 +43,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import faulthandler
 import gc
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -64,6 +66,7 @@ import torch  # noqa: E402
 POLICIES = ("token_throttling", "sarathi", "vllm")
 SECTIONS = ("equality", "kernel", "steps", "serve", "validate")
 GOAL_ROOFLINE = 1.5
+STACK_DUMP_S = 150   # stacks while a section runs longer (serve and validate: the CLI wait)
 LLAMA3_8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=8, num_attention_heads=32,
                  num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
                  max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
@@ -89,6 +92,7 @@ class Check:
         self.dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
                       "float32": torch.float32}[args.dtype]
         self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.rows: list[Row] = []
         self.kept: list[Row] = []   # --append: the rows of sections this run does not redo
         from runtime.attention import resolve_backend
@@ -99,6 +103,7 @@ class Check:
         self.rows.append(row)
         print(f"  {row.section:<9} {row.case:<44} {row.value:<28} {row.goal:<10} {row.status}",
               flush=True)
+        self.write()   # every row at once: a run stopped at its time limit keeps what it had
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -558,10 +563,18 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     print(f"gpu_check: device {args.device}, dtype {args.dtype}, attention {check.backend}, "
           f"sections {','.join(sections)} -> {out}", flush=True)
+    # A one-shot run that hangs or is stopped must still say where: every thread's stack goes
+    # to OUT/stacks.log each STACK_DUMP_S a section runs, and once more on SIGTERM (`timeout`).
+    stacks = (out / "stacks.log").open("a")
+    faulthandler.register(signal.SIGTERM, file=stacks, all_threads=True, chain=True)
     with Sampler(Telemetry(), interval_s=0.5) as sampler:
         for name in sections:
-            getattr(check, name)()
-            check.write()   # the table so far: a run stopped at its time limit keeps it
+            print(f"gpu_check: section {name} at {time.perf_counter() - t0:.0f} s", flush=True)
+            faulthandler.dump_traceback_later(STACK_DUMP_S, repeat=True, file=stacks)
+            try:
+                getattr(check, name)()
+            finally:
+                faulthandler.cancel_dump_traceback_later()
             if check.device.type == "cuda":
                 # hand this section's GPU memory back: the CLI runs of serve and validate
                 # are other processes, and size their KV cache from the free memory
@@ -570,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     check.telemetry_rows(sampler.summary())
     (out / "telemetry.json").write_text(json.dumps(sampler.summary(), indent=2) + "\n")
     check.add("total", "wall time", f"{time.perf_counter() - t0:.0f} s", "<= 480 s", "info")
+    stacks.close()
+    if (out / "stacks.log").stat().st_size == 0:
+        (out / "stacks.log").unlink()
     print()
     print(check.write())
     return 0

@@ -68,10 +68,10 @@ def test_bad_sections(tmp_path):
         gc.main(["--device", "cpu", "--sections", "steps,gpus", "--out", str(tmp_path)])
 
 
-def test_cli_failure_says_why_and_table_is_written_per_section(tmp_path, monkeypatch):
+def test_cli_failure_says_why_and_table_is_written_per_row(tmp_path, monkeypatch):
     """A CLI step that fails shows the last line it printed (not only "exit status 1"),
-    with its whole output in OUT/logs; the table is rewritten after every section, so a
-    run stopped at its time limit keeps the rows it has."""
+    with its whole output in OUT/logs; the table is rewritten after every row, so a run
+    stopped at its time limit keeps the rows it has."""
     gc = _load()
     out = tmp_path / "gc"
     seen = {}
@@ -79,10 +79,13 @@ def test_cli_failure_says_why_and_table_is_written_per_section(tmp_path, monkeyp
     def validate(self):
         seen["table"] = (out / "table.md").read_text()
         self.guard("validate", "a failing CLI run", lambda: self.cli("sim", "--profile", str(tmp_path / "none")))
+        seen["after one row"] = (out / "rows.csv").read_text()
     monkeypatch.setattr(gc.Check, "validate", validate)
     assert gc.main(["--device", "cpu", "--quick", "--sections", "kernel,validate",
                     "--attention-backend", "torch", "--out", str(out)]) == 0
     assert "| kernel | decode 1 rows, varied contexts |" in seen["table"]
+    assert "validate,a failing CLI run," in seen["after one row"]
+    assert not (out / "stacks.log").exists()   # nothing ran long: no stack dump left behind
     rows = list(csv.DictReader((out / "rows.csv").open()))
     bad = [r for r in rows if r["section"] == "validate"][0]
     assert bad["status"] == "error" and "exit status" not in bad["value"]
@@ -130,3 +133,25 @@ def test_validate_goals_become_rows_from_errors_csv(tmp_path):
     assert rows["ttft_p99 error"].value == "1/2 cells; worst -25.0% (vllm @ inf)"
     assert rows["tpot_p50 error"].status == "ok"
     assert rows["throughput error"].status == "info"   # a miss on CPU is information, on CUDA a MISS
+
+
+def test_a_long_section_leaves_every_threads_stack(tmp_path, monkeypatch):
+    """A one-shot GPU run that hangs must say where: while a section runs past STACK_DUMP_S,
+    every thread's stack goes to OUT/stacks.log (here a section stuck in a wait)."""
+    import time
+    gc = _load()
+    out = tmp_path / "gc"
+    monkeypatch.setattr(gc, "STACK_DUMP_S", 0.2)
+
+    def kernel(self):
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            stuck_waiting_for_the_gpu()
+    def stuck_waiting_for_the_gpu():
+        time.sleep(0.05)
+    monkeypatch.setattr(gc.Check, "kernel", kernel)
+    assert gc.main(["--device", "cpu", "--quick", "--sections", "kernel", "--attention-backend", "torch",
+                    "--out", str(out)]) == 0
+    dump = (out / "stacks.log").read_text()
+    assert dump.count("stuck_waiting_for_the_gpu") >= 2   # repeated while the section ran
+    assert "in kernel" in dump

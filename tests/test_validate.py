@@ -94,7 +94,7 @@ def test_error_table_report_and_plots(validated):
         assert pd.notna(row[c]), c
     ranking = pd.read_csv(validated / "ranking.csv")
     assert list(ranking.columns) == ["load", "sim_order", "real_order", "same", "separated_pairs",
-                                     "same_separated", "reversed_separated"]
+                                     "same_separated", "reversed_separated", "apart_by_chance"]
     assert ranking["separated_pairs"].tolist() == [0]   # one policy: no pairs
     report = (validated / "report.md").read_text()
     # issue 14: cells whose real stage time / table > 1.2 are flagged (or none is, in so many words)
@@ -369,14 +369,50 @@ def test_goal_lines_say_which_misses_are_inside_the_hardwares_own_spread():
 
 
 def test_ranking_counts_separated_pairs_and_names_the_reversed_ones():
-    """At one load: A's real runs (100-102) are clear of C's (95-97), and C's of B's (90-91).
-    The simulator gets A above both but puts B above C: that pair is reversed and named with
-    both sides' gaps."""
+    """At one load, four runs each: A's real runs (100-102) are clear of C's (95-97), and C's
+    of B's (90-91). The simulator gets A above both but puts B above C: that pair is reversed
+    and named with both sides' gaps."""
     from twin.validate.compare import ranking
-    rows = pd.DataFrame({"policy": ["A", "B", "C"], "load": ["8", "8", "8"],
+    rows = pd.DataFrame({"policy": ["A", "B", "C"], "load": ["8", "8", "8"], "repeats": [4, 4, 4],
                          "real_output_tps": [101.0, 90.5, 96.0], "real_output_tps_min": [100.0, 90.0, 95.0],
                          "real_output_tps_max": [102.0, 91.0, 97.0], "sim_output_tps": [100.0, 99.0, 97.0]})
     r = ranking(rows).iloc[0]
     assert (r["separated_pairs"], r["same_separated"]) == (3, 2)
     assert r["sim_order"] == "A > B > C" and r["real_order"] == "A > C > B" and not r["same"]
     assert r["reversed_separated"] == "C > B (real +6.1%, sim -2.0%)"
+    assert r["apart_by_chance"] == ""
+
+
+def test_ranges_apart_with_two_runs_each_are_not_a_separation():
+    """Two runs a policy: equal policies' ranges miss each other one time in three, so the
+    same rows count no separated pair; they are listed with that chance instead. Three runs
+    against five (chance 2/56) is enough."""
+    from twin.validate.compare import chance_apart, ranking
+    assert chance_apart(2, 2) == pytest.approx(1 / 3)
+    assert chance_apart(4, 4) == pytest.approx(2 / 70)
+    assert chance_apart(1, 1) == 1.0
+    # the exact level: every order of 2 + 2 exchangeable runs, counted
+    import itertools
+    orders = set(itertools.permutations("aabb"))
+    assert sum(o in {tuple("aabb"), tuple("bbaa")} for o in orders) / len(orders) == pytest.approx(chance_apart(2, 2))
+    rows = pd.DataFrame({"policy": ["A", "B"], "load": ["8", "8"], "repeats": [2, 2],
+                         "real_output_tps": [101.0, 90.5], "real_output_tps_min": [100.0, 90.0],
+                         "real_output_tps_max": [102.0, 91.0], "sim_output_tps": [99.0, 100.0]})
+    r = ranking(rows).iloc[0]
+    assert (r["separated_pairs"], r["same_separated"], r["reversed_separated"]) == (0, 0, "")
+    assert r["apart_by_chance"] == "A > B (real +11.6%, sim -1.0%, chance 0.33)"
+    r = ranking(rows.assign(repeats=[3, 5])).iloc[0]
+    assert (r["separated_pairs"], r["same_separated"]) == (1, 0) and r["apart_by_chance"] == ""
+
+
+def test_goal_line_says_how_many_runs_a_separation_takes():
+    from twin.validate.compare import ranking
+    from twin.validate.report import goal_lines
+    errors = pd.DataFrame({"policy": ["A", "B"], "load": ["8", "8"], "repeats": [2, 2],
+                           "real_output_tps": [101.0, 90.5], "real_output_tps_min": [100.0, 90.0],
+                           "real_output_tps_max": [102.0, 91.0], "sim_output_tps": [99.0, 100.0]})
+    line = goal_lines(errors, ranking(errors), {})[-1]
+    assert "the simulator orders 0 of 0" in line
+    assert "with 2 real runs per policy none can be: that takes 4 or more" in line
+    line = goal_lines(errors.assign(repeats=4), ranking(errors.assign(repeats=4)), {})[-1]
+    assert "the simulator orders 0 of 1 the same way" in line and "none can be" not in line

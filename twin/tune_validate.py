@@ -50,7 +50,8 @@ def agreement_lines(ranking: pd.DataFrame) -> list[str]:
     for row in ranking.itertuples():
         sim_first, real_first = row.sim_order.split(" > ")[0], row.real_order.split(" > ")[0]
         if row.separated_pairs == 0:
-            verdict = "the hardware does not separate them (its repeated runs overlap)"
+            verdict = ("the hardware does not separate them (their repeated runs overlap, or are too few "
+                       "to tell apart from chance)")
         elif row.same_separated == row.separated_pairs:
             verdict = "the hardware agrees"
         else:

@@ -15,7 +15,7 @@ import yaml
 
 from core.trace import Trace
 from profiles.measure.options import cpu_name
-from twin.validate.compare import ERROR_COLUMNS
+from twin.validate.compare import ERROR_COLUMNS, SEPARATION_ALPHA, chance_apart
 from twin.validate.config import ValidationConfig, slug
 
 
@@ -98,9 +98,18 @@ def goal_lines(errors: pd.DataFrame, ranking: pd.DataFrame, goals: dict[str, flo
     out.append(f"- same throughput ranking as the hardware: {'met' if same else 'MISSED'} "
                f"({int(ranking['same'].sum())}/{len(ranking)} loads)")
     pairs, agreed = int(ranking["separated_pairs"].sum()), int(ranking["same_separated"].sum())
-    out.append(f"- pairs of policies the hardware separates (the ranges of their real runs do not overlap): "
-               f"the simulator orders {agreed} of {pairs} the same way"
-               + ("" if pairs else " (every pair is within the hardware's own noise)"))
+    line = (f"- pairs of policies the hardware separates (the ranges of their real runs do not overlap, "
+            f"chance <= {SEPARATION_ALPHA:g} if the two were equal): the simulator orders {agreed} of {pairs} "
+            f"the same way")
+    if not pairs:
+        line += " (no pair is apart beyond the hardware's own noise"
+        repeats = int(errors["repeats"].min()) if "repeats" in errors else 1
+        if chance_apart(repeats, repeats) > SEPARATION_ALPHA:
+            fewest = next(n for n in range(1, 20) if chance_apart(n, n) <= SEPARATION_ALPHA)
+            line += (f"; with {repeats} real run{'s' if repeats > 1 else ''} per policy none can be: "
+                     f"that takes {fewest} or more")
+        line += ")"
+    out.append(line)
     return out
 
 
@@ -184,14 +193,18 @@ def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking
         "",
         "## Throughput ranking per load",
         "",
-        "Separated pairs: policy pairs whose real runs' throughput ranges do not overlap (the others are "
-        "ties on this hardware); same: how many of them the simulator orders the same way; reversed: "
-        "the others, with how far apart each side has them.",
+        "Separated pairs: policy pairs whose real runs' throughput ranges do not overlap, where that "
+        f"happens by chance alone (two equal policies) at most {SEPARATION_ALPHA:g} of the time: "
+        "2 / C(runs of both, runs of one), so 4 or more runs each; the others are ties on this hardware. "
+        "Same: how many of them the simulator orders the same way; reversed: the others, with how far "
+        "apart each side has them. Apart by chance: ranges apart, but with too few runs to tell from luck "
+        "(with that chance).",
         "",
-        "| load (req/s) | simulator | runtime | same | separated pairs: same / all | reversed |",
-        "|---|---|---|---|---|---|",
+        "| load (req/s) | simulator | runtime | same | separated pairs: same / all | reversed | apart by chance |",
+        "|---|---|---|---|---|---|---|",
         *[f"| {r.load} | {r.sim_order} | {r.real_order} | {'yes' if r.same else 'NO'} | "
-          f"{r.same_separated} / {r.separated_pairs} | {r.reversed_separated or '-'} |"
+          f"{r.same_separated} / {r.separated_pairs} | {r.reversed_separated or '-'} | "
+          f"{r.apart_by_chance or '-'} |"
           for r in ranking.itertuples()],
         "",
         "## Absolute values",

@@ -155,3 +155,38 @@ def test_a_long_section_leaves_every_threads_stack(tmp_path, monkeypatch):
     dump = (out / "stacks.log").read_text()
     assert dump.count("stuck_waiting_for_the_gpu") >= 2   # repeated while the section ran
     assert "in kernel" in dump
+
+
+def test_a_check_stopped_by_timeout_says_where_it_was(tmp_path):
+    """`timeout` (the documented device command) stops the check with SIGTERM: the stacks of
+    every thread reach OUT/stacks.log before the process dies, and the rows so far are kept."""
+    import signal
+    import subprocess
+    import textwrap
+    out = tmp_path / "gc"
+    script = tmp_path / "hang.py"
+    script.write_text(textwrap.dedent(f"""
+        import importlib.util, sys, time
+        spec = importlib.util.spec_from_file_location("gpu_check", {str(ROOT / "benchmarks" / "gpu_check.py")!r})
+        gc = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_check"] = gc
+        spec.loader.exec_module(gc)
+        def steps(self):
+            self.add("steps", "a row before the hang", "1", "", "info")
+            hung_in_a_collective()
+        def hung_in_a_collective():
+            print("hanging", flush=True)
+            while True:
+                time.sleep(0.05)
+        gc.Check.steps = steps
+        gc.main(["--device", "cpu", "--quick", "--sections", "steps", "--attention-backend", "torch",
+                 "--out", {str(out)!r}])
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("hanging"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM
+    assert "hung_in_a_collective" in (out / "stacks.log").read_text()
+    assert "steps,a row before the hang,1,,info" in (out / "rows.csv").read_text()

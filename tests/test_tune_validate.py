@@ -51,13 +51,16 @@ def test_config_errors_name_the_flag_and_the_field(tmp_path):
 
 def test_verdicts_follow_the_ranking():
     ranking = pd.DataFrame([
-        {"load": "3.0", "sim_order": "tuned > defaults", "real_order": "defaults > tuned",
+        {"metric": "output_tps", "load": "3.0", "sim_order": "tuned > defaults", "real_order": "defaults > tuned",
          "separated_pairs": 0, "same_separated": 0},
-        {"load": "5.5", "sim_order": "tuned > defaults", "real_order": "tuned > defaults",
+        {"metric": "output_tps", "load": "5.5", "sim_order": "tuned > defaults", "real_order": "tuned > defaults",
          "separated_pairs": 1, "same_separated": 1},
-        {"load": "inf", "sim_order": "tuned > defaults", "real_order": "defaults > tuned",
-         "separated_pairs": 1, "same_separated": 0}])
+        {"metric": "output_tps", "load": "inf", "sim_order": "tuned > defaults", "real_order": "defaults > tuned",
+         "separated_pairs": 1, "same_separated": 0},
+        {"metric": "ttft_p50", "load": "3.0", "sim_order": "tuned > defaults", "real_order": "tuned > defaults",
+         "separated_pairs": 1, "same_separated": 1}])
     lines = agreement_lines(ranking)
+    assert len(lines) == 3   # by throughput only
     assert "does not separate" in lines[0] and "runtime defaults" in lines[0]
     assert lines[1].endswith("the hardware agrees")
     assert lines[2].endswith("DISAGREES")

@@ -93,9 +93,10 @@ def test_error_table_report_and_plots(validated):
     for c in ERROR_COLUMNS:
         assert pd.notna(row[c]), c
     ranking = pd.read_csv(validated / "ranking.csv")
-    assert list(ranking.columns) == ["load", "sim_order", "real_order", "same", "separated_pairs",
+    assert list(ranking.columns) == ["metric", "load", "sim_order", "real_order", "same", "separated_pairs",
                                      "same_separated", "reversed_separated", "apart_by_chance"]
-    assert ranking["separated_pairs"].tolist() == [0]   # one policy: no pairs
+    assert ranking["metric"].tolist() == ["output_tps", "ttft_p50"]
+    assert ranking["separated_pairs"].tolist() == [0, 0]   # one policy: no pairs
     report = (validated / "report.md").read_text()
     # issue 14: cells whose real stage time / table > 1.2 are flagged (or none is, in so many words)
     flagged = row["real_vs_table"] > 1.2
@@ -358,7 +359,8 @@ def test_goal_lines_say_which_misses_are_inside_the_hardwares_own_spread():
     errors = pd.DataFrame({"policy": ["a", "b", "c"], "load": [1, 1, 1], "repeats": [2, 2, 2],
                            "tpot_p50_err_pct": [-6.0, 7.0, 1.0], "real_spread_tpot_p50_pct": [8.0, 2.0, 0.5],
                            "throughput_err_pct": [1.0, -2.0, 0.5], "real_spread_output_tps_pct": [0.1, 0.1, 0.1]})
-    ranking = pd.DataFrame({"same": [True], "separated_pairs": [1], "same_separated": [1]})
+    ranking = pd.DataFrame({"metric": ["output_tps"], "same": [True], "separated_pairs": [1],
+                            "same_separated": [1]})
     lines = goal_lines(errors, ranking, {"tpot_p50_err_pct": 5, "throughput_err_pct": 3})
     assert lines[0] == ("- |tpot_p50_err_pct| <= 5 %: MISSED in 2/3 cells; worst +7.0 % (b @ 1 req/s); "
                         "1 of the 2 misses within the real runs' own spread of that cell")
@@ -411,8 +413,26 @@ def test_goal_line_says_how_many_runs_a_separation_takes():
     errors = pd.DataFrame({"policy": ["A", "B"], "load": ["8", "8"], "repeats": [2, 2],
                            "real_output_tps": [101.0, 90.5], "real_output_tps_min": [100.0, 90.0],
                            "real_output_tps_max": [102.0, 91.0], "sim_output_tps": [99.0, 100.0]})
-    line = goal_lines(errors, ranking(errors), {})[-1]
+    line = goal_lines(errors, ranking(errors), {})[1]
+    assert line.startswith("- pairs of policies the hardware separates by throughput")
     assert "the simulator orders 0 of 0" in line
     assert "with 2 real runs per policy none can be: that takes 4 or more" in line
-    line = goal_lines(errors.assign(repeats=4), ranking(errors.assign(repeats=4)), {})[-1]
+    line = goal_lines(errors.assign(repeats=4), ranking(errors.assign(repeats=4)), {})[1]
     assert "the simulator orders 0 of 1 the same way" in line and "none can be" not in line
+
+
+def test_ttft_ranking_puts_the_lower_first():
+    """By TTFT P50 lower is better: B's runs (0.39-0.41 s) are clear of A's (0.50-0.53 s)
+    with four runs each, and the simulator agrees; the gap is B's over A's (negative)."""
+    from twin.validate.compare import rankings
+    rows = pd.DataFrame({"policy": ["A", "B"], "load": ["8", "8"], "repeats": [4, 4],
+                         "real_output_tps": [253.0, 252.0], "real_output_tps_min": [249.0, 246.0],
+                         "real_output_tps_max": [259.0, 255.0], "sim_output_tps": [260.0, 260.5],
+                         "real_ttft_p50": [0.52, 0.40], "real_ttft_p50_min": [0.50, 0.39],
+                         "real_ttft_p50_max": [0.53, 0.41], "sim_ttft_p50": [0.505, 0.406]})
+    r = rankings(rows).set_index("metric")
+    assert r.loc["output_tps", "separated_pairs"] == 0 and r.loc["output_tps", "real_order"] == "A > B"
+    assert r.loc["ttft_p50", "real_order"] == "B > A" and r.loc["ttft_p50", "sim_order"] == "B > A"
+    assert (r.loc["ttft_p50", "separated_pairs"], r.loc["ttft_p50", "same_separated"]) == (1, 1)
+    reversed_sim = rankings(rows.assign(sim_ttft_p50=[0.40, 0.45])).set_index("metric")
+    assert reversed_sim.loc["ttft_p50", "reversed_separated"] == "B > A (real -23.1%, sim +12.5%)"

@@ -47,7 +47,7 @@ def agreement_lines(ranking: pd.DataFrame) -> list[str]:
     """Per load: which setting each side puts first by output throughput, and whether the
     hardware separates them beyond its own run-to-run spread."""
     lines = []
-    for row in ranking.itertuples():
+    for row in ranking[ranking["metric"] == "output_tps"].itertuples():
         sim_first, real_first = row.sim_order.split(" > ")[0], row.real_order.split(" > ")[0]
         if row.separated_pairs == 0:
             verdict = ("the hardware does not separate them (their repeated runs overlap, or are too few "

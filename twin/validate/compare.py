@@ -128,41 +128,56 @@ def chance_apart(n_a: int, n_b: int) -> float:
     return min(1.0, 2.0 / math.comb(n_a + n_b, n_a))
 
 
-def ranking(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per load: the policies in order of mean throughput on each side (`same`: identical
-    orders), and the pairs the hardware itself separates -- the ranges of their repeated runs
-    do not overlap, and that is unlikely by chance (`chance_apart` <= SEPARATION_ALPHA) --
-    with how many of those the simulator orders the same way. Pairs whose ranges are apart
-    with too few runs to tell are listed in `apart_by_chance` with that chance; they and the
-    overlapping pairs are ties the simulator cannot be held to."""
+# what the ranking orders policies by: metric -> (its name in the report, higher is better)
+RANKED_METRICS: dict[str, tuple[str, bool]] = {"output_tps": ("throughput", True),
+                                               "ttft_p50": ("TTFT P50", False)}
+
+
+def ranking(rows: pd.DataFrame, metric: str = "output_tps") -> pd.DataFrame:
+    """Per load: the policies best first by `metric` (a RANKED_METRICS key) on each side
+    (`same`: identical orders), and the pairs the hardware itself separates -- the ranges of
+    their repeated runs do not overlap, and that is unlikely by chance (`chance_apart` <=
+    SEPARATION_ALPHA) -- with how many of those the simulator orders the same way. Pairs
+    whose ranges are apart with too few runs to tell are listed in `apart_by_chance` with
+    that chance; they and the overlapping pairs are ties the simulator cannot be held to.
+    Gaps are the better policy's value over the worse one's (TTFT: negative, lower)."""
+    higher = RANKED_METRICS[metric][1]
+    real, sim, lo_col, hi_col = f"real_{metric}", f"sim_{metric}", f"real_{metric}_min", f"real_{metric}_max"
     out = []
     for rate, g in rows.groupby("load", sort=False):
-        sim_order = list(g.sort_values("sim_output_tps", ascending=False)["policy"])
-        real_order = list(g.sort_values("real_output_tps", ascending=False)["policy"])
+        sim_order = list(g.sort_values(sim, ascending=not higher, kind="stable")["policy"])
+        real_order = list(g.sort_values(real, ascending=not higher, kind="stable")["policy"])
         separated = agreed = 0
         reversed_pairs, too_few = [], []
-        recs = list(g.itertuples())
+        recs = g.to_dict("records")
         for i, a in enumerate(recs):
             for b in recs[i + 1:]:
-                hi, lo = (a, b) if a.real_output_tps >= b.real_output_tps else (b, a)
-                if not hi.real_output_tps_min > lo.real_output_tps_max:
+                best, other = (a, b) if (a[real] >= b[real]) == higher else (b, a)
+                apart = best[lo_col] > other[hi_col] if higher else best[hi_col] < other[lo_col]
+                if not apart:
                     continue
-                real_gap = 100 * (hi.real_output_tps / lo.real_output_tps - 1)
-                sim_gap = 100 * (hi.sim_output_tps / lo.sim_output_tps - 1)
-                chance = chance_apart(int(hi.repeats), int(lo.repeats))
+                real_gap = 100 * (best[real] / other[real] - 1)
+                sim_gap = 100 * (best[sim] / other[sim] - 1)
+                pair = f"{best['policy']} > {other['policy']} (real {real_gap:+.1f}%, sim {sim_gap:+.1f}%"
+                chance = chance_apart(int(best["repeats"]), int(other["repeats"]))
                 if chance > SEPARATION_ALPHA:
-                    too_few.append(f"{hi.policy} > {lo.policy} (real {real_gap:+.1f}%, sim {sim_gap:+.1f}%, "
-                                   f"chance {chance:.2f})")
+                    too_few.append(f"{pair}, chance {chance:.2f})")
                     continue
                 separated += 1
-                if hi.sim_output_tps > lo.sim_output_tps:
+                if (best[sim] > other[sim]) if higher else (best[sim] < other[sim]):
                     agreed += 1
                 else:   # how far apart, to tell a near-tie from a real miss
-                    reversed_pairs.append(f"{hi.policy} > {lo.policy} (real {real_gap:+.1f}%, sim {sim_gap:+.1f}%)")
-        out.append({"load": rate, "sim_order": " > ".join(sim_order), "real_order": " > ".join(real_order),
-                    "same": sim_order == real_order, "separated_pairs": separated, "same_separated": agreed,
+                    reversed_pairs.append(pair + ")")
+        out.append({"metric": metric, "load": rate, "sim_order": " > ".join(sim_order),
+                    "real_order": " > ".join(real_order), "same": sim_order == real_order,
+                    "separated_pairs": separated, "same_separated": agreed,
                     "reversed_separated": "; ".join(reversed_pairs), "apart_by_chance": "; ".join(too_few)})
     return pd.DataFrame(out)
+
+
+def rankings(rows: pd.DataFrame) -> pd.DataFrame:
+    """`ranking` by every RANKED_METRICS metric, one table (ranking.csv)."""
+    return pd.concat([ranking(rows, m) for m in RANKED_METRICS], ignore_index=True)
 
 
 def cell_row(label: str, load: str, sims: list[Any], reals: list[Trace], latency: Any) -> dict[str, Any]:
@@ -184,7 +199,7 @@ def cell_row(label: str, load: str, sims: list[Any], reals: list[Trace], latency
             "sim_bubble": sim_sum["bubble_ratio"], "real_bubble": real_sum["bubble_ratio"],
             **{f"sim_{k}": sim_sum[k] for k in keys},
             **{f"real_{k}": real_sum[k] for k in keys},
-            "real_output_tps_min": min(t["output_tps"] for t in real_sums),
-            "real_output_tps_max": max(t["output_tps"] for t in real_sums),
+            **{f"real_{k}_{f.__name__}": f(t[k] for t in real_sums)
+               for k in RANKED_METRICS for f in (min, max)},
             "real_finished": real_sum["finished"], "sim_finished": sim_sum["finished"],
             "real_wall_s": real.meta["wall_s"], **stage_diagnostics(sim_trace, real, latency)}

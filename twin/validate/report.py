@@ -15,7 +15,7 @@ import yaml
 
 from core.trace import Trace
 from profiles.measure.options import cpu_name
-from twin.validate.compare import ERROR_COLUMNS, SEPARATION_ALPHA, chance_apart
+from twin.validate.compare import ERROR_COLUMNS, RANKED_METRICS, SEPARATION_ALPHA, chance_apart
 from twin.validate.config import ValidationConfig, slug
 
 
@@ -94,22 +94,26 @@ def goal_lines(errors: pd.DataFrame, ranking: pd.DataFrame, goals: dict[str, flo
             inside = int((v[missed] <= errors.loc[missed, spread_col]).sum())
             line += f"; {inside} of the {miss} misses within the real runs' own spread of that cell"
         out.append(line)
-    same = bool(ranking["same"].all()) if len(ranking) else True
+    thru = ranking[ranking["metric"] == "output_tps"] if len(ranking) else ranking
+    same = bool(thru["same"].all()) if len(thru) else True
     out.append(f"- same throughput ranking as the hardware: {'met' if same else 'MISSED'} "
-               f"({int(ranking['same'].sum())}/{len(ranking)} loads)")
-    pairs, agreed = int(ranking["separated_pairs"].sum()), int(ranking["same_separated"].sum())
-    line = (f"- pairs of policies the hardware separates (the ranges of their real runs do not overlap, "
-            f"chance <= {SEPARATION_ALPHA:g} if the two were equal): the simulator orders {agreed} of {pairs} "
-            f"the same way")
-    if not pairs:
-        line += " (no pair is apart beyond the hardware's own noise"
-        repeats = int(errors["repeats"].min()) if "repeats" in errors else 1
-        if chance_apart(repeats, repeats) > SEPARATION_ALPHA:
-            fewest = next(n for n in range(1, 20) if chance_apart(n, n) <= SEPARATION_ALPHA)
-            line += (f"; with {repeats} real run{'s' if repeats > 1 else ''} per policy none can be: "
-                     f"that takes {fewest} or more")
-        line += ")"
-    out.append(line)
+               f"({int(thru['same'].sum()) if len(thru) else 0}/{len(thru)} loads)")
+    repeats = int(errors["repeats"].min()) if "repeats" in errors else 1
+    for metric, (name, _) in RANKED_METRICS.items():
+        rows = ranking[ranking["metric"] == metric] if len(ranking) else ranking
+        pairs = int(rows["separated_pairs"].sum()) if len(rows) else 0
+        agreed = int(rows["same_separated"].sum()) if len(rows) else 0
+        line = (f"- pairs of policies the hardware separates by {name} (the ranges of their real runs do not "
+                f"overlap, chance <= {SEPARATION_ALPHA:g} if the two were equal): the simulator orders "
+                f"{agreed} of {pairs} the same way")
+        if not pairs:
+            line += " (no pair is apart beyond the hardware's own noise"
+            if chance_apart(repeats, repeats) > SEPARATION_ALPHA:
+                fewest = next(n for n in range(1, 20) if chance_apart(n, n) <= SEPARATION_ALPHA)
+                line += (f"; with {repeats} real run{'s' if repeats > 1 else ''} per policy none can be: "
+                         f"that takes {fewest} or more")
+            line += ")"
+        out.append(line)
     return out
 
 
@@ -191,18 +195,21 @@ def write_report(out: Path, cfg: ValidationConfig, errors: pd.DataFrame, ranking
         "",
         *goal_lines(errors, ranking, cfg.goals),
         "",
-        "## Throughput ranking per load",
+        "## Ranking per load",
         "",
-        "Separated pairs: policy pairs whose real runs' throughput ranges do not overlap, where that "
+        "Policies best first (> : more throughput, or lower TTFT P50). "
+        "Separated pairs: policy pairs whose real runs' ranges do not overlap, where that "
         f"happens by chance alone (two equal policies) at most {SEPARATION_ALPHA:g} of the time: "
         "2 / C(runs of both, runs of one), so 4 or more runs each; the others are ties on this hardware. "
         "Same: how many of them the simulator orders the same way; reversed: the others, with how far "
         "apart each side has them. Apart by chance: ranges apart, but with too few runs to tell from luck "
         "(with that chance).",
         "",
-        "| load (req/s) | simulator | runtime | same | separated pairs: same / all | reversed | apart by chance |",
-        "|---|---|---|---|---|---|---|",
-        *[f"| {r.load} | {r.sim_order} | {r.real_order} | {'yes' if r.same else 'NO'} | "
+        "| by | load (req/s) | simulator | runtime | same | separated pairs: same / all | reversed "
+        "| apart by chance |",
+        "|---|---|---|---|---|---|---|---|",
+        *[f"| {RANKED_METRICS[r.metric][0]} | {r.load} | {r.sim_order} | {r.real_order} | "
+          f"{'yes' if r.same else 'NO'} | "
           f"{r.same_separated} / {r.separated_pairs} | {r.reversed_separated or '-'} | "
           f"{r.apart_by_chance or '-'} |"
           for r in ranking.itertuples()],

@@ -24,7 +24,7 @@ from sim import SimConfig, simulate
 from sim.run import fitted_model, profile_jitter
 from twin.bench import Bench
 from twin.results import write_results
-from twin.validate.compare import REL_METRICS, cell_row, ranking, same_requests
+from twin.validate.compare import REL_METRICS, cell_row, rankings, same_requests
 from twin.validate.config import ValidationConfig, cell_dir, rate_label
 from twin.validate.report import format_table, make_plots, write_report
 from twin.workload import workload_requests
@@ -219,7 +219,7 @@ def run_validation(cfg: ValidationConfig, log: Callable[[str], Any] = lambda s: 
                     f"TPOT p50 {row['tpot_p50_err_pct']:+.1f}%, bubble {row['bubble_diff_pts']:+.1f} pts")
     errors = pd.DataFrame(rows)
     errors.to_csv(out / "errors.csv", index=False)
-    ranks = ranking(errors)
+    ranks = rankings(errors)
     ranks.to_csv(out / "ranking.csv", index=False)
     plots = make_plots(out / "plots", traces, errors)
     text = format_table(errors)

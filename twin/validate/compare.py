@@ -121,10 +121,10 @@ SEPARATION_ALPHA = 0.05
 
 
 def chance_apart(n_a: int, n_b: int) -> float:
-    """How often n_a and n_b runs of two *equal* policies give throughput ranges that do not
-    overlap, either way round: 2 / C(n_a + n_b, n_a) (all orders of exchangeable runs equally
-    likely; the exact level of the non-overlap test). 2 and 2 runs: 1/3; 3 and 3: 0.1; 4 and
-    4: 0.029."""
+    """How often n_a and n_b runs of two *equal* policies give ranges (of throughput, of TTFT)
+    that do not overlap, either way round: 2 / C(n_a + n_b, n_a) (all orders of exchangeable
+    runs equally likely; the exact level of the non-overlap test). 2 and 2 runs: 1/3; 3 and 3:
+    0.1; 4 and 4: 0.029."""
     return min(1.0, 2.0 / math.comb(n_a + n_b, n_a))
 
 

@@ -63,8 +63,11 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from runtime.attention import BACKENDS  # noqa: E402
+
 POLICIES = ("token_throttling", "sarathi", "vllm")
 SECTIONS = ("equality", "kernel", "steps", "serve", "validate")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 GOAL_ROOFLINE = 1.5
 STACK_DUMP_S = 150   # stacks while a section runs longer (serve and validate: the CLI wait)
 LLAMA3_8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=8, num_attention_heads=32,
@@ -89,8 +92,7 @@ class Check:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.device = torch.device(args.device)
-        self.dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
-                      "float32": torch.float32}[args.dtype]
+        self.dtype = DTYPES[args.dtype]
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows: list[Row] = []
@@ -546,12 +548,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of other sections already in OUT/rows.csv (a check split over runs)")
     args = ap.parse_args(argv)
+    if args.device not in ("cuda", "cpu"):
+        ap.error(f"--device must be cuda or cpu, got {args.device!r}")
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    if args.dtype not in DTYPES:
+        ap.error(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    if args.attention_backend not in BACKENDS:
+        ap.error(f"--attention-backend must be one of {', '.join(BACKENDS)}, got {args.attention_backend!r}")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in sections if s not in SECTIONS]
-    if bad:
-        ap.error(f"--sections: unknown {', '.join(bad)} (allowed: {', '.join(SECTIONS)})")
+    if bad or not sections:
+        ap.error(f"--sections: {'unknown ' + ', '.join(bad) if bad else 'none given'} "
+                 f"(allowed: {', '.join(SECTIONS)})")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here (use --device cpu --quick for the CPU part)")
     out = Path(args.out)

@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                              "num_pages, page_size, layer_split, threads, device, dtype); flags "
                                              "override it")
     add_engine_args(p, defaults=False, seed=False)   # the workload flags have --seed
-    p.add_argument("--policy", help="token_throttling | sarathi | vllm | dotted.path.Class")
+    p.add_argument("--policy", help="token_throttling | sarathi | vllm | time_balanced | dotted.path.Class")
     p.add_argument("--param", type=param, action="append", default=[], metavar="KEY=VALUE",
                    help="policy parameter (repeatable); values parsed as YAML")
     add_workload_flags(p, "request rate in req/s, or inf")

@@ -76,6 +76,8 @@ def sim_config(args: argparse.Namespace) -> dict[str, Any]:
             rate = float(rate)
         except ValueError:
             raise UsageError(f"--rate must be a number > 0 or inf, got {args.rate!r}") from None
+        if math.isinf(rate) and rate < 0:
+            raise UsageError(f"--rate must be a number > 0 or inf, got {args.rate!r}")
         if math.isinf(rate):
             rate = "inf"
         if "trace" in w:

@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML file of SimConfig fields (flags override it)")
     p.add_argument("--profile", help="shipped table name (see `pipetwin profiles`) or a table folder")
     p.add_argument("--pp", type=int, help="check the profile has this many stages")
-    p.add_argument("--policy", help="token_throttling | sarathi | vllm | dotted.path.Class")
+    p.add_argument("--policy", help="token_throttling | sarathi | vllm | time_balanced | dotted.path.Class")
     p.add_argument("--param", type=param, action="append", default=[], metavar="KEY=VALUE",
                    help="policy parameter (repeatable); values parsed as YAML")
     add_workload_flags(p, "request rate in req/s, or inf (with --trace: synthetic arrivals "

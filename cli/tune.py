@@ -35,6 +35,12 @@ def run(args: argparse.Namespace) -> int:
     require_optuna()
     spec = load_tune(args.file)
     out = Path(args.out) if args.out else Path("results") / spec.name
+    if args.validate is not None:   # the whole validate config, before a long search, not after
+        from twin.tune_validate import check_tune_validation   # why: the runtime's config checks
+        try:
+            check_tune_validation(args.validate, spec.policy, out)
+        except (OSError, ValueError) as e:
+            raise UsageError(str(e)) from None
     executor = executor_from(args)
     names = ", ".join(p.name for p in spec.params)
     print(f"{spec.name}: {spec.policy} over {names}; objective {spec.objective.kind} "

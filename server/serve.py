@@ -65,7 +65,7 @@ class ServerThread:
 def add_arguments(p: argparse.ArgumentParser, param_type: Any) -> None:
     add_engine_args(p)
     p.add_argument("--served-model-name", help="the name clients put in `model` (default: --model as given)")
-    p.add_argument("--policy", default="token_throttling", help="token_throttling | sarathi | vllm | dotted.path.Class")
+    p.add_argument("--policy", default="token_throttling", help="token_throttling | sarathi | vllm | time_balanced | dotted.path.Class")
     p.add_argument("--param", type=param_type, action="append", default=[], metavar="KEY=VALUE",
                    help="policy parameter (repeatable); values parsed as YAML")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

@@ -69,6 +69,7 @@ def test_sim_trace_replay(tmp_path, capsys):
     (["sim", "--param", "budget=0", "--policy", "sarathi"], ["budget", ">= 1"]),
     (["sim", "--rate", "fast"], ["--rate", "inf"]),
     (["sim", "--rate", "-2"], ["rate", "> 0"]),
+    (["sim", "--rate=-inf"], ["--rate must be a number > 0 or inf", "-inf"]),
     (["sim", "--profile", "no_such_table"], ["no_such_table", "shipped"]),
     (["sim", "--pp", "2"], ["pp", "pp=4"]),
     (["sim", "--trace", "missing.csv"], ["--trace", "missing.csv"]),

@@ -62,10 +62,17 @@ def test_quick_cpu_run(tmp_path, capsys):
     assert "| kernel | prefill chunk 64 after 300 | triton: max abs diff" in capsys.readouterr().out
 
 
-def test_bad_sections(tmp_path):
+def test_bad_flags_name_the_flag_and_what_is_allowed(tmp_path, capsys):
     gc = _load()
-    with pytest.raises(SystemExit):
-        gc.main(["--device", "cpu", "--sections", "steps,gpus", "--out", str(tmp_path)])
+    for argv, named in ((["--sections", "steps,gpus"], "--sections: unknown gpus (allowed: equality"),
+                        (["--sections", ","], "--sections: none given"),
+                        (["--dtype", "float64"], "--dtype must be one of bfloat16, float16, float32"),
+                        (["--device", "tpu"], "--device must be cuda or cpu"),
+                        (["--attention-backend", "nope"], "--attention-backend must be one of auto, torch")):
+        with pytest.raises(SystemExit) as e:
+            gc.main(["--device", "cpu", *argv, "--out", str(tmp_path / "gc")])
+        assert e.value.code == 2 and named in capsys.readouterr().err, argv
+    assert not (tmp_path / "gc").exists()   # nothing ran
 
 
 def test_cli_failure_says_why_and_table_is_written_per_row(tmp_path, monkeypatch):

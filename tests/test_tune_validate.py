@@ -78,6 +78,18 @@ def test_cli_checks_the_validate_file_before_searching(tmp_path, capsys):
               "--validate", str(tmp_path / "missing.yaml")])
     assert e.value.code == 2 and "--validate" in capsys.readouterr().err
     assert not out.exists()   # nothing was searched
+    # a file that exists but would fail only after the search: every check runs first
+    bad = yaml.safe_load(TWIN.read_text())
+    for change, named in (({"repeats": 0}, "repeats must be an int >= 1"),
+                          ({"profile": "llama-32m_cpu-1thread_pp3"}, "pp is 2 but profile"),
+                          ({"lodas": [1.0]}, "unknown key 'lodas'")):
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**bad, **change}))
+        with pytest.raises(SystemExit) as e:
+            main(["tune", str(ROOT / "experiments" / "tune_tt_cpu.yaml"), "--out", str(out),
+                  "--validate", str(tmp_path / "bad.yaml")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--validate {tmp_path / 'bad.yaml'}" in err and named in err, err
+        assert not out.exists()
 
 
 def test_tune_then_validate_end_to_end(tmp_path, capsys):
@@ -87,7 +99,7 @@ def test_tune_then_validate_end_to_end(tmp_path, capsys):
     pytest.importorskip("optuna")
     v = {"name": "tiny", "model": "dummy:llama-32m", "pp": 2, "profile": "llama-32m_cpu-1thread_pp2",
          "num_pages": 256, "page_size": 16, "seed": 3, "threads": 1,
-         "workload": {"num_requests": 12, "arrival": {"kind": "gamma", "rate": 10.0, "burstiness": 1.0},
+         "workload": {"num_requests": 12, "arrival": {"kind": "gamma", "burstiness": 1.0},
                       "prompt_len": {"kind": "lognormal", "mean": 60, "spread": 0.5, "max": 200},
                       "output_len": {"kind": "lognormal", "mean": 12, "spread": 0.5, "max": 30}},
          "loads": ["inf"], "policies": [{"name": "sarathi"}], "repeats": 2}

@@ -31,6 +31,7 @@ WORKLOAD = {"num_requests": 10, "arrival": {"kind": "gamma", "burstiness": 1.0},
             "prompt_len": {"kind": "lognormal", "mean": 40, "spread": 0.5, "max": 120},
             "output_len": {"kind": "lognormal", "mean": 8, "spread": 0.5, "max": 20}}
 SEED = 3
+PROFILE_PP1 = "llama-32m_cpu-1thread_pp1"   # any shipped pp 1 table: config checks load it
 RATE = 25.0
 
 
@@ -291,12 +292,12 @@ def test_bad_flags_exit_2_naming_the_flag(argv, named, capsys):
 
 
 def test_bad_validation_config_names_the_key(tmp_path, capsys):
-    (tmp_path / "v.yaml").write_text(yaml.safe_dump({"model": MODEL, "profile": "x", "workload": WORKLOAD,
+    (tmp_path / "v.yaml").write_text(yaml.safe_dump({"model": MODEL, "profile": PROFILE_PP1, "workload": WORKLOAD,
                                                      "loads": [1.0], "policies": ["vllm"], "lodas": 3}))
     with pytest.raises(SystemExit) as e:
         main(["validate", str(tmp_path / "v.yaml")])
     assert e.value.code == 2 and "lodas" in capsys.readouterr().err
-    (tmp_path / "w.yaml").write_text(yaml.safe_dump({"model": MODEL, "profile": "x", "workload": WORKLOAD,
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump({"model": MODEL, "profile": PROFILE_PP1, "workload": WORKLOAD,
                                                      "loads": [-1], "policies": ["vllm"]}))
     with pytest.raises(SystemExit) as e:
         main(["validate", str(tmp_path / "w.yaml")])
@@ -304,8 +305,21 @@ def test_bad_validation_config_names_the_key(tmp_path, capsys):
 
 
 def test_bad_repeats_and_calibrate_are_named(tmp_path, capsys):
-    base = {"model": MODEL, "profile": "x", "workload": WORKLOAD, "loads": [1.0], "policies": ["vllm"]}
+    base = {"model": MODEL, "profile": PROFILE_PP1, "workload": WORKLOAD, "loads": [1.0], "policies": ["vllm"]}
+    arrival_rate = {**WORKLOAD, "arrival": {**WORKLOAD["arrival"], "rate": 3.0}}
     for extra, named in (({"repeats": 0}, "repeats"), ({"calibrate": {"seed": 0}}, "calibrate.seed"),
+                         # checked before the runtime starts: the table, its pp, goals, loads
+                         ({"profile": "no_such_table"}, "profile: no_such_table: no such table"),
+                         ({"pp": 2}, "pp is 2 but profile 'llama-32m_cpu-1thread_pp1' has pp=1"),
+                         ({"goals": {"thruput": 5}}, "unknown key 'thruput' in goals"),
+                         ({"goals": {"throughput_err_pct": "abc"}}, "goals.throughput_err_pct must be a number >= 0"),
+                         ({"goals": {"bubble_diff_pts": -1}}, "goals.bubble_diff_pts must be a number >= 0"),
+                         ({"loads": [8.0, 8]}, "loads must be distinct rates"),
+                         ({"calibrate": {"loads": ["inf", "inf"]}}, "calibrate.loads must be distinct"),
+                         ({"workload": arrival_rate}, "workload.arrival.rate: validate sets the arrival rate"),
+                         ({"workload": {**WORKLOAD, "rate_scale": 2}}, "workload.rate_scale: validate sets"),
+                         ({"policies": [{"name": "vllm", "lable": "x"}]},
+                          "unknown key 'lable' in policies[0]; did you mean 'label'?"),
                          ({"calibrate": {"lods": [1.0]}}, "lods"), ({"device": "gpu"}, "device must be one of cpu, cuda"),
                          ({"dtype": "fp8"}, "dtype must be one of"),
                          ({"attention_backend": "cudnn"}, "attention_backend must be one of auto, torch, triton"),

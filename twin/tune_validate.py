@@ -14,29 +14,46 @@ import pandas as pd
 import yaml
 
 from experiments.tune_config import read_policy_setting
-from twin.validate.config import ValidationConfig, load_validation
+from twin.validate.config import ValidationConfig, load_validation, validation_from_dict
 
 LABELS = ("defaults", "tuned")
+
+
+def _validation_raw(validate_file: Path, policy: str, params: dict, tune_out: Path) -> tuple[dict, int]:
+    """`validate_file`'s config with policies [defaults, tuned] and its results under
+    tune_out, and how many policies the file itself gave (replaced)."""
+    if not validate_file.is_file():
+        raise FileNotFoundError(f"--validate {validate_file}: no such validation config")
+    raw = yaml.safe_load(validate_file.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"--validate {validate_file}: a validation config is a mapping (see experiments/twin_cpu.yaml)")
+    given = len(raw.get("policies") or [])
+    return {**raw, "name": f"{raw.get('name', validate_file.stem)}_tuned",
+            "policies": [{"name": policy, "label": LABELS[0]},
+                         {"name": policy, "label": LABELS[1], "params": dict(params)}],
+            "out": str(tune_out / "validate")}, given
+
+
+def check_tune_validation(validate_file: str | Path, policy: str, tune_out: Path) -> None:
+    """Before a search: the validate config with `policy`'s defaults in both slots must load
+    (every key, the table and its pp, the loads), so a bad file fails now, not after it."""
+    raw, _ = _validation_raw(Path(validate_file), policy, {}, tune_out)
+    where = f"--validate {validate_file}"
+    try:
+        validation_from_dict(raw, where)
+    except ValueError as e:   # a value check (ValidationConfig) does not know the file: say it
+        raise ValueError(str(e) if where in str(e) else f"{where}: {e}") from None
 
 
 def tune_validation_config(validate_file: str | Path, tune_out: Path, best_yaml: Path) -> ValidationConfig:
     """The validate config of `validate_file` with policies [defaults, tuned] and its results
     under `tune_out`/validate; written to `tune_out`/validate.yaml and loaded from there."""
     validate_file = Path(validate_file)
-    if not validate_file.is_file():
-        raise FileNotFoundError(f"--validate {validate_file}: no such validation config")
-    raw = yaml.safe_load(validate_file.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"--validate {validate_file}: a validation config is a mapping (see experiments/twin_cpu.yaml)")
     policy, params = read_policy_setting(best_yaml, "best setting")
-    given = raw.get("policies")
+    raw, given = _validation_raw(validate_file, policy, params, tune_out)
     if given:   # say so: the file's own policies are not what this run compares
-        print(f"--validate {validate_file}: its policies ({len(given)}) are replaced by {policy}'s defaults "
+        print(f"--validate {validate_file}: its policies ({given}) are replaced by {policy}'s defaults "
               f"and the tuned setting")
-    raw = {**raw, "name": f"{raw.get('name', validate_file.stem)}_tuned",
-           "policies": [{"name": policy, "label": LABELS[0]},
-                        {"name": policy, "label": LABELS[1], "params": dict(params)}],
-           "out": str(tune_out / "validate")}
     path = tune_out / "validate.yaml"
     path.write_text(f"# written by pipetwin tune --validate {validate_file}; rerun: pipetwin validate {path}\n"
                     + yaml.safe_dump(raw, sort_keys=False))

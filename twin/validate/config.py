@@ -102,11 +102,20 @@ class ValidationConfig:
         check_engine_values({k: getattr(self, k) for k in ("pp", "num_pages", "page_size", "threads", "seed",
                                                            "device", "dtype", "attention_backend",
                                                            "enforce_eager")}, name=str)
+        # the table first: a wrong name or pp must fail before the runtime starts
+        try:
+            table_pp = int(load_profile(self.profile).meta["pp"])
+        except (OSError, ValueError) as e:
+            raise ValueError(f"profile: {e}") from None
+        if table_pp != self.pp:
+            raise ValueError(f"pp is {self.pp} but profile {self.profile!r} has pp={table_pp}: give a table of "
+                             f"this model at pp={self.pp} (`pipetwin profiles`, or `pipetwin profile --pp {self.pp}`)")
         if not isinstance(self.loads, list) or not self.loads:
             raise ValueError("loads must be a non-empty list of request rates (req/s, or 'inf')")
         for i, r in enumerate(self.loads):
             if not (r == "inf" or (isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0)):
                 raise ValueError(f"loads[{i}] must be a rate > 0 or 'inf', got {r!r}")
+        _distinct(self.loads, "loads")
         if not isinstance(self.policies, list) or not self.policies:
             raise ValueError("policies must be a non-empty list of {name, label, params}")
         labels = []
@@ -117,8 +126,9 @@ class ValidationConfig:
                 p = self.policies[i] = {"name": name, "params": params, "label": Path(p).parent.name or name}
             elif isinstance(p, str):
                 p = self.policies[i] = {"name": p}
-            if not isinstance(p, dict) or "name" not in p or set(p) - {"name", "label", "params"}:
+            if not isinstance(p, dict) or "name" not in p:
                 raise ValueError(f"policies[{i}] must be a mapping with name (and optional label, params)")
+            check_keys(p, ("name", "label", "params"), f"policies[{i}]")
             p.setdefault("params", {})
             p.setdefault("label", p["name"])
             try:
@@ -130,9 +140,23 @@ class ValidationConfig:
             raise ValueError(f"policy labels must be unique, got {labels}")
         if not isinstance(self.workload, dict):
             raise ValueError("workload must be a mapping (a core workload spec)")
+        # the arrival rate is each load's: a rate or rescaling given here would be overridden
+        set_here = [f"workload.{k}" for k in ("rate_scale", "time_scale") if k in self.workload]
+        if isinstance(self.workload.get("arrival"), dict) and "rate" in self.workload["arrival"]:
+            set_here.insert(0, "workload.arrival.rate")
+        if set_here:
+            raise ValueError(f"{', '.join(set_here)}: validate sets the arrival rate from `loads` "
+                             "(one run per load); remove it")
         for r in self.loads:
             Workload.from_dict(self.workload_for(r))
-        self.goals = {**DEFAULT_GOALS, **(self.goals or {})}
+        goals = self.goals if self.goals is not None else {}
+        check_keys(goals, tuple(DEFAULT_GOALS), "goals")
+        for key, limit in goals.items():
+            if not (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit >= 0
+                    and math.isfinite(limit)):
+                raise ValueError(f"goals.{key} must be a number >= 0 (an |error| limit in "
+                                 f"{'points' if key.endswith('pts') else 'percent'}), got {limit!r}")
+        self.goals = {**DEFAULT_GOALS, **goals}
         if not (isinstance(self.repeats, int) and not isinstance(self.repeats, bool) and self.repeats >= 1):
             raise ValueError(f"repeats must be an int >= 1 (real runs per policy and load), got {self.repeats!r}")
         if not (isinstance(self.sim_repeats, int) and not isinstance(self.sim_repeats, bool)
@@ -156,6 +180,7 @@ class ValidationConfig:
                     r == "inf" or (isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0)
                     for r in c["loads"]):
                 raise ValueError(f"calibrate.loads must be a non-empty list of rates > 0 or 'inf', got {c['loads']!r}")
+            _distinct(c["loads"], "calibrate.loads")
 
     def workload_for(self, rate: Any, seed: int | None = None) -> dict[str, Any]:
         w = dict(self.workload)
@@ -163,6 +188,22 @@ class ValidationConfig:
         w.pop("time_scale", None)
         w.pop("rate_scale", None)
         return {**w, "seed": self.seed if seed is None else seed}
+
+
+def _distinct(loads: list, key: str) -> None:
+    """Two loads with one label would share a results folder (cell_dir)."""
+    labels = [rate_label(r) for r in loads]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{key} must be distinct rates, got {loads!r}")
+
+
+def validation_from_dict(d: Any, where: str) -> ValidationConfig:
+    """A validation config from its YAML mapping: every key known, the required ones given."""
+    check_keys(d, _KEYS, f"validation config {where}")
+    for key in ("model", "profile", "workload", "loads", "policies"):
+        if key not in d:
+            raise ValueError(f"{where}: {key!r} is required")
+    return ValidationConfig(**d)
 
 
 def load_validation(path: str | Path) -> ValidationConfig:
@@ -173,11 +214,7 @@ def load_validation(path: str | Path) -> ValidationConfig:
         d = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
-    check_keys(d, _KEYS, f"validation config {path}")
-    for key in ("model", "profile", "workload", "loads", "policies"):
-        if key not in d:
-            raise ValueError(f"{path}: {key!r} is required")
-    cfg = ValidationConfig(**d)
+    cfg = validation_from_dict(d, str(path))
     cfg.source = str(path)
     if cfg.out is None:
         cfg.out = str(Path("results") / path.stem)

@@ -90,7 +90,7 @@ def parse_experiment(raw: Any, default_name: str = "experiment") -> Experiment:
 
     grid = {}
     for k, v in check_keys(d.get("grid"), AnyKey(), "grid").items():
-        grid[check_dotted(k, "grid")] = values_list(v, f"grid.{k}")
+        grid[check_dotted(k, "grid")] = values_list(v, f"grid.{k}", distinct=True)
     zraw = d.get("zip") or []
     if isinstance(zraw, Mapping):
         zraw = [zraw]
@@ -144,7 +144,7 @@ def _parse_policies(raw: Any) -> list[PolicySpec]:
         except ValueError as err:
             raise ConfigError(f"{where}.name: {err}") from None
         params = check_keys(e.get("params"), allowed if allowed else AnyKey(), f"{where}.params")
-        pgrid = {k: values_list(v, f"{where}.grid.{k}")
+        pgrid = {k: values_list(v, f"{where}.grid.{k}", distinct=True)
                  for k, v in check_keys(e.get("grid"), allowed if allowed else AnyKey(),
                                         f"{where}.grid").items()}
         label = e.get("label", name)

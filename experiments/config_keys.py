@@ -67,9 +67,15 @@ def check_tree(d: Any, node: dict, where: str) -> None:
             check_tree(v, node[k], f"{where}.{k}")
 
 
-def values_list(v: Any, where: str) -> list:
+def values_list(v: Any, where: str, distinct: bool = False) -> list:
+    """A non-empty list; `distinct` (a grid axis): no value twice, which would only run a
+    point twice (a zip column may repeat: its points pair with the other columns')."""
     if not isinstance(v, list) or not v:
         raise ConfigError(f"{where} must be a non-empty list of values, got {v!r}")
+    if distinct:
+        twice = [x for i, x in enumerate(v) if any(x == y for y in v[:i])]
+        if twice:
+            raise ConfigError(f"{where} lists {twice[0]!r} more than once: a grid axis takes distinct values")
     return v
 
 

@@ -142,6 +142,9 @@ def test_sweep_bad_config_exit_2(tmp_path, capsys):
     cfg = _sweep_yaml(tmp_path, grid={"workload.arival.rate": [1]})
     code, err = run_exit(["sweep", str(cfg), "--dry-run"], capsys)
     assert code == 2 and "workload.arival.rate" in err and "did you mean 'workload.arrival.rate'" in err
+    cfg = _sweep_yaml(tmp_path, grid={"workload.arrival.rate": [1, 2, 1.0]})
+    code, err = run_exit(["sweep", str(cfg), "--dry-run"], capsys)
+    assert code == 2 and "grid.workload.arrival.rate lists 1.0 more than once" in err
 
 
 def test_profiles_lists_tables(capsys, monkeypatch):

@@ -45,6 +45,7 @@ import argparse
 import csv
 import faulthandler
 import gc
+import importlib.util
 import json
 import os
 import signal
@@ -70,6 +71,10 @@ SECTIONS = ("equality", "kernel", "steps", "serve", "validate")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 GOAL_ROOFLINE = 1.5
 STACK_DUMP_S = 150   # stacks while a section runs longer (serve and validate: the CLI wait)
+# modules a section needs beyond torch: one that is missing skips the section at once with
+# a row saying so, instead of failing after minutes (serve profiles for ~90 s before `sim`)
+NEEDS = {"equality": ("transformers", "safetensors"), "serve": ("simpy", "pandas", "yaml"),
+         "validate": ("simpy", "pandas", "matplotlib", "yaml")}
 LLAMA3_8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=8, num_attention_heads=32,
                  num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
                  max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
@@ -579,6 +584,11 @@ def main(argv: list[str] | None = None) -> int:
     with Sampler(Telemetry(), interval_s=0.5) as sampler:
         for name in sections:
             print(f"gpu_check: section {name} at {time.perf_counter() - t0:.0f} s", flush=True)
+            missing = [m for m in NEEDS.get(name, ()) if importlib.util.find_spec(m) is None]
+            if missing:
+                check.add(name, f"needs {', '.join(missing)}", "not importable here: carry it as a wheel "
+                          "(docstring)", "", "skipped")
+                continue
             faulthandler.dump_traceback_later(STACK_DUMP_S, repeat=True, file=stacks)
             try:
                 getattr(check, name)()

@@ -197,3 +197,20 @@ def test_a_check_stopped_by_timeout_says_where_it_was(tmp_path):
     assert proc.wait(timeout=60) == -signal.SIGTERM
     assert "hung_in_a_collective" in (out / "stacks.log").read_text()
     assert "steps,a row before the hang,1,,info" in (out / "rows.csv").read_text()
+
+
+def test_a_section_whose_modules_are_missing_is_skipped_at_once(tmp_path, monkeypatch):
+    """On the GPU machine simpy is not installed unless carried: serve and validate say so in
+    a row at once instead of failing after the profile's minutes; the other sections run."""
+    gc = _load()
+    monkeypatch.setitem(gc.NEEDS, "serve", ("simpy", "no_such_module_here"))
+    ran = []
+    monkeypatch.setattr(gc.Check, "serve", lambda self: ran.append("serve"))
+    out = tmp_path / "gc"
+    assert gc.main(["--device", "cpu", "--quick", "--sections", "kernel,serve", "--attention-backend", "torch",
+                    "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "rows.csv").open()))
+    serve = [r for r in rows if r["section"] == "serve"]
+    assert ran == [] and len(serve) == 1
+    assert serve[0]["case"] == "needs no_such_module_here" and serve[0]["status"] == "skipped"
+    assert sum(r["section"] == "kernel" and r["status"] == "ok" for r in rows) == 3

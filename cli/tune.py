@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     if args.validate is not None:   # the whole validate config, before a long search, not after
         from twin.tune_validate import check_tune_validation   # why: the runtime's config checks
         try:
-            check_tune_validation(args.validate, spec.policy, out)
+            check_tune_validation(args.validate, spec.policy, out,
+                                  {str(t.config.get("profile")) for t in spec.targets})
         except (OSError, ValueError) as e:
             raise UsageError(str(e)) from None
     executor = executor_from(args)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from cli.main import main
-from twin.tune_validate import agreement_lines, summary_lines, tune_validation_config
+from twin.tune_validate import agreement_lines, check_tune_validation, summary_lines, tune_validation_config
 from twin.validate.config import load_validation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,3 +117,12 @@ def test_tune_then_validate_end_to_end(tmp_path, capsys):
     assert ran.policies[1]["params"] == best
     assert "tuned vs defaults on the runtime:" in printed and "load inf:" in printed
     assert (out / "validate" / "report.md").is_file()
+
+
+def test_validating_on_other_hardware_than_tuned_is_noted(tmp_path, capsys):
+    """Tuned on an A100 table, validated on the CPU twin's: allowed, but said before the search."""
+    check_tune_validation(TWIN, "token_throttling", tmp_path, {"qwen2.5-32b_a100-80gb_pp4"})
+    out = capsys.readouterr().out
+    assert out.startswith("note: tuned on qwen2.5-32b_a100-80gb_pp4;") and "'llama-32m_cpu-1thread_pp2'" in out
+    check_tune_validation(TWIN, "token_throttling", tmp_path, {"llama-32m_cpu-1thread_pp2"})
+    assert capsys.readouterr().out == ""

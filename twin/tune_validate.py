@@ -34,15 +34,20 @@ def _validation_raw(validate_file: Path, policy: str, params: dict, tune_out: Pa
             "out": str(tune_out / "validate")}, given
 
 
-def check_tune_validation(validate_file: str | Path, policy: str, tune_out: Path) -> None:
+def check_tune_validation(validate_file: str | Path, policy: str, tune_out: Path,
+                          tuned_on: set[str] = frozenset()) -> None:
     """Before a search: the validate config with `policy`'s defaults in both slots must load
-    (every key, the table and its pp, the loads), so a bad file fails now, not after it."""
+    (every key, the table and its pp, the loads), so a bad file fails now, not after it.
+    Prints a note when it runs on another table than the tune's targets (`tuned_on`)."""
     raw, _ = _validation_raw(Path(validate_file), policy, {}, tune_out)
     where = f"--validate {validate_file}"
     try:
-        validation_from_dict(raw, where)
+        cfg = validation_from_dict(raw, where)
     except ValueError as e:   # a value check (ValidationConfig) does not know the file: say it
         raise ValueError(str(e) if where in str(e) else f"{where}: {e}") from None
+    if tuned_on and cfg.profile not in tuned_on:   # allowed, but rarely what was meant
+        print(f"note: tuned on {', '.join(sorted(tuned_on))}; {where} runs on table {cfg.profile!r} "
+              f"(model {cfg.model}, pp {cfg.pp}): the tuned setting is tried on other hardware than it was tuned for")
 
 
 def tune_validation_config(validate_file: str | Path, tune_out: Path, best_yaml: Path) -> ValidationConfig:

@@ -16,14 +16,17 @@ lengths). Written under `out`:
   report.md
 
 Config keys (YAML):
-  name, description, model, pp, profile, layer_split, threads, device (cpu, or cuda: one
-  GPU per stage over NCCL; `profile` then a table of that model and pp, e.g. from
-  `pipetwin profile --device cuda`), dtype (default the model config's), num_pages (null =
+  name, description, model, pp, profile (a table whose pp is `pp`), layer_split, threads,
+  device (cpu, or cuda: one GPU per stage over NCCL; `profile` then a table of that model
+  and pp, e.g. from `pipetwin profile --device cuda`), dtype (default the model config's), num_pages (null =
   the runtime's default), page_size, seed, attention_backend (auto | torch | triton |
-  flashinfer), enforce_eager (true: no CUDA graphs), workload (a core workload spec; its arrival rate
-  is set per load), loads (absolute request rates, req/s; "inf" allowed),
+  flashinfer), enforce_eager (true: no CUDA graphs), workload (a core workload spec without
+  arrival.rate, rate_scale or time_scale: the rate is each load's), loads (distinct absolute
+  request rates, req/s; "inf" allowed),
   policies (list of {name, label, params}, or of paths to {policy, policy_params} YAMLs such
-  as a tune's best.yaml, labelled by their folder), out, goals (optional thresholds),
+  as a tune's best.yaml, labelled by their folder), out, goals (optional |error| limits,
+  numbers >= 0, by key: throughput_err_pct, tpot_p50_err_pct, ttft_p50_err_pct,
+  ttft_p99_err_pct in percent, bubble_diff_pts in points; the others keep DEFAULT_GOALS),
   calibrate (optional): {seed, loads} -- before validating, run the runtime on OTHER
   requests (workload seed `seed`, default seed + 1) at `loads` (default: all) with every
   policy, and time the simulator by an in-situ table fitted on those runs' stage rows

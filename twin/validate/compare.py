@@ -128,6 +128,10 @@ def chance_apart(n_a: int, n_b: int) -> float:
     return min(1.0, 2.0 / math.comb(n_a + n_b, n_a))
 
 
+# the fewest runs a policy for which a separation can count (4: 2/70 <= 0.05)
+RUNS_TO_SEPARATE = next(n for n in range(1, 64) if chance_apart(n, n) <= SEPARATION_ALPHA)
+
+
 # what the ranking orders policies by: metric -> (its name in the report, higher is better)
 RANKED_METRICS: dict[str, tuple[str, bool]] = {"output_tps": ("throughput", True),
                                                "ttft_p50": ("TTFT P50", False)}

@@ -107,9 +107,10 @@ class ValidationConfig:
                                                            "enforce_eager")}, name=str)
         # the table first: a wrong name or pp must fail before the runtime starts
         try:
-            table_pp = int(load_profile(self.profile).meta["pp"])
+            table = load_profile(self.profile)
         except (OSError, ValueError) as e:
             raise ValueError(f"profile: {e}") from None
+        table_pp = int(table.meta["pp"])
         if table_pp != self.pp:
             raise ValueError(f"pp is {self.pp} but profile {self.profile!r} has pp={table_pp}: give a table of "
                              f"this model at pp={self.pp} (`pipetwin profiles`, or `pipetwin profile --pp {self.pp}`)")
@@ -167,7 +168,7 @@ class ValidationConfig:
             raise ValueError(f"sim_repeats must be an int >= 1 (simulator runs per policy and load), "
                              f"got {self.sim_repeats!r}")
         if self.sim_repeats > 1 and self.calibrate is None:
-            if load_profile(self.profile).jitter is None:
+            if table.jitter is None:
                 raise ValueError(f"sim_repeats: {self.sim_repeats} runs draw measured stage-time jitter, and "
                                  f"profile {self.profile!r} has no jitter.csv; set calibrate (its in-situ table "
                                  "measures it) or sim_repeats: 1")

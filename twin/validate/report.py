@@ -15,7 +15,7 @@ import yaml
 
 from core.trace import Trace
 from profiles.measure.options import cpu_name
-from twin.validate.compare import ERROR_COLUMNS, RANKED_METRICS, SEPARATION_ALPHA, chance_apart
+from twin.validate.compare import ERROR_COLUMNS, RANKED_METRICS, RUNS_TO_SEPARATE, SEPARATION_ALPHA
 from twin.validate.config import ValidationConfig, slug
 
 
@@ -112,10 +112,9 @@ def goal_lines(errors: pd.DataFrame, ranking: pd.DataFrame, goals: dict[str, flo
                 f"{agreed} of {pairs} the same way")
         if not pairs:
             line += " (no pair is apart beyond the hardware's own noise"
-            if chance_apart(repeats, repeats) > SEPARATION_ALPHA:
-                fewest = next(n for n in range(1, 20) if chance_apart(n, n) <= SEPARATION_ALPHA)
+            if repeats < RUNS_TO_SEPARATE:
                 line += (f"; with {repeats} real run{'s' if repeats > 1 else ''} per policy none can be: "
-                         f"that takes {fewest} or more")
+                         f"that takes {RUNS_TO_SEPARATE} or more")
             line += ")"
         out.append(line)
     return out

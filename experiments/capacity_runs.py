@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -89,11 +90,23 @@ def run_capacity(exp: Experiment, runs: list[Run], runner: Runner,
     groups = capacity_groups(exp, runs)
     probes: dict[str, list[dict[str, Any]]] = {}
     messages: dict[str, str] = {}
-    bar = tqdm(total=len(groups) * (cap.probes() + cap.max_throughput), desc="capacity", unit="run",
+    most = cap.probes() + cap.max_throughput   # a bisection often stops earlier
+    bar = tqdm(total=len(groups) * most, desc="capacity", unit="run",
                disable=not runner.progress, file=sys.stderr, dynamic_ncols=True)
+    bar_lock = threading.Lock()
 
     def search(name: str, run: Run) -> dict[str, Any]:
-        rec, probes[name] = search_capacity(name, run, cap, runner, bar.update)
+        runs = 0
+
+        def tick() -> None:
+            nonlocal runs
+            runs += 1
+            bar.update()
+
+        rec, probes[name] = search_capacity(name, run, cap, runner, tick)
+        with bar_lock:   # the bar ends full: a series' unused probes leave its total
+            bar.total -= most - runs
+            bar.refresh()
         capacity = rec["capacity"]
         unit = "req/s" if cap.key == "workload.arrival.rate" else f"({cap.key})"
         extra = f"; max throughput {rec['max_throughput_rps']:.2f} req/s" if cap.max_throughput else ""

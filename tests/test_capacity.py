@@ -141,3 +141,32 @@ def test_an_overloaded_run_meeting_a_loose_slo_is_not_a_capacity(tmp_path):
     assert 0 < cap["capacity_rps"] <= cap["max_throughput_rps"]
     assert cap["bound"] in ("max throughput", "sustainability", "max throughput + sustainability")
     assert set(probes.loc[~probes["meets"], "failed"]) <= {"max_throughput", "sustain"}
+
+
+def test_capacity_progress_bar_ends_full(tmp_path, monkeypatch):
+    # The bar's total is the most runs a search could take; a bisection that stops early
+    # gives its unused probes back, so the bar ends at 100%, not at e.g. 24/27.
+    import tqdm
+
+    bars = []
+
+    class Recorded(tqdm.tqdm):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    workload = {"num_requests": 80, "arrival": {"kind": "poisson", "rate": 1.0},
+                "prompt_len": {"kind": "lognormal", "mean": 1155, "spread": 0.96, "max": 8192},
+                "output_len": {"kind": "lognormal", "mean": 211, "spread": 0.771, "max": 2048}}
+    d = {"base": {"profile": PROFILE, "workload": workload},
+         "grid": {"workload.arrival.rate": [1]},
+         "policies": ["token_throttling", {"name": "sarathi", "params": {"budget": 512}}],
+         "capacity": {"lo": 0.5, "hi": 2, "tol": 0.1, "slo": {"ttft_p99": 30}}, "report": {"plots": []}}
+    exp = parse_experiment(d)
+    run_sweep(exp, tmp_path, workers=2, progress=True, report=False, log=lambda s: None)
+    cap_bar = next(b for b in bars if b.desc == "capacity")
+    most = 2 * (exp.capacity.probes() + 1)
+    runs = len(pd.read_csv(tmp_path / "capacity_runs.csv")) + 2   # + the max-throughput runs
+    assert runs < most   # the case that left the bar short
+    assert cap_bar.n == cap_bar.total == runs

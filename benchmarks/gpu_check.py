@@ -193,9 +193,15 @@ class Check:
         try:
             value, goal, status = fn()
         except Exception as e:   # a check that cannot run says why, the others go on
-            (self.out / "errors.log").open("a").write(f"{section} {case}\n{traceback.format_exc()}\n")
-            value, goal, status = f"{type(e).__name__}: {str(e)[:60]}", "", "error"
+            self.failed(section, case, e)
+            return
         self.add(section, case, value, goal, status)
+
+    def failed(self, section: str, case: str, e: Exception) -> None:
+        """An error row for `e` (being handled), its traceback in OUT/errors.log."""
+        with (self.out / "errors.log").open("a") as fh:
+            fh.write(f"{section} {case}\n{traceback.format_exc()}\n")
+        self.add(section, case, f"{type(e).__name__}: {str(e)[:60]}", "", "error")
 
     # -- kernel vs reference ------------------------------------------------------------
     def kernel(self) -> None:
@@ -592,13 +598,21 @@ def main(argv: list[str] | None = None) -> int:
             faulthandler.dump_traceback_later(STACK_DUMP_S, repeat=True, file=stacks)
             try:
                 getattr(check, name)()
+            except Exception as e:
+                # raised outside the section's rows (its set-up: a model, a cache, an HF
+                # reference), or a sticky CUDA error: one error row, and the next sections
+                # still run (serve and validate in fresh processes, with a fresh CUDA context)
+                check.failed(name, "section stopped early", e)
             finally:
                 faulthandler.cancel_dump_traceback_later()
             if check.device.type == "cuda":
                 # hand this section's GPU memory back: the CLI runs of serve and validate
                 # are other processes, and size their KV cache from the free memory
-                gc.collect()
-                torch.cuda.empty_cache()
+                try:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                except Exception as e:   # after a sticky CUDA error (illegal address) this raises too
+                    check.failed(name, "GPU memory release after the section", e)
     check.telemetry_rows(sampler.summary())
     (out / "telemetry.json").write_text(json.dumps(sampler.summary(), indent=2) + "\n")
     check.add("total", "wall time", f"{time.perf_counter() - t0:.0f} s", "<= 480 s", "info")

@@ -214,3 +214,30 @@ def test_a_section_whose_modules_are_missing_is_skipped_at_once(tmp_path, monkey
     assert ran == [] and len(serve) == 1
     assert serve[0]["case"] == "needs no_such_module_here" and serve[0]["status"] == "skipped"
     assert sum(r["section"] == "kernel" and r["status"] == "ok" for r in rows) == 3
+
+
+def test_a_section_that_raises_outside_its_rows_leaves_a_row_and_the_next_sections_run(tmp_path, monkeypatch):
+    """An exception outside any row's guard (a section's set-up, or a sticky CUDA error such
+    as an illegal address, which every later CUDA call repeats) must not end the one-shot
+    run: the section gets an error row with the traceback in errors.log, and the sections
+    after it still run (serve and validate are fresh processes with a fresh CUDA context)."""
+    gc = _load()
+
+    def kernel(self):
+        self.add("kernel", "a row before the failure", "1", "", "info")
+        set_up_the_stage()
+
+    def set_up_the_stage():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(gc.Check, "kernel", kernel)
+    monkeypatch.setattr(gc.Check, "steps", lambda self: self.add("steps", "ran after it", "1", "", "info"))
+    out = tmp_path / "gc"
+    assert gc.main(["--device", "cpu", "--quick", "--sections", "kernel,steps", "--attention-backend", "torch",
+                    "--out", str(out)]) == 0
+    rows = [(r["section"], r["case"], r["value"], r["status"]) for r in csv.DictReader((out / "rows.csv").open())]
+    assert rows[:3] == [("kernel", "a row before the failure", "1", "info"),
+                        ("kernel", "section stopped early",
+                         "RuntimeError: CUDA error: an illegal memory access was encountered", "error"),
+                        ("steps", "ran after it", "1", "info")]
+    log = (out / "errors.log").read_text()
+    assert log.startswith("kernel section stopped early\n") and "set_up_the_stage" in log

@@ -201,7 +201,9 @@ class Check:
         """An error row for `e` (being handled), its traceback in OUT/errors.log."""
         with (self.out / "errors.log").open("a") as fh:
             fh.write(f"{section} {case}\n{traceback.format_exc()}\n")
-        self.add(section, case, f"{type(e).__name__}: {str(e)[:60]}", "", "error")
+        # one line: CUDA's messages (and a CLI failure's) go on over several, which would
+        # break the table's row
+        self.add(section, case, f"{type(e).__name__}: {' '.join(str(e).split())[:60]}", "", "error")
 
     # -- kernel vs reference ------------------------------------------------------------
     def kernel(self) -> None:

@@ -228,7 +228,8 @@ def test_a_section_that_raises_outside_its_rows_leaves_a_row_and_the_next_sectio
         set_up_the_stage()
 
     def set_up_the_stage():
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\n"
+                           "CUDA kernel errors might be asynchronously reported at some other API call")
     monkeypatch.setattr(gc.Check, "kernel", kernel)
     monkeypatch.setattr(gc.Check, "steps", lambda self: self.add("steps", "ran after it", "1", "", "info"))
     out = tmp_path / "gc"
@@ -237,7 +238,9 @@ def test_a_section_that_raises_outside_its_rows_leaves_a_row_and_the_next_sectio
     rows = [(r["section"], r["case"], r["value"], r["status"]) for r in csv.DictReader((out / "rows.csv").open())]
     assert rows[:3] == [("kernel", "a row before the failure", "1", "info"),
                         ("kernel", "section stopped early",
-                         "RuntimeError: CUDA error: an illegal memory access was encountered", "error"),
+                         "RuntimeError: CUDA error: an illegal memory access was encountered CUDA ke", "error"),
                         ("steps", "ran after it", "1", "info")]
+    # one line per row: the message's newline would have split the markdown row
+    assert (out / "table.md").read_text().count("\n") == len(rows) + 2
     log = (out / "errors.log").read_text()
     assert log.startswith("kernel section stopped early\n") and "set_up_the_stage" in log

@@ -373,8 +373,10 @@ class KernelMeta:
             _FLASHINFER_WORKSPACE[device] = torch.empty(128 * 2**20, dtype=torch.uint8, device=device)
         wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(_FLASHINFER_WORKSPACE[device],
                                                                  kv_layout="NHD")
-        self.flashinfer = FlashInferStep(wrapper, host(qo_indptr), host(kv_indptr),
-                                         host(idx).to(device), host(last))
+        indices = host(idx)
+        if device.type == "cuda":   # pinned, so the copy does not wait for the GPU to drain
+            indices = indices.pin_memory().to(device, non_blocking=True)
+        self.flashinfer = FlashInferStep(wrapper, host(qo_indptr), host(kv_indptr), indices, host(last))
 
 
 @dataclass(slots=True)

@@ -27,10 +27,10 @@ Decision = tuple[int, tuple[tuple[int, int, int, bool], ...]]
 
 # ---------------------------------------------------------------- construction
 def make_scheduler(policy: str = "token_throttling", *, pp: int = 4, num_pages: int = 1024,
-                   page_size: int = 16, **params: Any) -> Scheduler:
+                   page_size: int = 16, stage_time_model: Any = None, **params: Any) -> Scheduler:
     """A Scheduler with the named policy (built-in name or dotted path) and its parameters."""
     return Scheduler(SchedulerConfig(pp=pp, num_pages=num_pages, page_size=page_size),
-                     make_policy(policy, params))
+                     make_policy(policy, params), stage_time_model=stage_time_model)
 
 
 def make_requests(specs: Iterable[tuple[int, int]], *, first_id: int = 0) -> list[Request]:

@@ -10,6 +10,8 @@ and all pages are free. Plus unit tests of abort, complete() validation and stop
 """
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import random
 from dataclasses import dataclass
@@ -77,6 +79,53 @@ def vllm_params(draw) -> tuple[str, dict]:
     }
 
 
+@st.composite
+def tb_params(draw, fill: float | None = None, max_chunk: bool | None = None) -> tuple[str, dict]:
+    _, p = draw(tt_params())
+    p["fill"] = draw(st.one_of(st.sampled_from([0.0, 0.5, 1.0, 4.0]), st.floats(0, 4))) if fill is None else fill
+    if max_chunk is None:
+        p["max_chunk"] = draw(st.one_of(st.none(), st.integers(1, 256)))
+    elif max_chunk:
+        p["max_chunk"] = draw(st.integers(1, 256))
+    return "time_balanced", p
+
+
+class LinearStageTime:
+    """t = base + per prefill token + per decode + per attention work + per context (>= 0),
+    optionally declaring `monotone` (search_largest_chunk then interpolates), or falling
+    with prefill below a knee of 64 tokens (a fit's weight-read floor may dip; the search
+    must still answer)."""
+
+    def __init__(self, coef: tuple[float, ...], monotone: bool, dip: float) -> None:
+        self.coef, self.dip = coef, dip
+        if monotone:
+            self.monotone = True
+
+    def predict(self, p: float, d: float, a: float, c: float) -> float:
+        base, cp, cd, ca, cc = self.coef
+        t = base + cp * p + cd * d + ca * a + cc * c
+        return t - self.dip * p if p < 64 else t   # dip 0 when monotone is declared
+
+
+@st.composite
+def stage_time_models(draw):
+    """A random linear model, or the fitted model of a shipped measured table (its own
+    closed-form largest_chunk)."""
+    if draw(st.integers(0, 3)) == 0:
+        return fitted_model(draw(st.sampled_from(["llama-32m_cpu-1thread_pp2", "qwen2.5-14b_a100-80gb_pp4"])))
+    coef = (draw(st.floats(0, 5e-3)), draw(st.floats(0, 1e-4)), draw(st.floats(0, 1e-4)),
+            draw(st.floats(0, 1e-7)), draw(st.floats(0, 1e-7)))
+    monotone = draw(st.booleans())
+    dip = 0.0 if monotone else draw(st.sampled_from([0.0, 2 * coef[1]]))
+    return LinearStageTime(coef, monotone, dip)
+
+
+@functools.lru_cache(maxsize=None)
+def fitted_model(profile: str):
+    from profiles.latency_model import SlowestStage
+    return SlowestStage.of_profile(profile)
+
+
 ANY_POLICY = st.one_of(tt_params(), sarathi_params(), vllm_params())
 
 
@@ -90,10 +139,12 @@ class Scenario:
     page_size: int
     arrivals: bool
     seed: int
+    model: Any = None   # the stage-time model time_balanced prices with
 
-    def scheduler(self):
-        return make_scheduler(self.policy, pp=self.pp, num_pages=self.num_pages,
-                              page_size=self.page_size, **self.params)
+    def scheduler(self, policy: str | None = None, params: dict | None = None):
+        return make_scheduler(policy or self.policy, pp=self.pp, num_pages=self.num_pages,
+                              page_size=self.page_size, stage_time_model=self.model,
+                              **(self.params if params is None else params))
 
     def requests(self) -> list[Request]:
         return make_requests(self.specs)
@@ -108,7 +159,8 @@ def scenarios(draw, policy=ANY_POLICY) -> Scenario:
     num_pages = draw(st.one_of(st.just(need), st.integers(need, 2 * need), st.integers(need, plenty)))
     name, params = draw(policy)
     return Scenario(specs, name, params, draw(st.integers(1, 8)), num_pages, ps,
-                    draw(st.booleans()), draw(st.integers(0, 2**16)))
+                    draw(st.booleans()), draw(st.integers(0, 2**16)),
+                    draw(stage_time_models()) if name == "time_balanced" else None)
 
 
 # ---------------------------------------------------------------- end-of-run checks
@@ -211,6 +263,79 @@ def test_vllm_runs_clean(sc: Scenario):
                 assert all(n <= thr for _, _, n, p in items if p)
 
 
+@PROPS
+@given(scenarios(tb_params()))
+def test_time_balanced_runs_clean(sc: Scenario):
+    """Whatever the model and parameters: every request finishes, invariants hold at every
+    step (drive checks them), and Token Throttling's limits stay limits: the extra prefill
+    is capped by the KV ramp x maxp, decodes by maxd, one prompt's chunk by max_chunk."""
+    res = drive(sc.scheduler(), sc.requests(), arrivals=sc.arrivals, seed=sc.seed)
+    check_outcome(res)
+    if res.scheduler.forced_batches == 0:
+        for _, items in res.log:
+            prefill, decode = batch_sizes(items)
+            assert prefill <= sc.params["maxp"]
+            if sc.params.get("maxd") is not None:
+                assert decode <= sc.params["maxd"]
+            if sc.params["max_chunk"] is not None:
+                assert all(n <= sc.params["max_chunk"] for _, _, n, p in items if p)
+
+
+class PlanChecked:
+    """time_balanced, every plan checked against Token Throttling's for the same view: the
+    same decodes (never cut by time), and either TT's prefill budget untouched or TT's
+    budget kept as `min_prefill` with prefill up to the KV rules' cap, within a time budget
+    of `fill` x the slowest in-flight batch."""
+
+    def __init__(self, params: dict) -> None:
+        self.inner = make_policy("time_balanced", params)
+        self.requeue_chunks = self.inner.requeue_chunks   # what check_invariants reads
+
+    def bind(self, view) -> None:
+        self.inner.bind(view)
+
+    def plan(self, view):
+        tt, cap = copy.copy(self.inner._tt).plan_and_kv_cap(view)   # a copy: TT's jitter turns once
+        p = self.inner.plan(view)
+        assert (p.max_decodes, p.reserve_page_per_decode, p.requeue_chunks, p.token_budget) == \
+            (tt.max_decodes, True, tt.requeue_chunks, None)
+        assert p.max_chunk == self.inner.max_chunk
+        if p.time_budget is None:
+            assert (p.prefill_budget, p.min_prefill) == (tt.prefill_budget, 0)
+        else:
+            assert p.prefill_budget == cap > tt.prefill_budget and p.min_prefill == tt.prefill_budget
+            assert p.time_budget == self.inner.in_flight_level(view) * self.inner.fill > 0
+        return p
+
+
+@PROPS
+@given(scenarios(tb_params()))
+def test_time_balanced_plans_are_token_throttlings_plus_only_prefill_up_to_the_kv_cap(sc: Scenario):
+    s = Scheduler(SchedulerConfig(pp=sc.pp, num_pages=sc.num_pages, page_size=sc.page_size),
+                  PlanChecked(sc.params), stage_time_model=sc.model)
+    check_outcome(drive(s, sc.requests(), arrivals=sc.arrivals, seed=sc.seed))
+
+
+@FEWER
+@given(scenarios(tb_params(fill=0.0, max_chunk=False)))
+def test_time_balanced_with_fill_zero_and_no_cap_is_token_throttling(sc: Scenario):
+    """fill 0 adds no prefill beyond Token Throttling's budget, so with no chunk cap every
+    decision is Token Throttling's, whatever the model."""
+    tt = {k: v for k, v in sc.params.items() if k not in ("fill", "max_chunk")}
+    a = drive(sc.scheduler(), sc.requests(), arrivals=sc.arrivals, seed=sc.seed, check=False)
+    b = drive(sc.scheduler("token_throttling", tt), sc.requests(), arrivals=sc.arrivals, seed=sc.seed,
+              check=False)
+    assert a.log == b.log and a.completions == b.completions
+
+
+@FEWER
+@given(scenarios(tb_params()))
+def test_time_balanced_same_inputs_same_decisions(sc: Scenario):
+    a = drive(sc.scheduler(), sc.requests(), arrivals=sc.arrivals, seed=sc.seed, check=False)
+    b = drive(sc.scheduler(), sc.requests(), arrivals=sc.arrivals, seed=sc.seed, check=False)
+    assert a.log == b.log and a.completions == b.completions
+
+
 # ---------------------------------------------------------------- determinism
 @FEWER
 @given(scenarios())
@@ -261,7 +386,7 @@ def test_add_reports_rejection():
 
 # ---------------------------------------------------------------- aborts under load
 @FEWER
-@given(scenarios(), st.floats(0.01, 0.3))
+@given(scenarios(st.one_of(ANY_POLICY, tb_params())), st.floats(0.01, 0.3))
 def test_random_aborts_keep_invariants(sc: Scenario, p_abort: float):
     rng = random.Random(sc.seed)
     aborted: set[int] = set()

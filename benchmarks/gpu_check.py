@@ -74,7 +74,8 @@ STACK_DUMP_S = 150   # stacks while a section runs longer (serve and validate: t
 # modules a section needs beyond torch: one that is missing skips the section at once with
 # a row saying so, instead of failing after minutes (serve profiles for ~90 s before `sim`)
 NEEDS = {"equality": ("transformers", "safetensors"), "serve": ("simpy", "pandas", "yaml"),
-         "validate": ("simpy", "pandas", "matplotlib", "yaml")}
+         "validate": ("simpy", "pandas", "matplotlib", "yaml"),
+         "steps": ("pandas", "yaml")}   # the roofline comes from profiles/, which imports both
 LLAMA3_8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=8, num_attention_heads=32,
                  num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
                  max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,

@@ -112,15 +112,6 @@ class Sampler:
         if rows:
             dev, vocab = logits.device, logits.shape[1]
             chosen = [params[i] for i in rows]
-            idx = torch.tensor(rows, device=dev)
-            temp = torch.tensor([p.temperature for p in chosen], device=dev)
-            scaled = logits.index_select(0, idx).float() / temp[:, None]
-            if any(0 < p.top_k < vocab or p.top_p < 1 for p in chosen):
-                top_k = torch.tensor([min(p.top_k, vocab) or vocab for p in chosen], device=dev)
-                top_p = torch.tensor([p.top_p for p in chosen], device=dev)
-                probs, order = filtered_probs(scaled, top_k, top_p)   # sorted by logit
-            else:
-                probs, order = scaled.softmax(dim=-1), None
             seeds, draws = [], []
             for i, p in zip(rows, chosen):
                 rid = request_ids[i]
@@ -128,7 +119,21 @@ class Sampler:
                 seeds.append(_signed64(seed % _SEED_RANGE))
                 draws.append(self._draws.get(rid, 0))
                 self._draws[rid] = draws[-1] + 1
-            u = row_uniforms(torch.tensor(seeds, device=dev), torch.tensor(draws, device=dev))
+            # The rows' settings and uniforms (hashed on the host) cross to the device in one
+            # copy: a copy from pageable memory waits for the stream, and a tensor each cost
+            # five such waits a step. Row indices and top-k are exact in float64; temperature
+            # and top-p round to float32 as a tensor of Python floats would.
+            u = row_uniforms(torch.tensor(seeds), torch.tensor(draws))
+            table = torch.tensor([rows, [min(p.top_k, vocab) or vocab for p in chosen],
+                                  [p.temperature for p in chosen], [p.top_p for p in chosen]],
+                                 dtype=torch.float64)
+            table = torch.cat((table, u[None])).to(dev)
+            idx, temp, u = table[0].long(), table[2].float(), table[4]
+            scaled = logits.index_select(0, idx).float() / temp[:, None]
+            if any(0 < p.top_k < vocab or p.top_p < 1 for p in chosen):
+                probs, order = filtered_probs(scaled, table[1].long(), table[3].float())   # sorted by logit
+            else:
+                probs, order = scaled.softmax(dim=-1), None
             # inverse CDF: the first token whose cumulative probability reaches u x total
             # (> 0, so never a zero-probability token; rounded up to total, the last one kept)
             cdf = probs.cumsum(dim=-1)

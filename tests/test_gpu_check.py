@@ -244,3 +244,31 @@ def test_a_section_that_raises_outside_its_rows_leaves_a_row_and_the_next_sectio
     assert (out / "table.md").read_text().count("\n") == len(rows) + 2
     log = (out / "errors.log").read_text()
     assert log.startswith("kernel section stopped early\n") and "set_up_the_stage" in log
+
+
+def test_validate_loads_are_fractions_of_its_own_workloads_simulated_capacity(tmp_path, monkeypatch):
+    """The validate section's 0.5x and 0.9x loads come from the table's capacity for the
+    validate workload itself, not from the serve section's default workload (~2x the work
+    a request, ~15x in --quick), which left "0.9x" a mostly idle engine."""
+    import shutil
+
+    import yaml
+
+    from sim import SimConfig, simulate
+    gc = _load()
+    out = tmp_path / "gc"
+    shutil.copytree(ROOT / "profiles" / "tables" / "llama-32m_cpu-1thread_pp1", out / "profile")
+    ran = []
+    monkeypatch.setattr(gc.Check, "cli", lambda self, *argv, **kw: ran.append(argv))
+    assert gc.main(["--device", "cpu", "--quick", "--sections", "validate", "--out", str(out)]) == 0
+    spec = yaml.safe_load((out / "validate.yaml").read_text())
+    assert ran and ran[0][0] == "validate"
+    at_once = dict(spec["workload"], arrival={**spec["workload"]["arrival"], "rate": "inf"})
+    cap = simulate(SimConfig(profile=str(out / "profile"), workload=at_once)).summary["throughput_rps"]
+    assert spec["loads"] == [round(0.5 * cap, 3), round(0.9 * cap, 3), "inf"]
+    # the default workload the serve section simulates is far heavier a request
+    default = simulate(SimConfig(profile=str(out / "profile"))).summary["throughput_rps"]
+    assert cap > 3 * default
+    rows = list(csv.DictReader((out / "rows.csv").open()))
+    assert [r["case"] for r in rows if r["section"] == "validate"][:2] == \
+        ["simulated capacity of its workload", "pp=1, 3 policies, 0.5x/0.9x/inf"]

@@ -474,7 +474,7 @@ class Check:
             # The loads are fractions of what the table says the engine serves of THIS
             # workload: the serve section's capacity is of the default workload (prompts
             # ~1,150, outputs ~210 tokens), ~2x the work a request here, and in --quick ~15x,
-            # which put "0.9x" at a mostly idle engine (measured on CPU: 3% of capacity).
+            # which put "0.9x" at a mostly idle engine (measured on CPU: 2% of capacity).
             if not table.is_dir():
                 raise RuntimeError(f"needs the profile table the serve section measures ({table})")
             from sim import SimConfig, simulate

@@ -219,17 +219,26 @@ def batch_sizes(items) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------- properties per policy
+def check_token_throttling_limits(res, params: dict) -> None:
+    """Unless a batch was forced: prefill within maxp, decodes within maxd, one prompt's
+    chunk within max_chunk (time_balanced's), where they are set."""
+    if res.scheduler.forced_batches:
+        return
+    for _, items in res.log:
+        prefill, decode = batch_sizes(items)
+        assert prefill <= params["maxp"]
+        if params.get("maxd") is not None:
+            assert decode <= params["maxd"]
+        if params.get("max_chunk") is not None:
+            assert all(n <= params["max_chunk"] for _, _, n, p in items if p)
+
+
 @PROPS
 @given(scenarios(tt_params()))
 def test_token_throttling_runs_clean(sc: Scenario):
     res = drive(sc.scheduler(), sc.requests(), arrivals=sc.arrivals, seed=sc.seed)
     check_outcome(res)
-    if res.scheduler.forced_batches == 0:
-        for _, items in res.log:
-            prefill, decode = batch_sizes(items)
-            assert prefill <= sc.params["maxp"]
-            if sc.params.get("maxd") is not None:
-                assert decode <= sc.params["maxd"]
+    check_token_throttling_limits(res, sc.params)
 
 
 @PROPS
@@ -279,14 +288,7 @@ def test_time_balanced_runs_clean(sc: Scenario):
     is capped by the KV ramp x maxp, decodes by maxd, one prompt's chunk by max_chunk."""
     res = drive(sc.scheduler(), sc.requests(), arrivals=sc.arrivals, seed=sc.seed)
     check_outcome(res)
-    if res.scheduler.forced_batches == 0:
-        for _, items in res.log:
-            prefill, decode = batch_sizes(items)
-            assert prefill <= sc.params["maxp"]
-            if sc.params.get("maxd") is not None:
-                assert decode <= sc.params["maxd"]
-            if sc.params["max_chunk"] is not None:
-                assert all(n <= sc.params["max_chunk"] for _, _, n, p in items if p)
+    check_token_throttling_limits(res, sc.params)
 
 
 class PlanChecked:

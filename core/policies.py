@@ -53,6 +53,10 @@ class BatchPlan:
     # (the scheduler's stage_time_model) stays within it; decodes are taken first, uncut.
     time_budget: float | None = None
     min_prefill: int = 0              # prefill tokens the time budget never cuts
+    # A prompt starts only when the pages free beyond those promised to prompts already
+    # started hold all of it (vLLM v0's can_allocate); False: when its first chunk fits
+    # (vLLM with chunked prefill, gLLM). See docs/architecture.md, "Order and preemption".
+    admit_whole_prompts: bool = False
 
 
 class Policy(Protocol):
@@ -209,6 +213,7 @@ class StageTimeBalanced:
     fill: float = 1.0         # fill up to this fraction of the slowest in-flight batch's time
     requeue_chunks: bool = False
     max_chunk: int | None = None  # most tokens of one prompt per micro-batch (None: no cap)
+    admit_whole_prompts: bool = False  # start a prompt only when the free pages hold all of it
     _tt: TokenThrottling = dataclasses.field(default=None, init=False, repr=False)  # type: ignore[assignment]
     _model: StageTimeModel | None = dataclasses.field(default=None, init=False, repr=False)
 
@@ -218,6 +223,8 @@ class StageTimeBalanced:
                n, "fill", "a number in [0, 4] (fraction of the slowest in-flight batch's time)", self.fill)
         _check(self.max_chunk is None or (_int(self.max_chunk) and self.max_chunk >= 1), n, "max_chunk",
                "null or an int >= 1 (most tokens of one prompt per micro-batch)", self.max_chunk)
+        _check(isinstance(self.admit_whole_prompts, bool), n, "admit_whole_prompts", "true or false",
+               self.admit_whole_prompts)
         # The token rules are Token Throttling's: it validates them, under this policy's name.
         try:
             self._tt = TokenThrottling(maxp=self.maxp, minp=self.minp, iterp=self.iterp, kvthresh=self.kvthresh,
@@ -251,6 +258,7 @@ class StageTimeBalanced:
     def plan(self, view: SchedulerView) -> BatchPlan:
         plan, cap = self._tt.plan_and_kv_cap(view)
         plan.max_chunk = self.max_chunk
+        plan.admit_whole_prompts = self.admit_whole_prompts
         if not view.num_waiting:   # no prefill to add: no pricing (half the batches on the Azure trace)
             return plan
         if cap <= plan.prefill_budget:   # TT's budget already takes what the KV rules allow

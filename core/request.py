@@ -41,6 +41,7 @@ class Request:
     finish_reason: str | None = None    # "length" | "stop" | "too_long" | "aborted"
     preemptions: int = 0
     tokens_recomputed: int = 0          # tokens scheduled before preemptions threw them away
+    prefill_debt: int = 0               # pages its started prompt still needs (Scheduler.prefill_debt)
 
     def __post_init__(self) -> None:
         if self.prompt_len < 1:

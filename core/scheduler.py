@@ -65,6 +65,7 @@ class Scheduler:
         self._waiting_tokens = 0
         self._requests_in_flight = 0
         self._holding_pages = 0
+        self._prefill_debt = 0   # sum of Request.prefill_debt
         self._unfinished = 0
         self._next_batch_id = 0
         self.forced_batches = 0
@@ -98,6 +99,12 @@ class Scheduler:
     @property
     def num_holding_pages(self) -> int:
         return self._holding_pages
+
+    @property
+    def prefill_debt(self) -> int:
+        """Pages the started, unfinished prompts still need to finish their prefill (kept
+        for every plan; `BatchPlan.admit_whole_prompts` admits against it)."""
+        return self._prefill_debt
 
     @property
     def num_unfinished(self) -> int:
@@ -322,7 +329,7 @@ class Scheduler:
         # batch sums are read and written inline.
         waiting, kv, page_size = self.waiting, self.kv, self.page_size
         new_allowed, max_chunk, requeue = plan.max_new_requests, plan.max_chunk, plan.requeue_chunks
-        time_budget = plan.time_budget
+        time_budget, whole = plan.time_budget, plan.admit_whole_prompts
         if time_budget is not None and self.stage_time_model is None:
             raise ValueError(f"{type(self.policy).__name__} planned a time_budget, but the scheduler has no "
                              "stage_time_model to price prefill chunks with")
@@ -348,6 +355,12 @@ class Scheduler:
                                   max(0, min(n, plan.min_prefill - batch.prefill_tokens)))
             if n <= 0:
                 break  # FIFO: the head waits for pages (or time), nobody overtakes it
+            if not held:
+                target = kv.pages_for(known)
+                if whole and kv.num_free - self._prefill_debt < target:
+                    break
+                r.prefill_debt = target
+                self._prefill_debt += target
             waiting.popleft()
             r.status = running
             self._waiting_tokens -= n
@@ -357,6 +370,8 @@ class Scheduler:
                 if not held:
                     self._holding_pages += 1
                 pages.extend(kv.allocate(need))
+                r.prefill_debt -= need
+                self._prefill_debt -= need
             r.num_scheduled = end
             if r.first_scheduled is None:
                 r.first_scheduled = now
@@ -424,6 +439,8 @@ class Scheduler:
             self.kv.free(r.pages)
             r.pages = r.pages[:0]   # a new, empty list of the same kind (the runtime's is array('i'))
             self._holding_pages -= 1
+            self._prefill_debt -= r.prefill_debt   # a preempted or aborted prompt's promise lapses
+            r.prefill_debt = 0
 
     def _sample(self, now: float) -> None:
         if self.recorder is not None:

@@ -83,9 +83,23 @@ def check_pages(s: Scheduler, full: bool = True) -> None:
         assert set(held).isdisjoint(free), "a held page is also free"
 
 
+def check_prefill_debt(s: Scheduler) -> None:
+    """Every started, unfinished prompt is owed exactly the pages it still needs (its
+    prefill_debt), and the scheduler's running sum is theirs."""
+    decoding = {r.id for r in s.ready} | {r.id for b in s.in_flight.values() for r in b.decodes}
+    for r in s.requests:
+        if r.is_finished:
+            continue
+        prefilling = bool(r.pages) and r.id not in decoding   # waiting, or a chunk in flight
+        owed = s.kv.pages_for(r.num_tokens) - len(r.pages) if prefilling else 0
+        assert r.prefill_debt == owed, f"request {r.id}: prefill_debt {r.prefill_debt}, owes {owed} pages"
+    assert s.prefill_debt == sum(r.prefill_debt for r in s.requests), "prefill debt sum off"
+
+
 def check_invariants(s: Scheduler, full_pages: bool = True) -> None:
     requeue = bool(getattr(s.policy, "requeue_chunks", False))
     check_pages(s, full_pages)
+    check_prefill_debt(s)
     assert len(s.in_flight) <= s.pp, f"{len(s.in_flight)} batches in flight, pp={s.pp}"
 
     # Where each request is in the in-flight window (batches in id = send order).

@@ -95,6 +95,7 @@ def tb_params(draw, fill: float | None = None, max_chunk: bool | None = None) ->
         p["max_chunk"] = draw(st.one_of(st.none(), caps))
     elif max_chunk:
         p["max_chunk"] = draw(caps)
+    p["admit_whole_prompts"] = draw(st.booleans()) if fill is None else False
     return "time_balanced", p
 
 
@@ -309,7 +310,7 @@ class PlanChecked:
         p = self.inner.plan(view)
         assert (p.max_decodes, p.reserve_page_per_decode, p.requeue_chunks, p.token_budget) == \
             (tt.max_decodes, True, tt.requeue_chunks, None)
-        assert p.max_chunk == self.inner.max_chunk
+        assert (p.max_chunk, p.admit_whole_prompts) == (self.inner.max_chunk, self.inner.admit_whole_prompts)
         if p.time_budget is None:
             assert (p.prefill_budget, p.min_prefill) == (tt.prefill_budget, 0)
         else:
@@ -331,7 +332,7 @@ def test_time_balanced_plans_are_token_throttlings_plus_only_prefill_up_to_the_k
 def test_time_balanced_with_fill_zero_and_no_cap_is_token_throttling(sc: Scenario):
     """fill 0 adds no prefill beyond Token Throttling's budget, so with no chunk cap every
     decision is Token Throttling's, whatever the model."""
-    tt = {k: v for k, v in sc.params.items() if k not in ("fill", "max_chunk")}
+    tt = {k: v for k, v in sc.params.items() if k not in ("fill", "max_chunk", "admit_whole_prompts")}
     a = drive(sc.scheduler(), sc.requests(), arrivals=sc.arrivals, seed=sc.seed, check=False)
     b = drive(sc.scheduler("token_throttling", tt), sc.requests(), arrivals=sc.arrivals, seed=sc.seed,
               check=False)

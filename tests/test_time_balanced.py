@@ -399,3 +399,39 @@ def test_the_simulator_hands_its_own_price_to_time_balanced_and_the_batches_do_n
     priced_by_policy = simulate(cfg).trace.batches
     assert unpriced   # now the policy priced them
     assert shared.equals(priced_by_policy)
+
+
+def test_admit_whole_prompts_waits_for_room_for_the_whole_prompt():
+    """The kv-pressure case above with admit_whole_prompts: the 1,000-token prompt (63
+    pages) does not start into 20 free pages; it starts once request 0 finishes."""
+    s = scheduler(num_pages=100, maxp=4096, iterp=1, admit_whole_prompts=True)
+    s.add(Request(0, 1280, 2))                           # 80 pages, owed none once scheduled
+    assert items_of(s.next_batch(0.0)) == [pre(0, 0, 1280)] and s.prefill_debt == 0
+    s.add(Request(1, 1000, 1))
+    assert s.next_batch(0.0) is None                     # 20 free < 63: waits (TT would take 240)
+    complete_oldest(s, 1.0)                              # request 0's first token
+    assert items_of(s.next_batch(1.0)) == [dec(0, 1280)]
+    complete_oldest(s, 2.0)                              # its last: 81 pages back
+    assert items_of(s.next_batch(2.0)) == [pre(1, 0, 1000)]
+    assert s.prefill_debt == 0 and len(s.requests[1].pages) == 63
+
+
+def test_admit_whole_prompts_stops_the_thrash_of_a_barely_fitting_cache():
+    """44 prompts at once on a cache that just holds the largest request, no KV reserve:
+    started prompts spread the cache and preemption recomputes ~15x the tokens; admitting
+    only prompts the free pages can finish keeps it near the minimum."""
+    rng = np.random.default_rng(5)
+    specs = [(int(p), int(o)) for p, o in zip(rng.integers(1, 400, 44), rng.integers(1, 50, 44))]
+    minimum = sum(p + o - 1 for p, o in specs)
+    computed = {}
+    for whole in (False, True):
+        reqs = make_requests(specs)
+        s = Scheduler(SchedulerConfig(pp=1, num_pages=max(p + o - 1 for p, o in specs), page_size=1),
+                      make_policy("time_balanced", {"maxp": 2048, "minp": 0, "iterp": 1, "kvthresh": 0.0,
+                                                    "admit_whole_prompts": whole}),
+                      stage_time_model=LinearTime())
+        drive(s, reqs)
+        assert all(r.num_output == r.max_output for r in reqs)
+        computed[whole] = sum(r.tokens_computed_total for r in reqs)
+    assert computed[False] > 10 * minimum      # measured 15.5x
+    assert computed[True] < 1.2 * minimum      # measured 1.12x

@@ -10,6 +10,10 @@ A plan may also be in seconds (`BatchPlan.time_budget`): decodes are taken first
 then each prefill chunk is cut so the batch's predicted time on its slowest stage stays
 within the budget, priced by the `stage_time_model` the caller hands in (the latency model
 its stage times come from; core.cost_model). Plans without one pay a single None check.
+
+A prompt starts prefill once its first chunk fits (vLLM with chunked prefill), or, when a
+plan sets `admit_whole_prompts`, only once the pages free beyond those still owed to
+started prompts (`prefill_debt`) hold all of it: docs/architecture.md says why.
 """
 from __future__ import annotations
 

@@ -66,7 +66,8 @@ def test_a_time_budget_without_a_model_is_an_error_not_ignored():
 
 @pytest.mark.parametrize("field,value", [("fill", -0.1), ("fill", True), ("maxp", 0), ("iterp", 0),
                                          ("minp", 4096), ("kvthresh", 1.0), ("max_chunk", 0),
-                                         ("max_chunk", 1.5), ("max_chunk", True)])
+                                         ("max_chunk", 1.5), ("max_chunk", True),
+                                         ("admit_whole_prompts", "yes"), ("admit_whole_prompts", 1)])
 def test_bad_parameters_name_the_policy_and_field(field, value):
     with pytest.raises(ValueError, match=rf"time_balanced\.{field} must be"):
         make_policy("time_balanced", {field: value})

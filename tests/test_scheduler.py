@@ -639,7 +639,9 @@ def test_preempted_request_recomputes_prompt_and_outputs():
 
 
 
-@pytest.mark.parametrize("policy,params", [("token_throttling", {"maxp": 96, "minp": 8}), ("vllm", {"max_num_batched_tokens": 64})])
+@pytest.mark.parametrize("policy,params", [("token_throttling", {"maxp": 96, "minp": 8}), ("vllm", {"max_num_batched_tokens": 64}),
+                                           ("time_balanced", {"maxp": 96, "minp": 8, "max_chunk": 24,
+                                                              "admit_whole_prompts": True})])
 def test_a_page_counter_makes_every_decision_the_page_allocator_makes(policy, params):
     """The simulator counts pages (PageCounter) instead of naming them: on a cache small
     enough to preempt, every batch and every completion must be the same as with ids."""
@@ -649,7 +651,8 @@ def test_a_page_counter_makes_every_decision_the_page_allocator_makes(policy, pa
     for page_ids in (True, False):
         reqs = make_requests([(int(p), int(o)) for p, o in
                               np.random.default_rng(4).integers([8, 1], [200, 60], size=(60, 2))])
-        s = Scheduler(SchedulerConfig(pp=3, num_pages=40, page_size=8, page_ids=page_ids), make_policy(policy, params))
+        s = Scheduler(SchedulerConfig(pp=3, num_pages=40, page_size=8, page_ids=page_ids), make_policy(policy, params),
+                      stage_time_model=LinearStageTime((1e-3, 1e-5, 2e-6, 1e-9, 0.0), True, 0.0))
         assert isinstance(s.kv, PageCounter) is not page_ids
         res = drive(s, reqs, arrivals=True, seed=2)
         logs.append((res.log, res.completions, [(r.finish_time, r.preemptions, r.tokens_recomputed) for r in reqs]))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from core.batch import MicroBatch
+from core.request import Request
 
 from core.cost_model import StageTimeModel
 from core.validation import check_keys, suggest
@@ -60,6 +62,9 @@ class BatchPlan:
 
 
 class Policy(Protocol):
+    """A policy may also have a `queue_key` attribute: None (first come, first served), or
+    a function of a request whose ascending order the scheduler keeps among the waiting
+    requests that hold no KV pages (core.scheduler.Scheduler.add)."""
     def bind(self, view: SchedulerView) -> None: ...
     def plan(self, view: SchedulerView) -> BatchPlan: ...
 
@@ -214,6 +219,10 @@ class StageTimeBalanced:
     requeue_chunks: bool = False
     max_chunk: int | None = None  # most tokens of one prompt per micro-batch (None: no cap)
     admit_whole_prompts: bool = False  # start a prompt only when the free pages hold all of it
+    # Seconds a prompt's place in the queue is deferred per 1,000 prompt tokens: 0 first
+    # come, first served; d > 0 lets a shorter prompt go ahead of a longer one that arrived
+    # less than d x (difference in thousands of tokens) seconds earlier.
+    defer_per_1k_tokens: float = 0.0
     _tt: TokenThrottling = dataclasses.field(default=None, init=False, repr=False)  # type: ignore[assignment]
     _model: StageTimeModel | None = dataclasses.field(default=None, init=False, repr=False)
 
@@ -225,12 +234,24 @@ class StageTimeBalanced:
                "null or an int >= 1 (most tokens of one prompt per micro-batch)", self.max_chunk)
         _check(isinstance(self.admit_whole_prompts, bool), n, "admit_whole_prompts", "true or false",
                self.admit_whole_prompts)
+        d = self.defer_per_1k_tokens
+        _check(isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d < math.inf, n,
+               "defer_per_1k_tokens", "a finite number >= 0 (seconds per 1,000 prompt tokens; 0: first "
+               "come, first served)", d)
         # The token rules are Token Throttling's: it validates them, under this policy's name.
         try:
             self._tt = TokenThrottling(maxp=self.maxp, minp=self.minp, iterp=self.iterp, kvthresh=self.kvthresh,
                                        maxd=self.maxd, requeue_chunks=self.requeue_chunks)
         except ValueError as e:
             raise ValueError(str(e).replace("token_throttling.", f"{n}.", 1)) from None
+
+    @property
+    def queue_key(self) -> Callable[[Request], float] | None:
+        """The waiting order: None (first come, first served) without a deferral."""
+        return self.deferred_arrival if self.defer_per_1k_tokens else None
+
+    def deferred_arrival(self, request: Request) -> float:
+        return request.arrival + self.defer_per_1k_tokens * request.prompt_len / 1000
 
     def bind(self, view: SchedulerView) -> None:
         model = getattr(view, "stage_time_model", None)

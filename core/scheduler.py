@@ -11,6 +11,9 @@ then each prefill chunk is cut so the batch's predicted time on its slowest stag
 within the budget, priced by the `stage_time_model` the caller hands in (the latency model
 its stage times come from; core.cost_model). Plans without one pay a single None check.
 
+Waiting requests are served first come, first served, unless the policy has a
+`queue_key`: new requests are then kept in its order behind those holding pages.
+
 A prompt starts prefill once its first chunk fits (vLLM with chunked prefill), or, when a
 plan sets `admit_whole_prompts`, only once the pages free beyond those still owed to
 started prompts (`prefill_debt`) hold all of it: docs/architecture.md says why.
@@ -74,6 +77,7 @@ class Scheduler:
         self._next_batch_id = 0
         self.forced_batches = 0
         policy.bind(self)
+        self._queue_key = getattr(policy, "queue_key", None)   # None: first come, first served
 
     # ---- the read-only view policies see ----
     @property
@@ -128,7 +132,10 @@ class Scheduler:
             request.finish_time = request.arrival if now is None else now
             return False
         request.status = Status.WAITING
-        self.waiting.append(request)
+        if self._queue_key is None:
+            self.waiting.append(request)
+        else:
+            self._insert_by_key(request, self._queue_key)
         self._waiting_tokens += request.num_unscheduled
         self._unfinished += 1
         return True
@@ -397,6 +404,17 @@ class Scheduler:
                 self._waiting_tokens -= known - end
         for r in reversed(kept):
             waiting.appendleft(r)
+
+    def _insert_by_key(self, request: Request, key) -> None:
+        """Behind every waiting request with a key <= its own, and behind every page holder.
+        Scans from the back: O(requests it goes ahead of). Preempted requests keep going to
+        the front (`_preempt`), so the requests that never held pages stay in key order."""
+        waiting = self.waiting
+        k = key(request)
+        i = len(waiting)
+        while i and not waiting[i - 1].pages and key(waiting[i - 1]) > k:
+            i -= 1
+        waiting.insert(i, request)
 
     def _preempt(self, r: Request) -> None:
         """Recompute-style preemption: drop the KV, go back to the front of `waiting`."""

@@ -134,6 +134,11 @@ def check_invariants(s: Scheduler, full_pages: bool = True) -> None:
             assert not seen_nonholder, f"request {r.id}: page holder behind a non-holder"
         else:
             seen_nonholder = True
+    # With a queue key, the prompts that never held pages wait in its order.
+    key = getattr(s.policy, "queue_key", None)
+    if key is not None:
+        fresh = [key(r) for r in s.waiting if not r.pages and not r.preemptions]
+        assert fresh == sorted(fresh), "waiting prompts out of the policy's queue order"
     for r in s.waiting:
         assert r.status is Status.WAITING, f"request {r.id} in waiting with status {r.status}"
         assert r.num_unscheduled > 0, f"request {r.id} in waiting with nothing to schedule"

@@ -96,6 +96,10 @@ def tb_params(draw, fill: float | None = None, max_chunk: bool | None = None) ->
     elif max_chunk:
         p["max_chunk"] = draw(caps)
     p["admit_whole_prompts"] = draw(st.booleans()) if fill is None else False
+    # Deferrals from none to far beyond the arrival gaps (drive's are 0-5 s): from FIFO to
+    # shortest-prompt-first.
+    p["defer_per_1k_tokens"] = draw(st.sampled_from([0.0, 0.0, 1.0, 1e6]) | st.floats(0, 100)) \
+        if fill is None else 0.0
     return "time_balanced", p
 
 
@@ -290,6 +294,21 @@ def test_time_balanced_runs_clean(sc: Scenario):
     res = drive(sc.scheduler(), sc.requests(), arrivals=sc.arrivals, seed=sc.seed)
     check_outcome(res)
     check_token_throttling_limits(res, sc.params)
+    check_queue_order(res)
+
+
+def check_queue_order(res) -> None:
+    """With a queue key, no prompt starts before one with a smaller key that had arrived
+    (preempted requests aside: they go back to the front)."""
+    key = getattr(res.scheduler.policy, "queue_key", None)
+    if key is None:
+        return
+    started = sorted((r for r in res.requests if not r.preemptions), key=lambda r: r.first_scheduled)
+    for b in started:
+        for a in started:
+            if a.first_scheduled > b.first_scheduled and a.arrival <= b.first_scheduled:
+                assert key(a) >= key(b), (f"request {b.id} (key {key(b)}) started at {b.first_scheduled} "
+                                          f"before {a.id} (key {key(a)}, arrived {a.arrival})")
 
 
 class PlanChecked:
@@ -301,6 +320,7 @@ class PlanChecked:
     def __init__(self, params: dict) -> None:
         self.inner = make_policy("time_balanced", params)
         self.requeue_chunks = self.inner.requeue_chunks   # what check_invariants reads
+        self.queue_key = self.inner.queue_key             # and the scheduler
 
     def bind(self, view) -> None:
         self.inner.bind(view)
@@ -332,7 +352,7 @@ def test_time_balanced_plans_are_token_throttlings_plus_only_prefill_up_to_the_k
 def test_time_balanced_with_fill_zero_and_no_cap_is_token_throttling(sc: Scenario):
     """fill 0 adds no prefill beyond Token Throttling's budget, so with no chunk cap every
     decision is Token Throttling's, whatever the model."""
-    tt = {k: v for k, v in sc.params.items() if k not in ("fill", "max_chunk", "admit_whole_prompts")}
+    tt = {k: v for k, v in sc.params.items() if k not in ("fill", "max_chunk", "admit_whole_prompts", "defer_per_1k_tokens")}
     a = drive(sc.scheduler(), sc.requests(), arrivals=sc.arrivals, seed=sc.seed, check=False)
     b = drive(sc.scheduler("token_throttling", tt), sc.requests(), arrivals=sc.arrivals, seed=sc.seed,
               check=False)

@@ -67,7 +67,10 @@ def test_a_time_budget_without_a_model_is_an_error_not_ignored():
 @pytest.mark.parametrize("field,value", [("fill", -0.1), ("fill", True), ("maxp", 0), ("iterp", 0),
                                          ("minp", 4096), ("kvthresh", 1.0), ("max_chunk", 0),
                                          ("max_chunk", 1.5), ("max_chunk", True),
-                                         ("admit_whole_prompts", "yes"), ("admit_whole_prompts", 1)])
+                                         ("admit_whole_prompts", "yes"), ("admit_whole_prompts", 1),
+                                         ("defer_per_1k_tokens", -0.1), ("defer_per_1k_tokens", True),
+                                         ("defer_per_1k_tokens", float("inf")),
+                                         ("defer_per_1k_tokens", float("nan")), ("defer_per_1k_tokens", "1")])
 def test_bad_parameters_name_the_policy_and_field(field, value):
     with pytest.raises(ValueError, match=rf"time_balanced\.{field} must be"):
         make_policy("time_balanced", {field: value})
@@ -436,3 +439,55 @@ def test_admit_whole_prompts_stops_the_thrash_of_a_barely_fitting_cache():
         computed[whole] = sum(r.tokens_computed_total for r in reqs)
     assert computed[False] > 10 * minimum      # measured 15.5x
     assert computed[True] < 1.2 * minimum      # measured 1.12x
+
+
+# ---------------------------------------------------------------- the waiting order
+def first_prefill_order(defer: float, arrivals: list[tuple[float, int]]) -> list[int]:
+    """Ids in the order their prompts start, with pp=1 and one prompt a batch (maxp and
+    iterp make each batch take exactly the head): request i arrives at arrivals[i][0] with
+    arrivals[i][1] prompt tokens, all of them while the first batch is in flight."""
+    s = scheduler(pp=1, maxp=4096, minp=0, iterp=1, max_chunk=4096, defer_per_1k_tokens=defer)
+    s.add(Request(99, 16, 1, arrival=0.0))
+    s.next_batch(0.0)                                   # in flight: the others queue behind it
+    for i, (t, n) in enumerate(arrivals):
+        s.add(Request(i, n, 1, arrival=t), t)
+        check_invariants(s)
+    assert [r.id for r in s.waiting] == [r.id for r in sorted(s.waiting, key=s.policy.deferred_arrival)]
+    started = []
+    now = 1.0
+    while s.has_work:
+        complete_oldest(s, now)
+        b = s.next_batch(now)
+        if b is None:
+            break
+        started += [it.request.id for it in b.chunks if it.start == 0]
+        now += 1.0
+    return started
+
+
+def test_defer_zero_keeps_first_come_first_served():
+    """0 (the default) keeps the scheduler's FIFO queue: no key, no reordering."""
+    assert make_policy("time_balanced", {}).queue_key is None
+    assert first_prefill_order(0.0, [(0.1, 4000), (0.2, 100), (0.3, 2000)]) == [0, 1, 2]
+
+
+def test_defer_lets_shorter_prompts_ahead_of_longer_ones_by_at_most_the_deferral():
+    """defer 0.1 s per 1,000 tokens: a prompt queues as if it arrived 0.1 s later per
+    1,000 tokens. Keys: 0 (4,000 tokens at 0.1) 0.5; 1 (100 at 0.2) 0.21; 2 (2,000 at 0.31)
+    0.51; 3 (100 at 0.45) 0.46; 4 (100 at 0.6) 0.61. So 1 and 3 go ahead of 0, and 4,
+    which arrived after 0's deferred time, does not."""
+    arrivals = [(0.1, 4000), (0.2, 100), (0.31, 2000), (0.45, 100), (0.6, 100)]
+    assert first_prefill_order(0.1, arrivals) == [1, 3, 0, 2, 4]
+    # Ten times the deferral: 0's key is 4.1, 2's 2.31; every short prompt goes first.
+    assert first_prefill_order(1.0, arrivals) == [1, 3, 4, 2, 0]
+
+
+def test_defer_never_moves_a_prompt_ahead_of_one_holding_pages():
+    """A partly prefilled prompt (it holds pages) stays at the head: a shorter arrival
+    waits behind it, as the paged prompt's next chunk must go first."""
+    s = scheduler(pp=1, maxp=4096, minp=0, iterp=1, max_chunk=100, requeue_chunks=True, defer_per_1k_tokens=10.0)
+    s.add(Request(0, 1000, 1, arrival=0.0))
+    assert items_of(s.next_batch(0.0)) == [pre(0, 0, 100)]
+    s.add(Request(1, 10, 1, arrival=0.0), 0.0)
+    assert [r.id for r in s.waiting] == [0, 1]
+    check_invariants(s)

@@ -29,7 +29,7 @@ from profiles.schema import resolve
 from sim import SimConfig, simulate
 
 PACKAGES = ("core", "sim", "profiles")   # code whose changes change simulation results
-ROW_VERSION = 4   # the columns `execute` adds to a summary row; a change invalidates cached rows
+ROW_VERSION = 5   # the columns `execute` adds to a summary row; a change invalidates cached rows
 
 
 # ---------------------------------------------------------------- hashing

@@ -89,6 +89,32 @@ def test_prompts_started_but_not_finished_still_count_as_queued():
     assert [m.split()[0] for m in sustain_failures(s, 0.05)] == ["queue"]
 
 
+def test_starving_a_few_long_prompts_shows_in_the_queue_of_tokens():
+    """A shorter-first server that never reaches one prompt in 25 (10,000 tokens each; the
+    others 100): the waiting *count* grows at 4% of arrivals, under the 5% limit, while the
+    waiting *work* grows at ~80%. The token-weighted queue fails it (measured on the
+    simulator: experiments/capacity.py's docstring)."""
+    t = fifo_server(4.0, 5.0)
+    t["prompt_len"] = 100
+    starved = t.index % 25 == 24
+    t.loc[starved, "prompt_len"] = 10_000
+    t.loc[starved, ["first_scheduled", "first_token", "finish"]] = math.nan
+    s = sustainability(t)
+    assert s["queue_growth"] == pytest.approx(0.04, abs=0.005)
+    assert s["queue_growth_tokens"] == pytest.approx(10_000 / (24 * 100 + 10_000), rel=0.03)
+    assert [m.split(" grows")[0] for m in sustain_failures(s, 0.05)] == ["queue of prompt tokens"]
+
+
+def test_served_in_order_the_two_queues_agree():
+    """First come, first served, equal prompts: the count and the tokens grow alike, both
+    when light and when overloaded."""
+    for arrival_rate, service_rate in ((4.0, 5.0), (5.0, 4.0)):
+        t = fifo_server(arrival_rate, service_rate)
+        t["prompt_len"] = 300
+        s = sustainability(t)
+        assert s["queue_growth_tokens"] == pytest.approx(s["queue_growth"], abs=1e-9)
+
+
 def test_probe_failures_and_the_binding_condition():
     ok = {"ttft_p99": 1.0, "offered_rps": 3.0, "steady_offered_rps": 3.0, "steady_delivered_rps": 2.99,
           "queue_growth": 0.0}

@@ -204,6 +204,13 @@ class StageTimeBalanced:
     +4.5% to +8.3% over Token Throttling with a cap of 256, of which Token Throttling
     given the same cap gains +4.3% to +5.6% (`fill: 0` here is exactly that).
 
+    `defer_per_1k_tokens` orders the waiting queue (`queue_key`): a prompt queues as if it
+    arrived d seconds later per 1,000 tokens, so short prompts stop waiting behind long ones
+    that came just before them, while a long prompt is overtaken only by what arrives
+    within d x its thousands of tokens after it (shortest-first would starve it). On the
+    Azure code trace, where P99 TTFT binds, this raises capacity; what it costs the longest
+    prompts is in docs/benchmarks.md ("A waiting order").
+
     Token Throttling's protections are unchanged: its decodes (Rn/pp, rotating jitter,
     optional `maxd`) are taken first and never cut by time; its prefill budget (KV reserve,
     utilisation ramp, backlog rule WT // iterp with floor minp) is always granted; the

@@ -123,7 +123,9 @@ def test_shipped_configs_validate(monkeypatch):
         exp = load_experiment("experiments/azure_conv_trace.yaml")
         assert all(Path(r.config["workload"]["trace"]).is_absolute() for r in expand(exp))
         # issue 17's comparisons: equal grids per policy, four platforms each
-        for name, variants in [("time_balanced_conv", 16), ("time_balanced_code", 16), ("chunk_cap_code", 12)]:
+        for name, variants in [("time_balanced_conv", 16), ("time_balanced_code", 16), ("chunk_cap_code", 12),
+                               ("queue_order_code", 20), ("queue_order_code_full", 20),
+                               ("queue_order_conv_full", 6)]:
             exp = load_experiment(f"experiments/{name}.yaml")
             assert exp.count() == 4 * variants and exp.capacity is not None, name
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
 from core.batch import MicroBatch
-from core.request import Request
 
 from core.cost_model import StageTimeModel
+from core.request import Request
 from core.validation import check_keys, suggest
 
 

@@ -406,9 +406,9 @@ class Scheduler:
             waiting.appendleft(r)
 
     def _insert_by_key(self, request: Request, key) -> None:
-        """Behind every waiting request with a key <= its own, and behind every page holder.
-        Scans from the back: O(requests it goes ahead of). Preempted requests keep going to
-        the front (`_preempt`), so the requests that never held pages stay in key order."""
+        """Just behind the last waiting request whose key is no larger than its own, and never
+        ahead of a page holder. Scans from the back: O(requests it goes ahead of). Preempted
+        requests still go to the front (`_preempt`); the others stay in key order."""
         waiting = self.waiting
         k = key(request)
         i = len(waiting)

@@ -15,7 +15,7 @@ Prints markdown.
 from __future__ import annotations
 
 import argparse
-import math
+import copy
 import re
 import sys
 from pathlib import Path
@@ -25,6 +25,8 @@ import pandas as pd
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments.config import parse_experiment  # noqa: E402
+from experiments.expand import expand  # noqa: E402
 from sim.config import SimConfig  # noqa: E402
 from sim.run import simulate  # noqa: E402
 
@@ -50,23 +52,11 @@ def best_variants(folder: Path) -> pd.DataFrame:
             .groupby(["profile", "family"], sort=False).head(1))
 
 
-def params_of(results: pd.DataFrame, series: str) -> tuple[str, dict]:
-    row = results[results["series"] == series].iloc[0]
-    params = {}
-    for col, v in row.items():
-        if col.startswith("policy_params.") and not (isinstance(v, float) and math.isnan(v)):
-            v = v.item() if hasattr(v, "item") else v
-            params[col.split(".", 1)[1]] = int(v) if isinstance(v, float) and v.is_integer() and \
-                col.split(".", 1)[1] in ("maxp", "minp", "iterp", "max_chunk", "budget", "maxd",
-                                         "max_num_batched_tokens", "long_prefill_token_threshold",
-                                         "max_num_seqs") else v
-    return row["policy"], params
-
-
 def equal_load(folder: Path, best: pd.DataFrame, slo_ttft: float) -> list[str]:
     """`best`: the rows (of capacity.csv) to re-simulate, with profile and family."""
-    sweep = yaml.safe_load((folder / "sweep.yaml").read_text())
-    results = pd.read_csv(folder / "results.csv")
+    # Each variant's resolved config, as the sweep ran it (trace paths resolve from the
+    # repository root, where the sweep was run).
+    runs = {r.series: r for r in expand(parse_experiment(yaml.safe_load((folder / "sweep.yaml").read_text())))}
     lines = ["| profile | rate_scale (TT's capacity) | policy | TTFT P50 s | P99 | P99.9 | max "
              f"| over {slo_ttft:g} s | longest 5% of prompts: TTFT P99 s |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -76,10 +66,9 @@ def equal_load(folder: Path, best: pd.DataFrame, slo_ttft: float) -> list[str]:
             continue
         rate = float(tt["capacity"].iloc[0])
         for _, r in g.iterrows():
-            policy, params = params_of(results, r["series"])
-            workload = dict(sweep["base"]["workload"], rate_scale=rate)
-            cfg = SimConfig(profile=profile, policy=policy, policy_params=params, workload=workload,
-                            seed=sweep["base"].get("seed", 0))
+            config = copy.deepcopy(runs[r["series"]].config)
+            config["workload"]["rate_scale"] = rate
+            cfg = SimConfig.from_dict(config)
             req = simulate(cfg).trace.requests
             ttft = (req["first_token"] - req["arrival"]).to_numpy()
             long = ttft[req["prompt_len"].to_numpy() >= np.quantile(req["prompt_len"], 0.95)]

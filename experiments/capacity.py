@@ -120,30 +120,31 @@ def sustainability(requests: "pd.DataFrame", points: int = 101) -> dict[str, flo
                             few requests waiting while the work waiting grows as fast
                             (measured in the module docstring); tokens favour the reverse.
     NaN when the arrivals span no time (all at once): there is no rate to keep up with."""
-    order = np.argsort(requests["arrival"].to_numpy(np.float64), kind="stable")
-    arrival = requests["arrival"].to_numpy(np.float64)[order]
+    arrival = requests["arrival"].to_numpy(np.float64)
+    by_arrival = np.argsort(arrival, kind="stable")
+    arrival = arrival[by_arrival]
     n = len(arrival)
     nan = {k: math.nan for k in SUSTAIN_KEYS}
     t_mid, t_end = ((arrival[0] + arrival[-1]) / 2, arrival[-1]) if n else (0.0, 0.0)
     if n < 8 or not t_end > t_mid:
         return nan
     finish = np.sort(np.nan_to_num(requests["finish"].to_numpy(np.float64), nan=math.inf))
-    first_token = np.sort(np.nan_to_num(requests["first_token"].to_numpy(np.float64), nan=math.inf))
+    first_token = np.nan_to_num(requests["first_token"].to_numpy(np.float64), nan=math.inf)
+    by_first_token = np.argsort(first_token, kind="stable")
+    first_token = first_token[by_first_token]
     t = np.linspace(t_mid, t_end, points)
     arrived = np.searchsorted(arrival, t, "right")
     rate = (arrived[-1] - arrived[0]) / (t_end - t_mid)  # arrivals in (t_mid, t_end]
     if not rate > 0:
         return nan
-    queue_slope = float(np.polyfit(t, arrived - np.searchsorted(first_token, t, "right"), 1)[0])
+    has_first_token = np.searchsorted(first_token, t, "right")
+    queue_slope = float(np.polyfit(t, arrived - has_first_token, 1)[0])
     backlog_slope = float(np.polyfit(t, arrived - np.searchsorted(finish, t, "right"), 1)[0])
     token_growth = math.nan
     if "prompt_len" in requests:
         tokens = requests["prompt_len"].to_numpy(np.float64)
-        by_first_token = np.argsort(np.nan_to_num(requests["first_token"].to_numpy(np.float64), nan=math.inf),
-                                    kind="stable")
-        arrived_tokens = np.concatenate(([0.0], np.cumsum(tokens[order])))[arrived]
-        served_tokens = np.concatenate(([0.0], np.cumsum(tokens[by_first_token])))[
-            np.searchsorted(first_token, t, "right")]
+        arrived_tokens = np.concatenate(([0.0], np.cumsum(tokens[by_arrival])))[arrived]
+        served_tokens = np.concatenate(([0.0], np.cumsum(tokens[by_first_token])))[has_first_token]
         token_rate = (arrived_tokens[-1] - arrived_tokens[0]) / (t_end - t_mid)
         if token_rate > 0:
             token_growth = float(np.polyfit(t, arrived_tokens - served_tokens, 1)[0]) / token_rate

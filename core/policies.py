@@ -211,6 +211,13 @@ class StageTimeBalanced:
     Azure code trace, where P99 TTFT binds, this raises capacity; what it costs the longest
     prompts is in docs/benchmarks.md ("A waiting order").
 
+    `late_after` (seconds) sets a prompt that has waited that long without starting behind
+    every prompt that has not (the scheduler's `late` queue). Under a TTFT SLO it has
+    missed it, and first come, first served would make every prompt behind it miss it too:
+    in an overload that outlasts the SLO, the misses then stay with the few prompts that
+    were already late instead of spreading to all. Those few wait until the overload ends
+    (docs/benchmarks.md, "Late prompts last", gives how long).
+
     Token Throttling's protections are unchanged: its decodes (Rn/pp, rotating jitter,
     optional `maxd`) are taken first and never cut by time; its prefill budget (KV reserve,
     utilisation ramp, backlog rule WT // iterp with floor minp) is always granted; the
@@ -230,6 +237,9 @@ class StageTimeBalanced:
     # come, first served; d > 0 lets a shorter prompt go ahead of a longer one that arrived
     # less than d x (difference in thousands of tokens) seconds earlier.
     defer_per_1k_tokens: float = 0.0
+    # Seconds a prompt may wait unstarted before it goes behind every prompt that has not
+    # waited that long; null: never.
+    late_after: float | None = None
     _tt: TokenThrottling = dataclasses.field(default=None, init=False, repr=False)  # type: ignore[assignment]
     _model: StageTimeModel | None = dataclasses.field(default=None, init=False, repr=False)
 
@@ -245,6 +255,9 @@ class StageTimeBalanced:
         _check(isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d < math.inf, n,
                "defer_per_1k_tokens", "a finite number >= 0 (seconds per 1,000 prompt tokens; 0: first "
                "come, first served)", d)
+        late = self.late_after
+        _check(late is None or (isinstance(late, (int, float)) and not isinstance(late, bool) and 0 < late < math.inf),
+               n, "late_after", "null or a finite number of seconds > 0", late)
         # The token rules are Token Throttling's: it validates them, under this policy's name.
         try:
             self._tt = TokenThrottling(maxp=self.maxp, minp=self.minp, iterp=self.iterp, kvthresh=self.kvthresh,

@@ -12,7 +12,10 @@ within the budget, priced by the `stage_time_model` the caller hands in (the lat
 its stage times come from; core.cost_model). Plans without one pay a single None check.
 
 Waiting requests are served first come, first served, unless the policy has a
-`queue_key`: new requests are then kept in its order behind those holding pages.
+`queue_key`: new requests are then kept in its order behind those holding pages. A policy
+with a `late_after` (seconds) moves a prompt that has waited that long without starting to
+`late`, a second queue served only when `waiting` is empty: under a TTFT SLO such a prompt
+has missed it, and serving it first makes the ones behind it miss it too.
 
 A prompt starts prefill once its first chunk fits (vLLM with chunked prefill), or, when a
 plan sets `admit_whole_prompts`, only once the pages free beyond those still owed to
@@ -20,6 +23,7 @@ started prompts (`prefill_debt`) hold all of it: docs/architecture.md says why.
 """
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
@@ -68,6 +72,7 @@ class Scheduler:
         self.requests: list[Request] = []          # every request ever added, in order
         self.waiting: deque[Request] = deque()     # prompt (or recompute) left to schedule
         self.ready: deque[Request] = deque()       # can decode one more token
+        self.late: deque[Request] = deque()        # waited past late_after without starting
         self.in_flight: dict[int, MicroBatch] = {}  # batch id -> batch, oldest first
         self._waiting_tokens = 0
         self._requests_in_flight = 0
@@ -78,6 +83,8 @@ class Scheduler:
         self.forced_batches = 0
         policy.bind(self)
         self._queue_key = getattr(policy, "queue_key", None)   # None: first come, first served
+        self._late_after: float | None = getattr(policy, "late_after", None)   # None: no late queue
+        self._due: list[tuple[float, int, Request]] = []   # (arrival, id, request): when each turns late
 
     # ---- the read-only view policies see ----
     @property
@@ -90,7 +97,7 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.late)
 
     @property
     def num_ready(self) -> int:
@@ -136,12 +143,16 @@ class Scheduler:
             self.waiting.append(request)
         else:
             self._insert_by_key(request, self._queue_key)
+        if self._late_after is not None:
+            heapq.heappush(self._due, (request.arrival, request.id, request))
         self._waiting_tokens += request.num_unscheduled
         self._unfinished += 1
         return True
 
     def next_batch(self, now: float) -> MicroBatch | None:
-        if len(self.in_flight) >= self.pp or not (self.waiting or self.ready):
+        if self._late_after is not None and self._due:
+            self._move_late(now)
+        if len(self.in_flight) >= self.pp or not (self.waiting or self.ready or self.late):
             return None
         plan = self.policy.plan(self)
         batch = MicroBatch(self._next_batch_id, now)
@@ -271,7 +282,7 @@ class Scheduler:
         if request.is_finished:
             return
         if request.status is Status.WAITING:
-            self.waiting.remove(request)  # O(queue): aborts are rare
+            (self.late if request in self.late else self.waiting).remove(request)  # O(queue): aborts are rare
             self._waiting_tokens -= request.num_unscheduled
         elif request in self.ready:
             self.ready.remove(request)
@@ -338,7 +349,7 @@ class Scheduler:
     def _take_prefills(self, batch: MicroBatch, plan: BatchPlan, budget: int, now: float) -> None:
         # Hot path (one call per micro-batch, ~10^5 chunks per trace): queue, allocator and
         # batch sums are read and written inline.
-        waiting, kv, page_size = self.waiting, self.kv, self.page_size
+        waiting, late, kv, page_size = self.waiting, self.late, self.kv, self.page_size
         new_allowed, max_chunk, requeue = plan.max_new_requests, plan.max_chunk, plan.requeue_chunks
         time_budget, whole = plan.time_budget, plan.admit_whole_prompts
         if time_budget is not None and self.stage_time_model is None:
@@ -346,8 +357,11 @@ class Scheduler:
                              "stage_time_model to price prefill chunks with")
         running = Status.RUNNING
         kept: list[Request] = []  # partly scheduled requests that stay at the front (requeue_chunks)
-        while budget > 0 and waiting:
-            r = waiting[0]
+        while budget > 0:
+            queue = waiting if waiting else late   # late prompts only once no other waits
+            if not queue:
+                break
+            r = queue[0]
             pages = r.pages
             held = len(pages)
             if not held and new_allowed is not None and new_allowed <= 0:
@@ -372,7 +386,7 @@ class Scheduler:
                     break
                 r.prefill_debt = target
                 self._prefill_debt += target
-            waiting.popleft()
+            queue.popleft()
             r.status = running
             self._waiting_tokens -= n
             end = start + n
@@ -404,6 +418,18 @@ class Scheduler:
                 self._waiting_tokens -= known - end
         for r in reversed(kept):
             waiting.appendleft(r)
+
+    def _move_late(self, now: float) -> None:
+        """Prompts that arrived more than `late_after` ago and have not started go to the back
+        of `late`, in arrival order. Each request is checked once, when it turns late; one
+        that has started (or was preempted: those keep the front) stays. O(its place in
+        `waiting`): late prompts are near its front, the oldest there."""
+        due, cutoff = self._due, now - self._late_after   # type: ignore[operator]
+        while due and due[0][0] < cutoff:
+            r = heapq.heappop(due)[2]
+            if r.status is Status.WAITING and not r.pages and not r.preemptions and not r.in_flight:
+                self.waiting.remove(r)
+                self.late.append(r)
 
     def _insert_by_key(self, request: Request, key) -> None:
         """Just behind the last waiting request whose key is no larger than its own, and never
@@ -467,5 +493,6 @@ class Scheduler:
     def _sample(self, now: float) -> None:
         if self.recorder is not None:
             ready = len(self.ready)
-            self.recorder.sample(now, self.total_pages - self.kv.num_free, self.total_pages, len(self.waiting),
+            self.recorder.sample(now, self.total_pages - self.kv.num_free, self.total_pages,
+                                 len(self.waiting) + len(self.late),
                                  ready, len(self.in_flight), ready + self._requests_in_flight)

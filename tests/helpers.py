@@ -124,6 +124,16 @@ def check_invariants(s: Scheduler, full_pages: bool = True) -> None:
 
     waiting_ids = [r.id for r in s.waiting]
     ready_ids = [r.id for r in s.ready]
+    late_ids = [r.id for r in s.late]
+    assert len(set(late_ids)) == len(late_ids), "a request is twice in late"
+    assert not set(late_ids) & (set(waiting_ids) | set(ready_ids)), "a late request is in another queue too"
+    assert not late_ids or getattr(s.policy, "late_after", None) is not None, "a late queue without late_after"
+    # Late prompts never started (nor were preempted: those keep the front), in arrival order.
+    for r in s.late:
+        assert r.status is Status.WAITING and not r.pages and not r.in_flight and not r.preemptions \
+            and r.num_scheduled == 0, f"late request {r.id}: {r.status}, {len(r.pages)} pages, started or preempted"
+    assert [(r.arrival, r.id) for r in s.late] == sorted((r.arrival, r.id) for r in s.late), "late out of order"
+    assert s.num_waiting == len(waiting_ids) + len(late_ids), "num_waiting leaves out a queue"
     assert len(set(waiting_ids)) == len(waiting_ids), "a request is twice in waiting"
     assert len(set(ready_ids)) == len(ready_ids), "a request is twice in ready"
     assert not set(waiting_ids) & set(ready_ids), "a request is both waiting and ready"
@@ -148,7 +158,7 @@ def check_invariants(s: Scheduler, full_pages: bool = True) -> None:
         assert r.status is Status.RUNNING and r.in_flight == 0, f"request {r.id}: bad ready state"
         assert r.num_unscheduled == 1 and r.num_computed == r.num_scheduled, f"request {r.id}: not decodable"
 
-    in_queue = set(waiting_ids) | set(ready_ids) | set(where)
+    in_queue = set(waiting_ids) | set(ready_ids) | set(late_ids) | set(where)
     unfinished = holding = 0
     ps = s.page_size
     FINISHED, REJECTED = Status.FINISHED, Status.REJECTED
@@ -171,7 +181,8 @@ def check_invariants(s: Scheduler, full_pages: bool = True) -> None:
         assert not r.output_ids or len(r.output_ids) == r.num_output  # ids, where sampled, match the count
     # The running sums policies read must match the state they summarise.
     assert s.num_unfinished == unfinished
-    assert s.waiting_tokens == sum(r.num_unscheduled for r in s.waiting), "waiting_tokens drifted"
+    assert s.waiting_tokens == sum(r.num_unscheduled for r in s.waiting) + sum(r.num_unscheduled for r in s.late), \
+        "waiting_tokens drifted"
     assert s.num_running == len(s.ready) + len(where), "num_running drifted"
     assert s.num_holding_pages == holding, "num_holding_pages drifted"
 

@@ -100,6 +100,8 @@ def tb_params(draw, fill: float | None = None, max_chunk: bool | None = None) ->
     # shortest-prompt-first.
     p["defer_per_1k_tokens"] = draw(st.sampled_from([0.0, 0.0, 1.0, 1e6]) | st.floats(0, 100)) \
         if fill is None else 0.0
+    # Late after: from within one arrival gap to beyond most runs; None (off) half the time.
+    p["late_after"] = draw(st.sampled_from([None, None, 0.5, 3.0]) | st.floats(0.01, 50)) if fill is None else None
     return "time_balanced", p
 
 
@@ -298,17 +300,31 @@ def test_time_balanced_runs_clean(sc: Scenario):
 
 
 def check_queue_order(res) -> None:
-    """With a queue key, no prompt starts before one with a smaller key that had arrived
-    (preempted requests aside: they go back to the front)."""
-    key = getattr(res.scheduler.policy, "queue_key", None)
-    if key is None:
+    """No prompt starts before one that had arrived and comes first (preempted requests
+    aside: they go back to the front). With `late_after`, a prompt that had waited longer
+    (it was late when the other started) comes after every one that had not, and the late
+    ones come in arrival order; among the others, a queue key's order."""
+    policy = res.scheduler.policy
+    key = getattr(policy, "queue_key", None)
+    late_after = getattr(policy, "late_after", None)
+    if key is None and late_after is None:
         return
+
+    def late(r, t: float) -> bool:
+        return late_after is not None and r.arrival < t - late_after
+
     started = sorted((r for r in res.requests if not r.preemptions), key=lambda r: r.first_scheduled)
     for b in started:
+        t = b.first_scheduled
         for a in started:
-            if a.first_scheduled > b.first_scheduled and a.arrival <= b.first_scheduled:
-                assert key(a) >= key(b), (f"request {b.id} (key {key(b)}) started at {b.first_scheduled} "
-                                          f"before {a.id} (key {key(a)}, arrived {a.arrival})")
+            if not (a.first_scheduled > t and a.arrival <= t):
+                continue   # a started first, or had not arrived when b started
+            where = f"request {b.id} started at {t} before {a.id} (arrived {a.arrival})"
+            if late(b, t):
+                assert late(a, t), f"{where}: a late prompt went ahead of an on-time one"
+                assert (a.arrival, a.id) > (b.arrival, b.id), f"{where}: late prompts out of arrival order"
+            elif not late(a, t) and key is not None:
+                assert key(a) >= key(b), f"{where}: keys {key(b)} > {key(a)}"
 
 
 class PlanChecked:
@@ -321,6 +337,7 @@ class PlanChecked:
         self.inner = make_policy("time_balanced", params)
         self.requeue_chunks = self.inner.requeue_chunks   # what check_invariants reads
         self.queue_key = self.inner.queue_key             # and the scheduler
+        self.late_after = self.inner.late_after
 
     def bind(self, view) -> None:
         self.inner.bind(view)
@@ -352,7 +369,7 @@ def test_time_balanced_plans_are_token_throttlings_plus_only_prefill_up_to_the_k
 def test_time_balanced_with_fill_zero_and_no_cap_is_token_throttling(sc: Scenario):
     """fill 0 adds no prefill beyond Token Throttling's budget, so with no chunk cap every
     decision is Token Throttling's, whatever the model."""
-    tt = {k: v for k, v in sc.params.items() if k not in ("fill", "max_chunk", "admit_whole_prompts", "defer_per_1k_tokens")}
+    tt = {k: v for k, v in sc.params.items() if k not in ("fill", "max_chunk", "admit_whole_prompts", "defer_per_1k_tokens", "late_after")}
     a = drive(sc.scheduler(), sc.requests(), arrivals=sc.arrivals, seed=sc.seed, check=False)
     b = drive(sc.scheduler("token_throttling", tt), sc.requests(), arrivals=sc.arrivals, seed=sc.seed,
               check=False)

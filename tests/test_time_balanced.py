@@ -70,7 +70,10 @@ def test_a_time_budget_without_a_model_is_an_error_not_ignored():
                                          ("admit_whole_prompts", "yes"), ("admit_whole_prompts", 1),
                                          ("defer_per_1k_tokens", -0.1), ("defer_per_1k_tokens", True),
                                          ("defer_per_1k_tokens", float("inf")),
-                                         ("defer_per_1k_tokens", float("nan")), ("defer_per_1k_tokens", "1")])
+                                         ("defer_per_1k_tokens", float("nan")), ("defer_per_1k_tokens", "1"),
+                                         ("late_after", 0), ("late_after", -1.0), ("late_after", True),
+                                         ("late_after", "4"), ("late_after", float("inf")),
+                                         ("late_after", float("nan"))])
 def test_bad_parameters_name_the_policy_and_field(field, value):
     with pytest.raises(ValueError, match=rf"time_balanced\.{field} must be"):
         make_policy("time_balanced", {field: value})
@@ -491,3 +494,111 @@ def test_defer_never_moves_a_prompt_ahead_of_one_holding_pages():
     s.add(Request(1, 10, 1, arrival=0.0), 0.0)
     assert [r.id for r in s.waiting] == [0, 1]
     check_invariants(s)
+
+
+# ---------------------------------------------------------------- the late queue
+def start_order(arrivals: list[float], tokens: int = 100, **params) -> tuple[list[int], Scheduler]:
+    """Ids in the order their prompts start, with pp=1 and one whole prompt a batch: request
+    i is added when the clock (one tick a batch) reaches arrivals[i]. At pp 1 Token
+    Throttling's budget is maxp: one prompt's tokens."""
+    s = scheduler(pp=1, maxp=tokens, minp=0, iterp=1, **params)
+    pending = sorted(range(len(arrivals)), key=lambda i: arrivals[i])
+    started: list[int] = []
+    now = 0.0
+    while pending or s.has_work:
+        while pending and arrivals[pending[0]] <= now:
+            i = pending.pop(0)
+            s.add(Request(i, tokens, 1, arrival=arrivals[i]), now)
+        if s.in_flight:
+            complete_oldest(s, now)
+        b = s.next_batch(now)
+        check_invariants(s)
+        if b is not None:
+            started += [it.request.id for it in b.chunks if it.start == 0]
+        now += 1.0
+    return started, s
+
+
+def test_late_prompts_go_behind_every_on_time_one_in_arrival_order():
+    """late_after 2: at t=3 prompts 3 (arrived 0) and 4 (0.5) have waited over 2 s without
+    starting, so 5 (2) and 6 (3) go first; then 3 and 4, in arrival order. Without it,
+    first come, first served."""
+    arrivals = [0, 0, 0, 0, 0.5, 2, 3]
+    assert start_order(arrivals)[0] == [0, 1, 2, 3, 4, 5, 6]
+    assert start_order(arrivals, late_after=2.0)[0] == [0, 1, 2, 5, 6, 3, 4]
+    # 2.5: only 3 is late by t=3 (4 turns late at t=3.5, after 5 and 6 have come)
+    assert start_order(arrivals, late_after=2.5)[0] == [0, 1, 2, 4, 5, 6, 3]
+
+
+def test_late_queue_with_a_deferral_keeps_the_key_order_among_on_time_prompts():
+    """The late rule goes by arrival, the order among the others by the queue key (15 s per
+    1,000 tokens; batches of 100 tokens): keys 4 -> 1.5, 2 -> 2.5, 1 (200 tokens) -> 3.0,
+    3 -> 3.5. So 1 waits behind 4 and 2, and has turned late (arrived 0, 0 + 2.5 < 3) when
+    3, whose key is larger, starts: 1 goes last."""
+    s = scheduler(pp=1, maxp=100, minp=0, iterp=1, defer_per_1k_tokens=15.0, late_after=2.5)
+    s.add(Request(0, 100, 1, arrival=0.0), 0.0)
+    s.next_batch(0.0)
+    s.add(Request(1, 200, 1, arrival=0.0), 0.0)
+    s.add(Request(4, 100, 1, arrival=0.0), 0.0)
+    assert [r.id for r in s.waiting] == [4, 1]
+    starts = []
+    for now, arriving in ((1.0, 2), (2.0, 3), (3.0, None), (4.0, None)):
+        if arriving is not None:
+            s.add(Request(arriving, 100, 1, arrival=now), now)
+        complete_oldest(s, now)
+        b = s.next_batch(now)
+        check_invariants(s)
+        starts += [it.request.id for it in b.chunks if it.start == 0]
+        if now == 3.0:
+            assert [r.id for r in s.late] == [1] and s.num_waiting == 1 and s.waiting_tokens == 200
+    assert starts == [4, 2, 3, 1]
+
+
+def test_a_prompt_holding_pages_never_turns_late():
+    """Prompt 0 is part way through its prefill (100-token chunks) when it has waited past
+    late_after: it keeps its place at the head; 1, which never started, turns late."""
+    s = scheduler(pp=1, maxp=4096, minp=0, iterp=1, max_chunk=100, requeue_chunks=True, late_after=0.5)
+    s.add(Request(0, 1000, 1, arrival=0.0), 0.0)
+    s.add(Request(1, 10, 1, arrival=0.0), 0.0)
+    assert items_of(s.next_batch(0.0)) == [pre(0, 0, 100), pre(1, 0, 10)]
+    s.add(Request(2, 10, 1, arrival=0.0), 0.0)
+    complete_oldest(s, 1.0)
+    b = s.next_batch(1.0)
+    check_invariants(s)
+    assert items_of(b)[0] == pre(0, 100, 100)   # 0 goes on
+    assert [r.id for r in s.late] == [] and items_of(b)[1] == pre(2, 0, 10)   # waiting empties first
+
+
+def test_late_prompts_wait_while_on_time_ones_block_on_pages():
+    """The late queue is served only once no on-time prompt waits: an on-time head that
+    waits for pages (admit_whole_prompts: all 7 of them) holds the late one back, though
+    the late one would fit in the one page left."""
+    s = scheduler(pp=2, num_pages=8, maxp=4096, minp=0, iterp=1, kvthresh=0.0, admit_whole_prompts=True,
+                  late_after=0.5)
+    s.add(Request(0, 100, 1, arrival=0.0), 0.0)   # 7 of 8 pages
+    assert [it.request.id for it in s.next_batch(0.0).chunks] == [0]
+    s.add(Request(1, 16, 1, arrival=0.0), 0.0)    # late at t=1, fits in 1 page
+    s.add(Request(2, 100, 1, arrival=1.0), 1.0)   # on time, needs 7 pages: waits
+    assert s.next_batch(1.0) is None
+    assert [r.id for r in s.late] == [1] and [r.id for r in s.waiting] == [2] and s.free_pages == 1
+    check_invariants(s)
+
+
+def test_aborting_a_late_prompt_drops_it_and_its_tokens():
+    s = scheduler(pp=1, maxp=30, minp=0, iterp=1, late_after=0.5)
+    s.add(Request(0, 30, 1, arrival=0.0), 0.0)
+    s.next_batch(0.0)
+    late = Request(1, 40, 1, arrival=0.0)
+    s.add(late, 0.0)
+    complete_oldest(s, 1.0)
+    s.add(Request(2, 30, 1, arrival=1.0), 1.0)
+    assert [it.request.id for it in s.next_batch(1.0).chunks] == [2]    # 1 turned late
+    assert list(s.late) == [late] and s.waiting_tokens == 40 and s.num_waiting == 1
+    s.abort(late, 1.5)
+    assert not s.late and s.waiting_tokens == 0 and s.num_waiting == 0 and late.finish_reason == "aborted"
+    check_invariants(s)
+
+
+def test_no_late_queue_by_default():
+    assert make_policy("time_balanced", {}).late_after is None
+    assert scheduler()._late_after is None and scheduler(late_after=4.0)._late_after == 4.0

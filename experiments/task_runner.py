@@ -2,13 +2,14 @@
 (in this process, on a local process pool, or on another executor).
 
 Cache: OUT/cache/<hash>.json per run, hash = sha256 of the canonical JSON of the resolved
-SimConfig dict + `code_version()` + the inputs' fingerprints (profile table contents; a
+SimConfig dict + `code_version()` (the simulation code, comments and docstrings aside) + the inputs' fingerprints (profile table contents; a
 trace file's size and mtime). An interrupted or extended sweep recomputes only what is
 missing. A run that must keep its trace (timeline plots, `artefacts: true`) is a hit only
 when OUT/runs/<hash>/ holds it.
 """
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
@@ -36,7 +37,8 @@ ROW_VERSION = 5   # the columns `execute` adds to a summary row; a change invali
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """pipetwin's version + a hash of the simulation code (core/, sim/, profiles/ sources)."""
+    """pipetwin's version + a hash of the simulation code (core/, sim/, profiles/ sources),
+    comments and docstrings left out (`code_fingerprint`)."""
     try:
         from importlib.metadata import version
         v = version("pipetwin")
@@ -47,8 +49,22 @@ def code_version() -> str:
     for pkg in PACKAGES:
         for f in sorted((root / pkg).rglob("*.py")):
             h.update(str(f.relative_to(root)).encode())
-            h.update(f.read_bytes())
+            h.update(code_fingerprint(f.read_text(encoding="utf-8")).encode())
     return f"{v}+{h.hexdigest()[:12]}"
+
+
+def code_fingerprint(source: str) -> str:
+    """What of a module's source can change a result: its syntax tree without docstrings
+    (comments and layout are not in the tree). A comment edit in core/ used to change the
+    hash and rerun every cached run (a 35-minute sweep, for a docstring)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 @functools.lru_cache(maxsize=64)

@@ -125,7 +125,7 @@ def test_shipped_configs_validate(monkeypatch):
         # issue 17's comparisons: equal grids per policy, four platforms each
         for name, variants in [("time_balanced_conv", 16), ("time_balanced_code", 16), ("chunk_cap_code", 12),
                                ("queue_order_code", 20), ("queue_order_code_full", 20),
-                               ("queue_order_conv_full", 6)]:
+                               ("queue_order_conv_full", 6), ("late_conv_full", 10), ("late_code_full", 8)]:
             exp = load_experiment(f"experiments/{name}.yaml")
             assert exp.count() == 4 * variants and exp.capacity is not None, name
 
@@ -195,6 +195,21 @@ def test_cache_reuse_and_extension(tmp_path):
     assert len(_table(out)) == 6
     # a run is one cache file, keyed by the resolved config
     assert len(list((out / "cache").glob("*.json"))) == first.computed + 2
+
+
+def test_code_fingerprint_ignores_comments_and_docstrings_not_code():
+    """The cache's code hash: a comment, a docstring or a layout change keeps cached runs;
+    any change to what runs (a constant, an operator, a string that is not a docstring)
+    invalidates them."""
+    from experiments.task_runner import code_fingerprint
+    base = code_fingerprint('"""Module."""\nclass A:\n    """Doc."""\n    def f(self, x):\n'
+                            '        """Doc."""\n        return x + 1  # why\n')
+    assert base == code_fingerprint('"""Another module doc."""\n\nclass A:\n    def f(self, x):\n'
+                                    '        # a new comment\n        return (x +\n                1)\n')
+    for changed in ('class A:\n    def f(self, x):\n        return x + 2\n',
+                    'class A:\n    def f(self, x):\n        return x - 1\n'):
+        assert code_fingerprint(changed) != base, changed
+    assert code_fingerprint('"""Doc."""\nNAME = "a"\n') != code_fingerprint('"""Doc."""\nNAME = "b"\n')
 
 
 def test_results_table_is_tidy_and_deterministic(tmp_path):

@@ -342,7 +342,7 @@ def test_validation_config_takes_the_kernel_settings(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["twin_cpu", "twin_cpu_time_balanced", "twin_cpu_chunk_cap", "twin_cpu_pp3",
-                                  "twin_cpu_queue_order"])
+                                  "twin_cpu_queue_order", "twin_cpu_late"])
 def test_shipped_validation_configs_load(name):
     """The CPU twin configs the docs' figures come from, with their policies' parameters checked."""
     from core.policies import make_policy

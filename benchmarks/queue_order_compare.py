@@ -10,6 +10,8 @@ it costs, from a finished sweep (experiments/queue_order_code*.yaml).
    capacity. P99 TTFT hides a starved 1%, so this also gives the P99.9 and the worst
    TTFT, the share of requests over the TTFT SLO, and the P99 TTFT of the longest 5% of
    prompts (those a shorter-first order makes wait).
+3. With --at-capacity: the same tail for each best variant at its own capacity, where a
+   P99 SLO lets 1% of the requests wait as long as they may.
 Prints markdown.
 """
 from __future__ import annotations
@@ -52,33 +54,62 @@ def best_variants(folder: Path) -> pd.DataFrame:
             .groupby(["profile", "family"], sort=False).head(1))
 
 
+TAIL_HEADER = ("| TTFT P50 s | P99 | P99.9 | max | over {slo:g} s | longest 5% of prompts: TTFT P99 s |",
+               "| ---: | ---: | ---: | ---: | ---: | ---: |")
+
+
+def ttft_tail(folder: Path, series: str, rate: float, slo_ttft: float) -> str:
+    """One variant (a series of capacity.csv) re-simulated at `rate`: its TTFT tail as the
+    cells of TAIL_HEADER. The config is the one the sweep ran (trace paths resolve from the
+    repository root, where the sweep was run)."""
+    runs = _runs(folder)
+    config = copy.deepcopy(runs[series].config)
+    config["workload"]["rate_scale"] = rate
+    req = simulate(SimConfig.from_dict(config)).trace.requests
+    ttft = (req["first_token"] - req["arrival"]).to_numpy()
+    long = ttft[req["prompt_len"].to_numpy() >= np.quantile(req["prompt_len"], 0.95)]
+    q = np.quantile(ttft, [0.5, 0.99, 0.999])
+    return (f"| {q[0]:.2f} | {q[1]:.2f} | {q[2]:.2f} | {ttft.max():.2f} | {np.mean(ttft > slo_ttft):.1%} "
+            f"| {np.quantile(long, 0.99):.2f} |")
+
+
+def _runs(folder: Path, cache: dict = {}) -> dict:
+    """Each variant's resolved config, as the sweep expanded it (read once per folder)."""
+    if folder not in cache:
+        spec = parse_experiment(yaml.safe_load((folder / "sweep.yaml").read_text()))
+        cache[folder] = {r.series: r for r in expand(spec)}
+    return cache[folder]
+
+
 def equal_load(folder: Path, best: pd.DataFrame, slo_ttft: float) -> list[str]:
-    """`best`: the rows (of capacity.csv) to re-simulate, with profile and family."""
-    # Each variant's resolved config, as the sweep ran it (trace paths resolve from the
-    # repository root, where the sweep was run).
-    runs = {r.series: r for r in expand(parse_experiment(yaml.safe_load((folder / "sweep.yaml").read_text())))}
-    lines = ["| profile | rate_scale (TT's capacity) | policy | TTFT P50 s | P99 | P99.9 | max "
-             f"| over {slo_ttft:g} s | longest 5% of prompts: TTFT P99 s |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    """`best`: the rows (of capacity.csv) to re-simulate, with profile and family, each at
+    Token Throttling's capacity on its profile."""
+    head, rule = TAIL_HEADER
+    lines = ["| profile | rate_scale (TT's capacity) | policy " + head.format(slo=slo_ttft),
+             "| --- | ---: | --- " + rule]
     for profile, g in best.groupby("profile", sort=False):
         tt = g[g["family"] == "TT"]
         if tt.empty or not tt["capacity"].iloc[0] > 0:
             continue
         rate = float(tt["capacity"].iloc[0])
         for _, r in g.iterrows():
-            config = copy.deepcopy(runs[r["series"]].config)
-            config["workload"]["rate_scale"] = rate
-            cfg = SimConfig.from_dict(config)
-            req = simulate(cfg).trace.requests
-            ttft = (req["first_token"] - req["arrival"]).to_numpy()
-            long = ttft[req["prompt_len"].to_numpy() >= np.quantile(req["prompt_len"], 0.95)]
-            q = np.quantile(ttft, [0.5, 0.99, 0.999])
-            lines.append(f"| {profile} | {rate:.3g} | {r['label']} | {q[0]:.2f} | {q[1]:.2f} | {q[2]:.2f} "
-                         f"| {ttft.max():.2f} | {np.mean(ttft > slo_ttft):.1%} | {np.quantile(long, 0.99):.2f} |")
+            lines.append(f"| {profile} | {rate:.3g} | {r['label']} " + ttft_tail(folder, r["series"], rate, slo_ttft))
     return lines
 
 
-def report(folder: Path, simulate_equal_load: bool, every_variant_of: list[str]) -> str:
+def at_capacity(folder: Path, best: pd.DataFrame, slo_ttft: float) -> list[str]:
+    """Each row re-simulated at its own capacity: what the P99 SLO lets the last 1% wait
+    there (a late queue or a shorter-first order spends that 1% on a few prompts)."""
+    head, rule = TAIL_HEADER
+    lines = ["| profile | policy | capacity (rate_scale) " + head.format(slo=slo_ttft), "| --- | --- | ---: " + rule]
+    for _, r in best.iterrows():
+        if r["capacity"] > 0:
+            lines.append(f"| {r['profile']} | {r['label']} | {r['capacity']:.3g} "
+                         + ttft_tail(folder, r["series"], float(r["capacity"]), slo_ttft))
+    return lines
+
+
+def report(folder: Path, simulate_equal_load: bool, every_variant_of: list[str], simulate_at_capacity: bool) -> str:
     best = best_variants(folder)
     lines = [f"### {folder.name}", "",
              "| profile | policy | best variant | capacity (rate_scale) | req/s | bound | vs TT |",
@@ -98,6 +129,10 @@ def report(folder: Path, simulate_equal_load: bool, every_variant_of: list[str])
         lines += ["", "At equal load (Token Throttling's capacity), each policy's best variant"
                   + (f" and every variant of {', '.join(every_variant_of)}" if every_variant_of else "") + ":", ""]
         lines += equal_load(folder, rows, float(cap["slo.ttft_p99"].iloc[0]))
+    if simulate_at_capacity:
+        slo_ttft = float(pd.read_csv(folder / "capacity.csv")["slo.ttft_p99"].iloc[0])
+        lines += ["", "At its own capacity, each policy's best variant:", ""]
+        lines += at_capacity(folder, best, slo_ttft)
     return "\n".join(lines)
 
 
@@ -107,9 +142,11 @@ def main() -> None:
     ap.add_argument("--no-equal-load", action="store_true", help="skip the re-simulation at equal load")
     ap.add_argument("--every-variant-of", action="append", default=[], metavar="FAMILY",
                     help="also re-simulate every variant of this policy family at equal load (repeatable)")
+    ap.add_argument("--at-capacity", action="store_true",
+                    help="also re-simulate each policy's best variant at its own capacity (its TTFT tail there)")
     args = ap.parse_args()
     for folder in args.folders:
-        print(report(folder, not args.no_equal_load, args.every_variant_of))
+        print(report(folder, not args.no_equal_load, args.every_variant_of, args.at_capacity))
         print()
 
 

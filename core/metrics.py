@@ -14,6 +14,7 @@ Summary keys (`summarize`), with units:
   output_tps                tok/s   output tokens of finished requests / duration
   total_tps                 tok/s   prompt + output tokens of finished requests / duration
   ttft_{mean,p50,p90,p99}   s       first_token - arrival
+  ttft_max                  s       the longest: what a P99 SLO lets the last 1% wait
   tpot_{mean,p50,p90,p99}   s       (e2e - ttft) / (output_len - 1), output_len > 1 only
   itl_{mean,p50,p90,p99}    s       every gap between consecutive tokens of a request
   e2e_{mean,p50,p90,p99}    s       finish - arrival
@@ -46,7 +47,7 @@ STAGE_KEY = "bubble_ratio_stage{}"
 SUMMARY_KEYS: tuple[str, ...] = (
     "duration", "requests", "finished", "rejected", "unfinished", "preemptions",
     "throughput_rps", "goodput_rps", "output_tps", "total_tps",
-    *(f"{m}_{s}" for m in LATENCIES for s in ("mean", "p50", "p90", "p99")),
+    *(f"{m}_{s}" for m in LATENCIES for s in ("mean", "p50", "p90", "p99")), "ttft_max",
     "bubble_ratio", "bubble_window",
     "kv_util_mean", "kv_util_max", "waiting_mean", "waiting_max",
 )
@@ -275,6 +276,8 @@ def summarize(trace: "Trace", slo: "SLO | Mapping[str, float | None] | None" = N
     out.update(describe(lat["tpot"].to_numpy(), "tpot"))
     out.update(describe(trace.token_gaps(lat["request_id"]), "itl", scratch=True))  # no token table built
     out.update(describe(lat["e2e"].to_numpy(), "e2e"))
+    ttft = lat["ttft"].to_numpy()
+    out["ttft_max"] = float(np.nanmax(ttft)) if len(ttft) and not np.isnan(ttft).all() else math.nan
 
     br = bubble_ratio(trace.batches, req, pp)
     out["bubble_ratio"] = br.overall

@@ -125,7 +125,8 @@ def test_shipped_configs_validate(monkeypatch):
         # issue 17's comparisons: equal grids per policy, four platforms each
         for name, variants in [("time_balanced_conv", 16), ("time_balanced_code", 16), ("chunk_cap_code", 12),
                                ("queue_order_code", 20), ("queue_order_code_full", 20),
-                               ("queue_order_conv_full", 6), ("late_conv_full", 10), ("late_code_full", 8)]:
+                               ("queue_order_conv_full", 6), ("late_conv_full", 10), ("late_code_full", 8),
+                               ("late_conv_bounded", 4)]:
             exp = load_experiment(f"experiments/{name}.yaml")
             assert exp.count() == 4 * variants and exp.capacity is not None, name
 

@@ -203,6 +203,7 @@ def test_latency_metrics_by_hand():
     assert s["ttft_p50"] == pytest.approx(1.0)
     assert s["ttft_p90"] == pytest.approx(np.percentile([0.5, 1, 2], 90))  # 1.8
     assert s["ttft_p90"] == pytest.approx(1.8)
+    assert s["ttft_max"] == pytest.approx(2.0)
     assert s["tpot_mean"] == pytest.approx(1.0)
     assert s["tpot_p50"] == pytest.approx(1.0)
     assert s["tpot_p99"] == pytest.approx(0.5 + 0.99 * 1.0)

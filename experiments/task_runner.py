@@ -2,10 +2,10 @@
 (in this process, on a local process pool, or on another executor).
 
 Cache: OUT/cache/<hash>.json per run, hash = sha256 of the canonical JSON of the resolved
-SimConfig dict + `code_version()` (the simulation code, comments and docstrings aside) + the inputs' fingerprints (profile table contents; a
-trace file's size and mtime). An interrupted or extended sweep recomputes only what is
-missing. A run that must keep its trace (timeline plots, `artefacts: true`) is a hit only
-when OUT/runs/<hash>/ holds it.
+SimConfig dict + `code_version()` (the simulation code, comments and docstrings aside) +
+the inputs' fingerprints (profile table contents; a trace file's size and mtime). An
+interrupted or extended sweep recomputes only what is missing. A run that must keep its
+trace (timeline plots, `artefacts: true`) is a hit only when OUT/runs/<hash>/ holds it.
 """
 from __future__ import annotations
 

@@ -70,12 +70,12 @@ def search_capacity(name: str, run: Run, cap: Any, runner: Runner,
                        **row, "hash": task.hash})
         return not fails
 
-    capacity = find_capacity(meets, cap.lo, cap.hi, cap.tol) if cap.slo else math.nan
+    capacity = find_capacity(meets, cap.lo, cap.hi, cap.tol, cap.rel_tol) if cap.slo else math.nan
     at = [p for p in probes if p[cap.key] == capacity]
     rec.update({"capacity": capacity,
                 "capacity_rps": at[0]["offered_rps"] if at else math.nan,
                 "bound": binding_condition(evaluated, capacity, cap.lo, cap.hi) if cap.slo else "",
-                "lo": cap.lo, "hi": cap.hi, "tol": cap.tol, "sustain": cap.sustain,
+                "lo": cap.lo, "hi": cap.hi, "tol": cap.tol, "rel_tol": cap.rel_tol, "sustain": cap.sustain,
                 "probes": len(evaluated), **{f"slo.{k}": v for k, v in cap.slo.items()}, **mt})
     return rec, probes
 

@@ -56,7 +56,7 @@ __all__ = ["ConfigError", "expand", "probe_config", "load_experiment", "parse_ex
 
 TOP_KEYS = ("name", "description", "base", "grid", "zip", "policies", "capacity", "report", "artefacts")
 POLICY_KEYS = ("name", "label", "params", "grid")
-CAPACITY_KEYS = ("key", "lo", "hi", "tol", "slo", "max_throughput", "sustain")
+CAPACITY_KEYS = ("key", "lo", "hi", "tol", "rel_tol", "slo", "max_throughput", "sustain")
 REPORT_KEYS = ("plots", "x", "timeline", "heatmap")
 TIMELINE_KEYS = ("rate", "start", "duration")
 HEATMAP_KEYS = ("metric", "rate")
@@ -173,7 +173,12 @@ def parse_capacity(raw: Any, base: dict, swept: list[str]) -> CapacitySpec | Non
     hi = number(c, "hi", "capacity", 8.0, low=0)
     if hi <= lo:
         raise ConfigError(f"capacity.hi must be > capacity.lo ({lo:g}), got {hi!r}")
-    tol = number(c, "tol", "capacity", 0.1, low=0)
+    # A search stops within tol, or within rel_tol x the rate, whichever is larger; with
+    # rel_tol alone the absolute tolerance is off, not its default 0.1.
+    rel_tol = number(c, "rel_tol", "capacity", 0.0, low=0, strict=False)
+    if rel_tol >= 1:
+        raise ConfigError(f"capacity.rel_tol must be a fraction in [0, 1) of the rate, got {rel_tol!r}")
+    tol = number(c, "tol", "capacity", 0.1, low=0) if "tol" in c or not rel_tol else 0.0
     slo = check_keys(c.get("slo"), CAPACITY_METRICS, "capacity.slo")
     for m in slo:
         number(slo, m, "capacity.slo", None, low=0)
@@ -187,7 +192,7 @@ def parse_capacity(raw: Any, base: dict, swept: list[str]) -> CapacitySpec | Non
     if sustain >= 1:
         raise ConfigError(f"capacity.sustain must be a fraction in (0, 1), got {sustain!r}")
     return CapacitySpec(key, float(lo), float(hi), float(tol), {k: float(v) for k, v in slo.items()}, mt,
-                        float(sustain))
+                        float(sustain), float(rel_tol))
 
 
 def _parse_report(raw: Any, swept: list[str]) -> ReportSpec:

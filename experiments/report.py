@@ -218,6 +218,12 @@ def summary_table(df: pd.DataFrame, x: str | None) -> str:
     return "\n".join(lines)
 
 
+def tolerance(c: Any) -> str:
+    """A CapacitySpec's stopping rule in words: '0.05', '1% of the rate', or both."""
+    parts = ([f"{c.tol:g}"] if c.tol else []) + ([f"{c.rel_tol:.3g} x the rate"] if c.rel_tol else [])
+    return " or ".join(parts) + (", whichever is larger" if len(parts) > 1 else "")
+
+
 def capacity_table(cap: pd.DataFrame, exp: Experiment) -> str:
     c = exp.capacity
     unit = "req/s" if c.key == "workload.arrival.rate" else f"{c.key}"
@@ -273,7 +279,7 @@ def make_report(out: str | Path, exp: Experiment, plot_dir: str | Path | None = 
         how = (f"Capacity: the highest `{c.key}` whose run meets every SLO ({slo}; no request "
                f"rejected or unfinished) and is sustainable (over the second half of its arrivals its queue "
                f"grows by at most {c.sustain:.0%} of the arrival rate){', at an offered rate no higher than the max throughput' if c.max_throughput else ''}, "
-               f"by bisection over [{c.lo:g}, {c.hi:g}] to within {c.tol:g}. The column says which "
+               f"by bisection over [{c.lo:g}, {c.hi:g}] to within {tolerance(c)}. The column says which "
                "condition bound each search. " if c.slo else "No SLO given: no capacity search. ")
         lines += ["## Capacity", "", how + "Max throughput: every request arrives at t=0.",
                   "", capacity_table(cap, exp), ""]

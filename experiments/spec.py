@@ -41,10 +41,12 @@ class CapacitySpec:
     slo: dict[str, float]
     max_throughput: bool = True
     sustain: float = 0.05
+    rel_tol: float = 0.0   # also stop within this fraction of the rate (find_capacity)
 
     def probes(self) -> int:
         """Most simulations one bisection needs (both ends + halvings); 0 without an SLO."""
-        return 2 + max(0, math.ceil(math.log2((self.hi - self.lo) / self.tol))) if self.slo else 0
+        step = max(self.tol, self.rel_tol * self.lo)
+        return 2 + max(0, math.ceil(math.log2((self.hi - self.lo) / step))) if self.slo else 0
 
 
 @dataclass

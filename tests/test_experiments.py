@@ -79,6 +79,8 @@ def test_unknown_keys_are_named_with_a_suggestion(mutate, named, suggested):
     (lambda d: d.update(zip=[{"seed": [0, 1], "page_size": [16]}]), ["zip[0]", "same length"]),
     (lambda d: d.update(capacity={"lo": 4, "hi": 2, "slo": {"ttft_p99": 1}}), ["capacity.hi", "> capacity.lo"]),
     (lambda d: d.update(capacity={"tol": -1, "slo": {"ttft_p99": 1}}), ["capacity.tol", "> 0"]),
+    (lambda d: d.update(capacity={"rel_tol": 1.5, "slo": {"ttft_p99": 1}}), ["capacity.rel_tol", "[0, 1)"]),
+    (lambda d: d.update(capacity={"rel_tol": -0.1, "slo": {"ttft_p99": 1}}), ["capacity.rel_tol", ">= 0"]),
     (lambda d: d.update(capacity={"lo": 1, "max_throughput": False}), ["capacity.slo", "at least one"]),
     (lambda d: d["grid"].update({"policy": ["vllm"]}), ["policies"]),
     (lambda d: d.update(policies=[{"name": "sarathi"}, {"name": "sarathi"}]), ["label", "twice"]),
@@ -158,9 +160,29 @@ def test_find_capacity_on_a_monotone_function(threshold):
 def test_find_capacity_bounds_and_arguments():
     assert find_capacity(lambda r: True, 1, 4, 0.1) == 4
     assert find_capacity(lambda r: False, 1, 4, 0.1) == 0.0
-    for lo, hi, tol in ((4, 1, 0.1), (1, 4, 0), (-1, 4, 0.1), (1, math.inf, 0.1)):
+    for lo, hi, tol, rel in ((4, 1, 0.1, 0), (1, 4, 0, 0), (-1, 4, 0.1, 0), (1, math.inf, 0.1, 0),
+                             (0, 4, 0, 0.01), (1, 4, 0.1, -0.1)):
         with pytest.raises(ValueError):
-            find_capacity(lambda r: True, lo, hi, tol)
+            find_capacity(lambda r: True, lo, hi, tol, rel)
+
+
+@pytest.mark.parametrize("threshold", [0.26, 0.7, 3.7, 12.9])
+def test_find_capacity_to_a_relative_tolerance(threshold):
+    """rel_tol 2%: within 2% of the capacity wherever it lies in [0.1, 24], where an
+    absolute tolerance fine enough for 0.26 would spend probes at 12.9."""
+    calls = []
+
+    def meets(rate: float) -> bool:
+        calls.append(rate)
+        return rate <= threshold
+
+    cap = find_capacity(meets, 0.1, 24, 0.0, 0.02)
+    assert meets(cap) and threshold * (1 - 0.02) <= cap <= threshold
+    # the relative rule stops sooner the larger the rate; the bound from CapacitySpec.probes
+    from experiments.spec import CapacitySpec
+    assert len(calls) - 1 <= CapacitySpec("k", 0.1, 24, 0.0, {"ttft_p99": 1}, rel_tol=0.02).probes()
+    # with both, the larger step wins: an absolute 1.0 dominates at 3.7 and 12.9
+    assert threshold - max(1.0, 0.02 * threshold) <= find_capacity(lambda r: r <= threshold, 0.1, 24, 1.0, 0.02)
 
 
 def test_slo_check():

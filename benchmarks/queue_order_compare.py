@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import re
 import sys
 from pathlib import Path
@@ -46,10 +47,15 @@ def profile_of(series: str) -> str:
     return m.group(1) if m else ""
 
 
-def best_variants(folder: Path) -> pd.DataFrame:
+def capacities(folder: Path) -> pd.DataFrame:
+    """The sweep's capacity.csv, with each series' profile and policy family."""
     cap = pd.read_csv(folder / "capacity.csv")
     cap["profile"] = cap["series"].map(profile_of)
     cap["family"] = cap["label"].map(family)
+    return cap
+
+
+def best_variants(cap: pd.DataFrame) -> pd.DataFrame:
     return (cap.sort_values(["capacity", "max_bubble_ratio"], ascending=[False, True])
             .groupby(["profile", "family"], sort=False).head(1))
 
@@ -73,12 +79,11 @@ def ttft_tail(folder: Path, series: str, rate: float, slo_ttft: float) -> str:
             f"| {np.quantile(long, 0.99):.2f} |")
 
 
-def _runs(folder: Path, cache: dict = {}) -> dict:
+@functools.lru_cache(maxsize=None)
+def _runs(folder: Path) -> dict:
     """Each variant's resolved config, as the sweep expanded it (read once per folder)."""
-    if folder not in cache:
-        spec = parse_experiment(yaml.safe_load((folder / "sweep.yaml").read_text()))
-        cache[folder] = {r.series: r for r in expand(spec)}
-    return cache[folder]
+    spec = parse_experiment(yaml.safe_load((folder / "sweep.yaml").read_text()))
+    return {r.series: r for r in expand(spec)}
 
 
 def equal_load(folder: Path, best: pd.DataFrame, slo_ttft: float) -> list[str]:
@@ -110,7 +115,9 @@ def at_capacity(folder: Path, best: pd.DataFrame, slo_ttft: float) -> list[str]:
 
 
 def report(folder: Path, simulate_equal_load: bool, every_variant_of: list[str], simulate_at_capacity: bool) -> str:
-    best = best_variants(folder)
+    cap = capacities(folder)
+    best = best_variants(cap)
+    slo_ttft = float(cap["slo.ttft_p99"].iloc[0])
     lines = [f"### {folder.name}", "",
              "| profile | policy | best variant | capacity (rate_scale) | req/s | bound | vs TT |",
              "| --- | --- | --- | ---: | ---: | --- | ---: |"]
@@ -122,15 +129,11 @@ def report(folder: Path, simulate_equal_load: bool, every_variant_of: list[str],
             lines.append(f"| {profile} | {r['family']} | {r['label'][len(r['family']):].strip()} "
                          f"| {r['capacity']:.3g} | {r['capacity_rps']:.2f} | {r['bound']} | {gain} |")
     if simulate_equal_load:
-        cap = pd.read_csv(folder / "capacity.csv")
-        cap["profile"] = cap["series"].map(profile_of)
-        cap["family"] = cap["label"].map(family)
         rows = pd.concat([best, cap[cap["family"].isin(every_variant_of) & ~cap["series"].isin(best["series"])]])
         lines += ["", "At equal load (Token Throttling's capacity), each policy's best variant"
                   + (f" and every variant of {', '.join(every_variant_of)}" if every_variant_of else "") + ":", ""]
-        lines += equal_load(folder, rows, float(cap["slo.ttft_p99"].iloc[0]))
+        lines += equal_load(folder, rows, slo_ttft)
     if simulate_at_capacity:
-        slo_ttft = float(pd.read_csv(folder / "capacity.csv")["slo.ttft_p99"].iloc[0])
         lines += ["", "At its own capacity, each policy's best variant:", ""]
         lines += at_capacity(folder, best, slo_ttft)
     return "\n".join(lines)

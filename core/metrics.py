@@ -276,8 +276,7 @@ def summarize(trace: "Trace", slo: "SLO | Mapping[str, float | None] | None" = N
     out.update(describe(lat["tpot"].to_numpy(), "tpot"))
     out.update(describe(trace.token_gaps(lat["request_id"]), "itl", scratch=True))  # no token table built
     out.update(describe(lat["e2e"].to_numpy(), "e2e"))
-    ttft = lat["ttft"].to_numpy()
-    out["ttft_max"] = float(np.nanmax(ttft)) if len(ttft) and not np.isnan(ttft).all() else math.nan
+    out["ttft_max"] = float(lat["ttft"].max())   # NaN when there is none, as describe's
 
     br = bubble_ratio(trace.batches, req, pp)
     out["bubble_ratio"] = br.overall

@@ -219,7 +219,7 @@ def summary_table(df: pd.DataFrame, x: str | None) -> str:
 
 
 def tolerance(c: Any) -> str:
-    """A CapacitySpec's stopping rule in words: '0.05', '1% of the rate', or both."""
+    """A CapacitySpec's stopping rule in words: '0.05', '0.01 x the rate', or both."""
     parts = ([f"{c.tol:g}"] if c.tol else []) + ([f"{c.rel_tol:.3g} x the rate"] if c.rel_tol else [])
     return " or ".join(parts) + (", whichever is larger" if len(parts) > 1 else "")
 

@@ -11,7 +11,11 @@ moment (every bubble) would give. If the work were spread evenly over the stages
 different layer split would do, not a scheduler), at most N / (mean work per stage). The
 rest of the makespan is idle time: the pipeline's fill and drain, the last stage's extra
 work (the LM head: the other stages wait for it), and the decode-only tail after the last
-prompt is in (batches shrink as requests finish). Why: issue 17 asked for +10% capacity
+prompt is in (batches shrink as requests finish). The steady columns look at the phase
+between the fill and that tail (from the last stage's first batch to the last prefill's
+end), the closest a finite run comes to an overload that never ends: there the floor is
+what the busiest stage's extra work alone forces on the others (1 - mean work / max work),
+and the bubble above it is what any schedule could still take. Why: issue 17 asked for +10% capacity
 over tuned Token Throttling where the capacity *is* this max throughput (conversation
 trace), and these bounds say whether batch sizing can deliver it at all. Prints markdown.
 """
@@ -42,6 +46,18 @@ def policy_spec(text: str) -> tuple[str, dict]:
     return name, params
 
 
+def steady_window(b) -> tuple[float, float]:
+    """From the last stage's first batch (the pipeline is full) to the last prefill's end."""
+    last_stage = b["stage"].max()
+    return float(b.loc[b["stage"] == last_stage, "start"].min()), float(b.loc[b["prefill_tokens"] > 0, "end"].max())
+
+
+def busy_in(b, start: float, end: float) -> np.ndarray:
+    """Per stage, seconds of batch time inside [start, end] (a stage's batches never overlap)."""
+    clipped = b["end"].clip(start, end) - b["start"].clip(start, end)
+    return clipped.groupby(b["stage"]).sum().to_numpy()
+
+
 def headroom(profile: str, policy: str, params: dict, trace: str, limit: int) -> dict:
     workload = {"trace": trace, "limit": limit, "arrival": {"kind": "all_at_once", "rate": "inf"}}
     res = simulate(SimConfig(profile=profile, policy=policy, policy_params=params, workload=workload))
@@ -51,6 +67,8 @@ def headroom(profile: str, policy: str, params: dict, trace: str, limit: int) ->
     first_stage = b[b["stage"] == 0]
     last_prefill = float(b.loc[b["prefill_tokens"] > 0, "end"].max())
     throughput = n / makespan
+    w0, w1 = steady_window(b)
+    steady = busy_in(b, w0, w1) / (w1 - w0)
     return {"profile": profile, "policy": policy + (" " + ",".join(f"{k}={v}" for k, v in params.items()) if params else ""),
             "req/s": throughput, "bubble": res.summary["bubble_ratio"],
             "busiest stage busy": work.max() / makespan,
@@ -58,6 +76,8 @@ def headroom(profile: str, policy: str, params: dict, trace: str, limit: int) ->
             "even split: gain": n / work.mean() / throughput - 1,
             "last stage work / mean of others": work[-1] / work[:-1].mean() if len(work) > 1 else 1.0,
             "decode-only tail": (float(b["end"].max()) - last_prefill) / makespan,
+            "steady: busiest busy": steady.max(), "steady: bubble": 1 - steady.mean(),
+            "steady: floor": 1 - steady.mean() / steady.max(),
             "micro-batches": len(first_stage), "decodes per batch": float(first_stage["decode_tokens"].mean())}
 
 
@@ -83,7 +103,7 @@ def main() -> None:
                 cells.append(v)
             elif "gain" in c:
                 cells.append(f"{v:+.1%}")
-            elif c in ("bubble", "busiest stage busy", "decode-only tail"):
+            elif c in ("bubble", "busiest stage busy", "decode-only tail") or c.startswith("steady"):
                 cells.append(f"{v:.3f}")
             elif isinstance(v, (int, np.integer)):
                 cells.append(str(v))

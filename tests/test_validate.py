@@ -342,14 +342,14 @@ def test_validation_config_takes_the_kernel_settings(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["twin_cpu", "twin_cpu_time_balanced", "twin_cpu_chunk_cap", "twin_cpu_pp3",
-                                  "twin_cpu_queue_order", "twin_cpu_late"])
+                                  "twin_cpu_queue_order", "twin_cpu_late", "twin_cpu_pp3_late"])
 def test_shipped_validation_configs_load(name):
     """The CPU twin configs the docs' figures come from, with their policies' parameters checked."""
     from core.policies import make_policy
     from twin.validate.config import load_validation
 
     cfg = load_validation(Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml")
-    assert cfg.pp == (3 if name.endswith("pp3") else 2) and len(cfg.loads) == 3
+    assert cfg.pp == (3 if "_pp3" in name else 2) and len(cfg.loads) == 3
     for p in cfg.policies:
         make_policy(p["name"], p.get("params") or {})
 

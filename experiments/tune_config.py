@@ -22,7 +22,7 @@ Schema (YAML):
       kind: capacity              # capacity | goodput | throughput | mix
       rate: 4.0                   # goodput, throughput: the offered rate (req/s) of the run
       weights: {capacity: 1.0, goodput: 0.5}   # mix: weighted sum of the other kinds
-      aggregate: mean             # over the targets: mean | worst
+      aggregate: mean             # over the targets: mean | worst | geomean (scale-free)
     capacity: {lo: 0.5, hi: 8.5, tol: 0.125, slo: {ttft_p99: 5.0}, sustain: 0.05, max_throughput: true}
     trials: 100
     seed: 0                       # TPE's seed: same file + seed = same trials
@@ -63,7 +63,7 @@ PARAM_KEYS = {"int": ("type", "low", "high", "log", "step"), "float": ("type", "
               "categorical": ("type", "choices")}
 OBJECTIVE_KEYS = ("kind", "rate", "weights", "aggregate")
 KINDS = ("capacity", "goodput", "throughput", "mix")
-AGGREGATES = ("mean", "worst")
+AGGREGATES = ("mean", "worst", "geomean")
 _CONSTRAINT = re.compile(r"^\s*([A-Za-z_][\w]*|-?[\d.]+(?:e-?\d+)?)\s*(<=|>=|<|>)\s*([A-Za-z_][\w]*|-?[\d.]+(?:e-?\d+)?)\s*$")
 
 

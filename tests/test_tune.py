@@ -6,6 +6,7 @@ import copy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -148,6 +149,25 @@ def test_mix_objective_worst_over_two_targets(tmp_path):
         pd.testing.assert_series_equal(t[f"{target}.objective"], expect, check_names=False)
     pd.testing.assert_series_equal(t["objective"], t[["light.objective", "long.objective"]].min(axis=1),
                                    check_names=False)
+
+
+def test_geomean_objective_weighs_each_target_by_its_relative_value(tmp_path):
+    d = small(objective={"kind": "mix", "weights": {"capacity": 1.0, "throughput": 0.5}, "rate": 3.0,
+                         "aggregate": "geomean"},
+              targets=[{"name": "light"}, {"name": "long", "workload.output_len.mean": 60}],
+              trials=3, constraints=None)
+    t = tune(tmp_path, d).trials
+    assert (t["light.objective"] != t["long.objective"]).all()
+    expect = np.sqrt(t["light.objective"] * t["long.objective"])
+    pd.testing.assert_series_equal(t["objective"], expect, check_names=False)
+
+
+def test_aggregates_at_the_edges():
+    from experiments.tune import aggregate
+
+    assert aggregate("geomean", [2.0, 8.0]) == pytest.approx(4.0)
+    assert aggregate("geomean", [0.0, 8.0]) == 0.0     # a target that fails every probe
+    assert (aggregate("mean", [2.0, 8.0]), aggregate("worst", [2.0, 8.0])) == (5.0, 2.0)
 
 
 def test_best_yaml_runs_as_a_sim_config_and_the_outputs(tmp_path):

@@ -14,9 +14,9 @@ work (the LM head: the other stages wait for it), and the decode-only tail after
 prompt is in (batches shrink as requests finish). The steady columns look at the phase
 between the fill and that tail (from the last stage's first batch to the last prefill's
 end), the closest a finite run comes to an overload that never ends: there the floor is
-what the busiest stage's extra work alone forces on the others (1 - mean work / max work),
-and the bubble above it is what any schedule could still take. Why: issue 17 asked for +10% capacity
-over tuned Token Throttling where the capacity *is* this max throughput (conversation
+what the busiest stage's extra work alone forces on the others (1 - mean work / max
+work), and the bubble above it is what any schedule could still take. Why: issue 17 asked
+for +10% capacity over tuned Token Throttling where the capacity *is* this max throughput (conversation
 trace), and these bounds say whether batch sizing can deliver it at all. Prints markdown.
 """
 from __future__ import annotations
@@ -46,10 +46,13 @@ def policy_spec(text: str) -> tuple[str, dict]:
     return name, params
 
 
-def steady_window(b) -> tuple[float, float]:
-    """From the last stage's first batch (the pipeline is full) to the last prefill's end."""
-    last_stage = b["stage"].max()
-    return float(b.loc[b["stage"] == last_stage, "start"].min()), float(b.loc[b["prefill_tokens"] > 0, "end"].max())
+def steady_busy(b, last_prefill: float) -> np.ndarray:
+    """Per stage, the busy share of the steady phase: from the last stage's first batch (the
+    pipeline is full) to the last prefill's end. NaN when there is no such phase."""
+    start = float(b.loc[b["stage"] == b["stage"].max(), "start"].min())
+    if last_prefill <= start:
+        return np.full(int(b["stage"].max()) + 1, np.nan)
+    return busy_in(b, start, last_prefill) / (last_prefill - start)
 
 
 def busy_in(b, start: float, end: float) -> np.ndarray:
@@ -67,8 +70,7 @@ def headroom(profile: str, policy: str, params: dict, trace: str, limit: int) ->
     first_stage = b[b["stage"] == 0]
     last_prefill = float(b.loc[b["prefill_tokens"] > 0, "end"].max())
     throughput = n / makespan
-    w0, w1 = steady_window(b)
-    steady = busy_in(b, w0, w1) / (w1 - w0)
+    steady = steady_busy(b, last_prefill)
     return {"profile": profile, "policy": policy + (" " + ",".join(f"{k}={v}" for k, v in params.items()) if params else ""),
             "req/s": throughput, "bubble": res.summary["bubble_ratio"],
             "busiest stage busy": work.max() / makespan,

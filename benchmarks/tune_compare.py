@@ -1,0 +1,78 @@
+"""Policies tuned with an equal budget (`pipetwin tune`), side by side.
+
+    .venv/bin/python benchmarks/tune_compare.py results/tune_conv_tt results/tune_conv_tb_late ...
+
+Each folder is a finished tune (trials.csv, best.yaml). The first is the baseline. Per
+policy: its best trial's setting, its objective and the gain over the baseline's, then
+per target its capacity, what bound it, and two gains: over the baseline's best trial on
+that target, and over the baseline's best capacity there in any of its trials (a stricter
+baseline, near what tuning the baseline per target would give). The best trial is the one
+with the highest objective (the tune's own choice), so a target may have done better under
+another trial; the last column gives each target's best over all of a policy's trials.
+Prints markdown.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+
+def load(folder: Path) -> tuple[str, dict, pd.DataFrame]:
+    trials = pd.read_csv(folder / "trials.csv")
+    trials = trials[(trials["state"] == "COMPLETE") & trials["feasible"]]
+    best = yaml.safe_load((folder / "best.yaml").read_text())
+    return best["policy"], best["policy_params"], trials
+
+
+def targets_of(trials: pd.DataFrame) -> list[str]:
+    return [c.removesuffix(".capacity") for c in trials.columns if c.endswith(".capacity")]
+
+
+def setting(params: dict) -> str:
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
+
+
+def compare(folders: list[Path]) -> str:
+    loaded = [(f, *load(f)) for f in folders]
+    targets = targets_of(loaded[0][3])
+    for f, _, _, trials in loaded[1:]:
+        if targets_of(trials) != targets:
+            raise SystemExit(f"{f}: targets {targets_of(trials)} differ from {folders[0]}'s {targets}")
+
+    def best_row(trials: pd.DataFrame) -> pd.Series:
+        return trials.sort_values(["objective", "trial"], ascending=[False, True], kind="stable").iloc[0]
+
+    base = best_row(loaded[0][3])
+    base_anywhere = {t: loaded[0][3][f"{t}.capacity"].max() for t in targets}
+    head = ["policy", "tuned setting", "trials", "objective", "vs baseline"]
+    head += [f"{t}: capacity, bound (vs baseline / vs its best anywhere)" for t in targets]
+    head += ["best of any trial, per target"]
+    lines = ["| " + " | ".join(head) + " |", "| --- | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in targets) + " | --- |"]
+    for folder, policy, params, trials in loaded:
+        row = best_row(trials)
+        cells = [f"{policy} ({folder.name})", setting(params), str(len(trials)), f"{row['objective']:.4g}",
+                 f"{row['objective'] / base['objective'] - 1:+.1%}"]
+        for t in targets:
+            bound = row.get(f"{t}.capacity_bound", "")
+            cap = row[f"{t}.capacity"]
+            cells.append(f"{cap:.4g}, {bound} ({cap / base[f'{t}.capacity'] - 1:+.1%} / {cap / base_anywhere[t] - 1:+.1%})")
+        cells.append(" / ".join(f"{trials[f'{t}.capacity'].max():.4g}" for t in targets))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+", type=Path, help="finished tune folders; the first is the baseline")
+    args = ap.parse_args()
+    for f in args.folders:
+        if not (f / "trials.csv").is_file() or not (f / "best.yaml").is_file():
+            raise SystemExit(f"{f}: no trials.csv and best.yaml (not a finished `pipetwin tune` folder)")
+    print(compare(args.folders))
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,7 @@ started prompts (`prefill_debt`) hold all of it: docs/architecture.md says why.
 """
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import deque
 from dataclasses import dataclass
@@ -85,6 +86,10 @@ class Scheduler:
         self._queue_key = getattr(policy, "queue_key", None)   # None: first come, first served
         self._late_after: float | None = getattr(policy, "late_after", None)   # None: no late queue
         self._due: list[tuple[float, int, Request]] = []   # (arrival, id, request): when each turns late
+        # With a queue_key, waiting[_sorted_from:] is page-less and in key order, so a new
+        # request finds its place by bisection. The front part holds page holders and
+        # preempted requests, which keep the front whatever their key.
+        self._sorted_from = 0
 
     # ---- the read-only view policies see ----
     @property
@@ -226,6 +231,7 @@ class Scheduler:
         for r in reversed(back_to_waiting):
             self.waiting.appendleft(r)
             self._waiting_tokens += r.num_unscheduled
+        self._sorted_from += len(back_to_waiting)
         self._sample(now)
         return finished
 
@@ -283,6 +289,7 @@ class Scheduler:
             return
         if request.status is Status.WAITING:
             (self.late if request in self.late else self.waiting).remove(request)  # O(queue): aborts are rare
+            self._sorted_from = min(self._sorted_from, len(self.waiting))
             self._waiting_tokens -= request.num_unscheduled
         elif request in self.ready:
             self.ready.remove(request)
@@ -387,6 +394,8 @@ class Scheduler:
                 r.prefill_debt = target
                 self._prefill_debt += target
             queue.popleft()
+            if queue is waiting and self._sorted_from:
+                self._sorted_from -= 1
             r.status = running
             self._waiting_tokens -= n
             end = start + n
@@ -418,6 +427,7 @@ class Scheduler:
                 self._waiting_tokens -= known - end
         for r in reversed(kept):
             waiting.appendleft(r)
+        self._sorted_from += len(kept)
 
     def _move_late(self, now: float) -> None:
         """Prompts that arrived more than `late_after` ago and have not started go to the back
@@ -428,18 +438,24 @@ class Scheduler:
         while due and due[0][0] < cutoff:
             r = heapq.heappop(due)[2]
             if r.status is Status.WAITING and not r.pages and not r.preemptions and not r.in_flight:
-                self.waiting.remove(r)
+                self.waiting.remove(r)   # from either part: what stays behind is still in order
                 self.late.append(r)
+        self._sorted_from = min(self._sorted_from, len(self.waiting))
 
     def _insert_by_key(self, request: Request, key) -> None:
         """Just behind the last waiting request whose key is no larger than its own, and never
-        ahead of a page holder. Scans from the back: O(requests it goes ahead of). Preempted
-        requests still go to the front (`_preempt`); the others stay in key order."""
-        waiting = self.waiting
+        ahead of a page holder. Preempted requests still go to the front (`_preempt`); the
+        others stay in key order. Bisects the sorted part, then scans the front part only if
+        the request goes ahead of all of it: a scan from the back took 11 of 16 s of an
+        8,000-request all-at-once run (deferral 0.3, A100 pp4), O(n^2) in a backlog."""
+        waiting, front = self.waiting, self._sorted_from
         k = key(request)
-        i = len(waiting)
-        while i and not waiting[i - 1].pages and key(waiting[i - 1]) > k:
-            i -= 1
+        i = bisect.bisect_right(waiting, k, lo=front, key=key)
+        if i == front:
+            while i and not waiting[i - 1].pages and key(waiting[i - 1]) > k:
+                i -= 1
+            if i < front:
+                self._sorted_from += 1
         waiting.insert(i, request)
 
     def _preempt(self, r: Request) -> None:
@@ -455,6 +471,7 @@ class Scheduler:
         while pos < len(self.waiting) and self.waiting[pos].pages:
             pos += 1
         self.waiting.insert(pos, r)
+        self._sorted_from = self._sorted_from + 1 if pos <= self._sorted_from else pos + 1
         self._waiting_tokens += r.num_unscheduled
 
     def _preempt_newest_holder(self) -> bool:
@@ -465,6 +482,7 @@ class Scheduler:
         victim = max(holders, key=lambda r: (r.arrival, r.id))
         if victim.status is Status.WAITING:
             self.waiting.remove(victim)
+            self._sorted_from = min(self._sorted_from, len(self.waiting))
             self._waiting_tokens -= victim.num_unscheduled
         else:
             self.ready.remove(victim)

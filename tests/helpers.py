@@ -135,6 +135,12 @@ def check_invariants(s: Scheduler, full_pages: bool = True) -> None:
     assert [(r.arrival, r.id) for r in s.late] == sorted((r.arrival, r.id) for r in s.late), "late out of order"
     assert s.num_waiting == len(waiting_ids) + len(late_ids), "num_waiting leaves out a queue"
     assert len(set(waiting_ids)) == len(waiting_ids), "a request is twice in waiting"
+    if s._queue_key is not None:   # the part _insert_by_key bisects
+        tail = list(s.waiting)[s._sorted_from:]
+        assert 0 <= s._sorted_from <= len(s.waiting), f"_sorted_from {s._sorted_from} outside waiting"
+        assert not any(r.pages for r in tail), "a page holder in the sorted part of waiting"
+        keys = [s._queue_key(r) for r in tail]
+        assert keys == sorted(keys), "the sorted part of waiting is out of key order"
     assert len(set(ready_ids)) == len(ready_ids), "a request is twice in ready"
     assert not set(waiting_ids) & set(ready_ids), "a request is both waiting and ready"
     # Page holders precede non-holders in `waiting` (head-of-line liveness relies on it).

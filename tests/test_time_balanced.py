@@ -496,6 +496,31 @@ def test_defer_never_moves_a_prompt_ahead_of_one_holding_pages():
     check_invariants(s)
 
 
+def test_defer_around_a_preempted_prompt_places_as_a_scan_from_the_back_would():
+    """A preempted prompt goes to the front whatever its key (4.5, 15 s per 1,000 tokens),
+    ahead of 1 (key 2.0) and 2 (3.0). A new prompt behind the last one with a key no larger
+    than its own: 3 (key 1.0) passes all three, 4 (2.5) goes between 1 and 2. The insert
+    bisects the back part it knows to be in key order; 3 lands in front of that part, which
+    must shrink by one, or check_invariants finds [0, 1, 2] marked sorted."""
+    s = scheduler(pp=1, maxp=300, minp=0, iterp=1, defer_per_1k_tokens=15.0)
+    s.add(Request(0, 300, 10, arrival=0.0), 0.0)
+    assert items_of(s.next_batch(0.0)) == [pre(0, 0, 300)]
+    complete_oldest(s, 1.0)
+    victim = s.ready[0]
+    s.add(Request(1, 100, 1, arrival=0.5), 1.5)
+    s.add(Request(2, 100, 1, arrival=1.5), 1.5)
+    s.ready.remove(victim)
+    s._preempt(victim)   # what _take_decodes does when a decode finds no free page
+    assert [r.id for r in s.waiting] == [0, 1, 2]
+    check_invariants(s)
+    s.add(Request(3, 10, 1, arrival=0.85), 1.5)
+    assert [r.id for r in s.waiting] == [3, 0, 1, 2]
+    check_invariants(s)
+    s.add(Request(4, 100, 1, arrival=1.0), 1.5)
+    assert [r.id for r in s.waiting] == [3, 0, 1, 4, 2]
+    check_invariants(s)
+
+
 # ---------------------------------------------------------------- the late queue
 def start_order(arrivals: list[float], tokens: int = 100, **params) -> tuple[list[int], Scheduler]:
     """Ids in the order their prompts start, with pp=1 and one whole prompt a batch: request

@@ -1,7 +1,7 @@
 """One `pipetwin tune` study per target of a tune config, instead of one setting for all.
 
     .venv/bin/python benchmarks/tune_per_target.py experiments/tune_code/tt.yaml experiments/tune_code/tb.yaml \
-        [--trials 40] [--workers 2] [--out results/tune_per_target]
+        [--trials 40] [--workers 2] [--out results/tune_per_target] [--targets h100_pp8 ...]
 
 A config's targets (platforms or workloads) share one setting, scored by the mean or the
 worst over them; a mean is led by the targets with the largest objective (H100 pp8's
@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=None, help="trials per study (default: each config's own)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="results/tune_per_target")
+    ap.add_argument("--targets", nargs="+", metavar="NAME", help="only these targets (default: every one)")
     args = ap.parse_args()
     rows = []
     for path in args.configs:
@@ -33,6 +34,11 @@ def main() -> None:
         targets = raw.get("targets")
         if not targets:
             ap.error(f"{path}: no `targets` to tune one by one")
+        if args.targets:
+            unknown = sorted(set(args.targets) - {t["name"] for t in targets})
+            if unknown:
+                ap.error(f"--targets {', '.join(unknown)}: not in {path} (it has {', '.join(t['name'] for t in targets)})")
+            targets = [t for t in targets if t["name"] in args.targets]
         for target in targets:
             name = f"{raw.get('name', Path(path).stem)}__{target['name']}"
             spec = parse_tune({**raw, "name": name, "targets": [target]})

@@ -281,17 +281,20 @@ def test_issue17_tune_configs_load_with_equal_budgets(name, policy, monkeypatch)
     assert len(spec.first_trials) == 2 and all(set(f) == {p.name for p in spec.params} for f in spec.first_trials)
 
 
+@pytest.mark.parametrize("folder,trace", [("tune_conv", "azure_conv_2023.csv"), ("tune_code_full", "azure_code_2023.csv")])
 @pytest.mark.parametrize("name,policy", [("tt", "token_throttling"), ("tb_late", "time_balanced"),
                                          ("sarathi", "sarathi"), ("vllm", "vllm")])
-def test_issue17_conversation_tune_configs_share_a_budget(name, policy, monkeypatch):
-    """experiments/tune_conv: the same budget, seed, targets, objective and capacity search."""
+def test_issue17_whole_trace_tune_configs_share_a_budget(folder, trace, name, policy, monkeypatch):
+    """experiments/tune_conv and tune_code_full: the same budget, seed, targets, objective and
+    capacity search within a folder, on the trace the folder is named for."""
     from experiments.tune_config import load_tune
     repo = Path(__file__).resolve().parents[1]
-    if not (repo.parent / "shared/data/traces/azure_conv_2023.csv").is_file():
-        pytest.skip("the Azure conversation trace is not at ../shared (the configs read it from there)")
+    if not (repo.parent / "shared/data/traces" / trace).is_file():
+        pytest.skip(f"the Azure trace {trace} is not at ../shared (the configs read it from there)")
     monkeypatch.chdir(repo)
-    spec = load_tune(Path("experiments/tune_conv") / f"{name}.yaml")
+    spec = load_tune(Path("experiments") / folder / f"{name}.yaml")
     assert spec.policy == policy and (spec.trials, spec.seed, spec.batch, spec.startup_trials) == (12, 0, 4, 4)
+    assert spec.name == f"{folder}_{name}" and spec.raw["base"]["workload"]["trace"].endswith(trace)
     assert [t.name for t in spec.targets] == ["a100_pp4", "a100_pp8", "h100_pp4", "h100_pp8"]
     assert spec.objective.aggregate == "geomean" and (spec.capacity.rel_tol, spec.capacity.tol) == (0.02, 0.0)
     assert len(spec.first_trials) == 2 and all(set(f) == {p.name for p in spec.params} for f in spec.first_trials)

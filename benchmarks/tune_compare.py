@@ -9,11 +9,16 @@ that target, and over the baseline's best capacity there in any of its trials (a
 baseline, near what tuning the baseline per target would give). The best trial is the one
 with the highest objective (the tune's own choice), so a target may have done better under
 another trial; the last column gives each target's best over all of a policy's trials.
+
+`--equal-load TUNE_YAML` (the baseline's tune config, for its targets' profiles and
+workload) then simulates every policy's best setting at the baseline's capacity on each
+target, the goal's "equal load", and tabulates its TTFT (P99, worst) and P99 TPOT.
 Prints markdown.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import pandas as pd
@@ -64,14 +69,66 @@ def compare(folders: list[Path]) -> str:
     return "\n".join(lines)
 
 
+EQUAL_LOAD_METRICS = {"ttft_p99": "TTFT P99 s", "ttft_max": "worst TTFT s", "tpot_p99": "TPOT P99 ms"}
+
+
+def equal_load(folders: list[Path], tune_yaml: Path, workers: int) -> str:
+    """Each policy's best setting at the baseline's capacity per target, one simulation each."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from experiments.config_keys import set_dotted
+    from experiments.task_runner import execute   # importable in a worker, unlike this script
+    from experiments.tune_config import load_tune
+
+    spec = load_tune(tune_yaml)
+    if spec.capacity is None:
+        raise SystemExit(f"{tune_yaml}: not a capacity tune (no capacity section), so there is no load to match")
+    loaded = [(f, *load(f)) for f in folders]
+    base_trials = loaded[0][3]
+    base = base_trials.sort_values(["objective", "trial"], ascending=[False, True], kind="stable").iloc[0]
+    targets = {t.name: t for t in spec.targets}
+    names = list(targets)   # the tune config's order
+    if set(targets_of(base_trials)) != set(names):
+        raise SystemExit(f"{tune_yaml}: targets {names} are not the tuned ones, {targets_of(base_trials)}")
+    jobs = []
+    for name in names:
+        for folder, policy, params, _ in loaded:
+            cfg = copy.deepcopy(targets[name].config)
+            cfg["policy"], cfg["policy_params"] = policy, dict(params)
+            set_dotted(cfg, spec.capacity.key, float(base[f"{name}.capacity"]))
+            jobs.append((name, folder.name, policy, cfg))
+    configs = [cfg for *_, cfg in jobs]
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            summaries = list(pool.map(execute, configs))
+    else:
+        summaries = [execute(cfg) for cfg in configs]
+    head = ["target", f"load ({spec.capacity.key})", "policy", *EQUAL_LOAD_METRICS.values()]
+    lines = ["| " + " | ".join(head) + " |", "| --- | ---: | --- | " + " | ".join("---:" for _ in EQUAL_LOAD_METRICS) + " |"]
+    for (name, folder, policy, cfg), summary in zip(jobs, summaries):
+        cells = [name, f"{float(base[f'{name}.capacity']):.4g}", f"{policy} ({folder})"]
+        for key in EQUAL_LOAD_METRICS:
+            value = summary[key] * (1000 if key.startswith("tpot") else 1)
+            cells.append(f"{value:.3g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="+", type=Path, help="finished tune folders; the first is the baseline")
+    ap.add_argument("--equal-load", type=Path, metavar="TUNE_YAML",
+                    help="the baseline's tune config: also simulate every best setting at the baseline's capacity "
+                         "per target and report TTFT P99, worst TTFT and TPOT P99")
+    ap.add_argument("--workers", type=int, default=1, help="processes for --equal-load's simulations")
     args = ap.parse_args()
     for f in args.folders:
         if not (f / "trials.csv").is_file() or not (f / "best.yaml").is_file():
             raise SystemExit(f"{f}: no trials.csv and best.yaml (not a finished `pipetwin tune` folder)")
     print(compare(args.folders))
+    if args.equal_load is not None:
+        print()
+        print(equal_load(args.folders, args.equal_load, args.workers))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,84 @@
+"""benchmarks/tune_compare.py: finished tunes side by side, and each best setting at the
+baseline's capacity (the goal's equal load)."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("optuna")
+
+from experiments.tune import run_tune  # noqa: E402
+from experiments.tune_config import parse_tune  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SLO = {"ttft_p99": 2.0, "tpot_p99": 0.2}
+TUNE = {"name": "tt", "policy": "token_throttling",
+        "params": {"maxp": {"type": "int", "low": 128, "high": 4096, "log": True}},
+        "base": {"profile": "qwen2.5-32b_a100-80gb_pp4",
+                 "workload": {"num_requests": 120, "arrival": {"kind": "gamma", "rate": 2.0},
+                              "prompt_len": {"kind": "lognormal", "mean": 300, "spread": 0.8, "max": 2048},
+                              "output_len": {"kind": "lognormal", "mean": 30, "spread": 0.7, "max": 128}}},
+        "targets": [{"name": "short"}, {"name": "long", "workload.output_len.mean": 60}],
+        "objective": {"kind": "capacity"},
+        "capacity": {"lo": 1, "hi": 33, "tol": 4, "slo": SLO},
+        "trials": 2, "batch": 2, "startup_trials": 2, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def compare_module():
+    spec = importlib.util.spec_from_file_location("tune_compare", ROOT / "benchmarks" / "tune_compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def two_tunes(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tunes")
+    sarathi = copy.deepcopy(TUNE) | {"name": "sarathi", "policy": "sarathi",
+                                     "params": {"budget": {"type": "int", "low": 128, "high": 4096, "log": True}}}
+    for d in (TUNE, sarathi):
+        run_tune(parse_tune(copy.deepcopy(d)), tmp / d["name"], progress=False, plots=False, log=lambda s: None)
+    (tmp / "tt.yaml").write_text(yaml.safe_dump(TUNE))
+    return tmp
+
+
+def rows(table: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+
+
+def test_compare_lists_each_policy_against_the_baseline(compare_module, two_tunes):
+    table = rows(compare_module.compare([two_tunes / "tt", two_tunes / "sarathi"]))
+    assert [r[0] for r in table] == ["token_throttling (tt)", "sarathi (sarathi)"]
+    assert table[0][4] == "+0.0%"        # the baseline against itself
+
+
+def test_equal_load_runs_every_best_setting_at_the_baselines_capacity(compare_module, two_tunes):
+    import pandas as pd
+    base = pd.read_csv(two_tunes / "tt" / "trials.csv").sort_values("objective", ascending=False).iloc[0]
+    table = rows(compare_module.equal_load([two_tunes / "tt", two_tunes / "sarathi"], two_tunes / "tt.yaml", 1))
+    assert [(r[0], r[2]) for r in table] == [("short", "token_throttling (tt)"), ("short", "sarathi (sarathi)"),
+                                           ("long", "token_throttling (tt)"), ("long", "sarathi (sarathi)")]
+    for r in table:
+        assert float(r[1]) == pytest.approx(base[f"{r[0]}.capacity"], rel=1e-3)
+    # At its own capacity the baseline's best setting passed the capacity search's SLO probe:
+    # the same simulation here must meet it too (a wrong load or setting would show).
+    for r in table[::2]:
+        assert float(r[3]) <= SLO["ttft_p99"] and float(r[5]) <= SLO["tpot_p99"] * 1000
+    # Sarathi's own capacity is below that load, where its search saw the SLO fail: so must this.
+    sarathi = pd.read_csv(two_tunes / "sarathi" / "trials.csv").sort_values("objective", ascending=False).iloc[0]
+    for r in table[1::2]:
+        assert sarathi[f"{r[0]}.capacity"] < base[f"{r[0]}.capacity"]
+        assert float(r[3]) > SLO["ttft_p99"] or float(r[5]) > SLO["tpot_p99"] * 1000
+
+
+def test_equal_load_needs_a_capacity_tune(compare_module, two_tunes, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(copy.deepcopy(TUNE) | {"objective": {"kind": "throughput", "rate": 2.0},
+                                                          "capacity": None}))
+    with pytest.raises(SystemExit, match="no capacity section"):
+        compare_module.equal_load([two_tunes / "tt"], bad, 1)

@@ -1,7 +1,7 @@
 """How much any scheduling policy could still gain at saturation: the work bound.
 
     .venv/bin/python benchmarks/saturation_headroom.py --trace ../shared/data/traces/azure_conv_2023.csv \
-        [--limit 1000] [--profiles qwen2.5-14b_a100-80gb_pp4 ...] \
+        [--limit 1000 | --limit all] [--rate-scale X] [--profiles qwen2.5-14b_a100-80gb_pp4 ...] \
         [--policy token_throttling:maxp=1024,requeue_chunks=true --policy sarathi:budget=1024 ...]
 
 Every request arrives at t=0 (the sweep's max-throughput run). A stage can finish no sooner
@@ -48,6 +48,18 @@ def policy_spec(text: str) -> tuple[str, dict]:
     return name, params
 
 
+def limit_arg(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--limit: expected an int >= 1 or 'all', got {text!r}")
+    return value
+
+
 def steady_busy(b, last_prefill: float) -> np.ndarray:
     """Per stage, the busy share of the steady phase: from the last stage's first batch (the
     pipeline is full) to the last prefill's end. NaN when there is no such phase."""
@@ -70,8 +82,13 @@ def longest_output_first(workload: dict) -> list[Request]:
     return [Request(id=i, prompt_len=r.prompt_len, max_output=r.max_output, arrival=0.0) for i, r in enumerate(reqs)]
 
 
-def headroom(profile: str, policy: str, params: dict, trace: str, limit: int, order: str = "arrival") -> dict:
-    workload = {"trace": trace, "limit": limit, "arrival": {"kind": "all_at_once", "rate": "inf"}}
+def headroom(profile: str, policy: str, params: dict, trace: str, limit: int | None, order: str = "arrival",
+             rate_scale: float | None = None) -> dict:
+    workload = {"trace": trace, "limit": limit}
+    if rate_scale is None:
+        workload["arrival"] = {"kind": "all_at_once", "rate": "inf"}
+    else:
+        workload["rate_scale"] = rate_scale
     requests = longest_output_first(workload) if order == "longest-output-first" else None
     res = simulate(SimConfig(profile=profile, policy=policy, policy_params=params, workload=workload),
                    requests=requests)
@@ -102,7 +119,9 @@ def headroom(profile: str, policy: str, params: dict, trace: str, limit: int, or
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", required=True, help="an Azure-format trace CSV")
-    ap.add_argument("--limit", type=int, default=1000, help="first N requests of the trace")
+    ap.add_argument("--limit", type=limit_arg, default=1000, help="first N requests of the trace, or all")
+    ap.add_argument("--rate-scale", type=float, help="replay the trace's arrivals this many times as fast "
+                                                      "(default: every request at t=0)")
     ap.add_argument("--profiles", nargs="+", default=DEFAULT_PROFILES)
     ap.add_argument("--policy", type=policy_spec, action="append", dest="policies",
                     help="NAME[:KEY=VALUE,...], repeatable (default: TT and time_balanced maxp 1024 "
@@ -113,7 +132,11 @@ def main() -> None:
     args = ap.parse_args()
     policies = args.policies or [policy_spec(p) for p in DEFAULT_POLICIES]
     orders = ["arrival", "longest-output-first"] if args.order == "both" else [args.order]
-    rows = [headroom(prof, name, params, args.trace, args.limit, order)
+    if args.rate_scale is not None and args.order != "arrival":
+        ap.error("--order applies to the all-at-t=0 run; drop it with --rate-scale")
+    if args.rate_scale is not None and not args.rate_scale > 0:
+        ap.error(f"--rate-scale must be > 0, got {args.rate_scale}")
+    rows = [headroom(prof, name, params, args.trace, args.limit, order, args.rate_scale)
             for prof in args.profiles for name, params in policies for order in orders]
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |")

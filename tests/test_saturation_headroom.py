@@ -47,3 +47,24 @@ def test_the_reported_bounds_hold_on_the_run_itself(headroom_module, small_trace
     assert 0 < r["longest output alone"] <= 1
     assert 0 < r["busiest stage busy"] <= 1 and r["no idle: gain"] >= 0
     assert 0 <= r["bubble"] < 1 and r["decode-only tail"] > 0
+
+
+def test_a_replayed_trace_keeps_its_arrivals(headroom_module, small_trace):
+    path, rows = small_trace
+    at_once = headroom_module.headroom("qwen2.5-14b_a100-80gb_pp4", "token_throttling", {"maxp": 256}, path, None)
+    replayed = headroom_module.headroom("qwen2.5-14b_a100-80gb_pp4", "token_throttling", {"maxp": 256}, path, None,
+                                        rate_scale=0.5)
+    # At half speed the last request arrives at 5 s, so the run cannot be as short as with all at t=0.
+    assert replayed["req/s"] < at_once["req/s"] and replayed["req/s"] < len(rows) / 5.0
+
+
+@pytest.mark.parametrize("text, value", [("all", None), ("7", 7)])
+def test_limit_takes_a_count_or_all(headroom_module, text, value):
+    assert headroom_module.limit_arg(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "most"])
+def test_a_bad_limit_names_the_flag(headroom_module, text):
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError, match="--limit"):
+        headroom_module.limit_arg(text)

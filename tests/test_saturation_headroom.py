@@ -1,18 +1,10 @@
 """benchmarks/saturation_headroom.py: the bounds it reports must be bounds."""
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def headroom_module():
-    spec = importlib.util.spec_from_file_location("saturation_headroom", ROOT / "benchmarks" / "saturation_headroom.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def headroom_module(load_benchmark):
+    return load_benchmark("saturation_headroom")
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@ baseline's capacity (the goal's equal load)."""
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import yaml
@@ -14,7 +12,6 @@ pytest.importorskip("optuna")
 from experiments.tune import run_tune  # noqa: E402
 from experiments.tune_config import parse_tune  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SLO = {"ttft_p99": 2.0, "tpot_p99": 0.2}
 TUNE = {"name": "tt", "policy": "token_throttling",
         "params": {"maxp": {"type": "int", "low": 128, "high": 4096, "log": True}},
@@ -29,11 +26,8 @@ TUNE = {"name": "tt", "policy": "token_throttling",
 
 
 @pytest.fixture(scope="module")
-def compare_module():
-    spec = importlib.util.spec_from_file_location("tune_compare", ROOT / "benchmarks" / "tune_compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def compare_module(load_benchmark):
+    return load_benchmark("tune_compare")
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,13 @@ import argparse
 import numpy as np
 import yaml
 
-from core.workloads import Workload
 from core.request import Request
+from core.workloads import Workload
 from sim import SimConfig, simulate
 
 DEFAULT_PROFILES = ["qwen2.5-14b_a100-80gb_pp4", "qwen2.5-14b_a100-80gb_pp8",
                     "qwen2.5-14b_h100-80gb_pp4", "qwen2.5-14b_h100-80gb_pp8"]
+ORDERS = ("arrival", "longest-output-first")
 DEFAULT_POLICIES = ["token_throttling:maxp=1024,requeue_chunks=true",
                     "time_balanced:maxp=1024,requeue_chunks=true", "sarathi:budget=1024"]
 
@@ -84,6 +85,10 @@ def longest_output_first(workload: dict) -> list[Request]:
 
 def headroom(profile: str, policy: str, params: dict, trace: str, limit: int | None, order: str = "arrival",
              rate_scale: float | None = None) -> dict:
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if rate_scale is not None and order != "arrival":
+        raise ValueError("the longest-output-first order puts every request at t=0; it takes no rate_scale")
     workload = {"trace": trace, "limit": limit}
     if rate_scale is None:
         workload["arrival"] = {"kind": "all_at_once", "rate": "inf"}
@@ -126,12 +131,12 @@ def main() -> None:
     ap.add_argument("--policy", type=policy_spec, action="append", dest="policies",
                     help="NAME[:KEY=VALUE,...], repeatable (default: TT and time_balanced maxp 1024 "
                          "requeue, Sarathi 1024)")
-    ap.add_argument("--order", choices=["arrival", "longest-output-first", "both"], default="arrival",
+    ap.add_argument("--order", choices=[*ORDERS, "both"], default="arrival",
                     help="admission order of the all-at-t=0 requests; longest-output-first is an oracle "
                          "(it knows each output length); both: a row for each")
     args = ap.parse_args()
     policies = args.policies or [policy_spec(p) for p in DEFAULT_POLICIES]
-    orders = ["arrival", "longest-output-first"] if args.order == "both" else [args.order]
+    orders = list(ORDERS) if args.order == "both" else [args.order]
     if args.rate_scale is not None and args.order != "arrival":
         ap.error("--order applies to the all-at-t=0 run; drop it with --rate-scale")
     if args.rate_scale is not None and not args.rate_scale > 0:

@@ -60,3 +60,11 @@ def test_a_bad_limit_names_the_flag(headroom_module, text):
     import argparse
     with pytest.raises(argparse.ArgumentTypeError, match="--limit"):
         headroom_module.limit_arg(text)
+
+
+@pytest.mark.parametrize("order, rate_scale, named", [("shortest-first", None, "order must be one of"),
+                                                     ("longest-output-first", 2.0, "rate_scale")])
+def test_an_order_it_cannot_run_is_an_error(headroom_module, small_trace, order, rate_scale, named):
+    path, rows = small_trace
+    with pytest.raises(ValueError, match=named):
+        headroom_module.headroom("qwen2.5-14b_a100-80gb_pp4", "token_throttling", {}, path, None, order, rate_scale)

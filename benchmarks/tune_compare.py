@@ -36,6 +36,11 @@ def targets_of(trials: pd.DataFrame) -> list[str]:
     return [c.removesuffix(".capacity") for c in trials.columns if c.endswith(".capacity")]
 
 
+def best_row(trials: pd.DataFrame) -> pd.Series:
+    """The tune's own choice: the highest objective, the earliest trial on a tie."""
+    return trials.sort_values(["objective", "trial"], ascending=[False, True], kind="stable").iloc[0]
+
+
 def setting(params: dict) -> str:
     return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
 
@@ -46,9 +51,6 @@ def compare(folders: list[Path]) -> str:
     for f, _, _, trials in loaded[1:]:
         if targets_of(trials) != targets:
             raise SystemExit(f"{f}: targets {targets_of(trials)} differ from {folders[0]}'s {targets}")
-
-    def best_row(trials: pd.DataFrame) -> pd.Series:
-        return trials.sort_values(["objective", "trial"], ascending=[False, True], kind="stable").iloc[0]
 
     base = best_row(loaded[0][3])
     base_anywhere = {t: loaded[0][3][f"{t}.capacity"].max() for t in targets}
@@ -85,7 +87,7 @@ def equal_load(folders: list[Path], tune_yaml: Path, workers: int) -> str:
         raise SystemExit(f"{tune_yaml}: not a capacity tune (no capacity section), so there is no load to match")
     loaded = [(f, *load(f)) for f in folders]
     base_trials = loaded[0][3]
-    base = base_trials.sort_values(["objective", "trial"], ascending=[False, True], kind="stable").iloc[0]
+    base = best_row(base_trials)
     targets = {t.name: t for t in spec.targets}
     names = list(targets)   # the tune config's order
     if set(targets_of(base_trials)) != set(names):

@@ -298,3 +298,20 @@ def test_issue17_whole_trace_tune_configs_share_a_budget(folder, trace, name, po
     assert [t.name for t in spec.targets] == ["a100_pp4", "a100_pp8", "h100_pp4", "h100_pp8"]
     assert spec.objective.aggregate == "geomean" and (spec.capacity.rel_tol, spec.capacity.tol) == (0.02, 0.0)
     assert len(spec.first_trials) == 2 and all(set(f) == {p.name for p in spec.params} for f in spec.first_trials)
+
+
+def test_issue17_queue_only_ablation_shares_the_conversation_budget(monkeypatch):
+    """experiments/tune_conv/tt_queue.yaml: Token Throttling's own plan (fill 0, no cap) with
+    the order and late queue, on the same budget and search as time_balanced's tune."""
+    from experiments.tune_config import load_tune
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo.parent / "shared/data/traces/azure_conv_2023.csv").is_file():
+        pytest.skip("the Azure conversation trace is not at ../shared (the configs read it from there)")
+    monkeypatch.chdir(repo)
+    ablation = load_tune(Path("experiments/tune_conv/tt_queue.yaml"))
+    full = load_tune(Path("experiments/tune_conv/tb_late.yaml"))
+    assert ablation.fixed == {"fill": 0.0, "max_chunk": None}
+    assert {p.name for p in ablation.params} == {p.name for p in full.params} - {"max_chunk"}
+    for field in ("policy", "trials", "seed", "batch", "startup_trials", "objective", "capacity"):
+        assert getattr(ablation, field) == getattr(full, field), field
+    assert [t.name for t in ablation.targets] == [t.name for t in full.targets]

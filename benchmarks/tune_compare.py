@@ -79,10 +79,14 @@ def equal_load(folders: list[Path], tune_yaml: Path, workers: int) -> str:
     from concurrent.futures import ProcessPoolExecutor
 
     from experiments.config_keys import set_dotted
+    from experiments.errors import ConfigError
     from experiments.task_runner import execute   # importable in a worker, unlike this script
     from experiments.tune_config import load_tune
 
-    spec = load_tune(tune_yaml)
+    try:
+        spec = load_tune(tune_yaml)
+    except ConfigError as e:
+        raise SystemExit(f"--equal-load: {e}") from None
     if spec.capacity is None:
         raise SystemExit(f"{tune_yaml}: not a capacity tune (no capacity section), so there is no load to match")
     loaded = [(f, *load(f)) for f in folders]
@@ -124,6 +128,8 @@ def main() -> None:
                          "per target and report TTFT P99, worst TTFT and TPOT P99")
     ap.add_argument("--workers", type=int, default=1, help="processes for --equal-load's simulations")
     args = ap.parse_args()
+    if args.workers < 1:
+        ap.error(f"--workers must be >= 1, got {args.workers}")
     for f in args.folders:
         if not (f / "trials.csv").is_file() or not (f / "best.yaml").is_file():
             raise SystemExit(f"{f}: no trials.csv and best.yaml (not a finished `pipetwin tune` folder)")

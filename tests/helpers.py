@@ -291,3 +291,15 @@ def wait_until(cond: Callable[[], Any], what: str, limit_s: float = 30.0) -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"never happened: {what}")
         time.sleep(0.02)
+
+
+def load_benchmark(name: str):
+    """Import a script of benchmarks/ (not a package) by its file name, without the .py."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module     # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -4,7 +4,6 @@ stage steps through the CUDA-graph runner's static-buffer path; its table and fo
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from tests.helpers import load_benchmark  # noqa: E402
 
 pytest.importorskip("transformers")
 pytest.importorskip("triton", reason="the gpu extra (triton) is not installed")
@@ -20,11 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = mod      # its dataclass looks itself up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("gpu_check")
 
 
 def test_quick_cpu_run(tmp_path, capsys):

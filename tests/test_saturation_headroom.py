@@ -1,9 +1,11 @@
 """benchmarks/saturation_headroom.py: the bounds it reports must be bounds."""
 import pytest
 
+from tests.helpers import load_benchmark
+
 
 @pytest.fixture(scope="module")
-def headroom_module(load_benchmark):
+def headroom_module():
     return load_benchmark("saturation_headroom")
 
 

@@ -11,6 +11,7 @@ pytest.importorskip("optuna")
 
 from experiments.tune import run_tune  # noqa: E402
 from experiments.tune_config import parse_tune  # noqa: E402
+from tests.helpers import load_benchmark  # noqa: E402
 
 SLO = {"ttft_p99": 2.0, "tpot_p99": 0.2}
 TUNE = {"name": "tt", "policy": "token_throttling",
@@ -26,7 +27,7 @@ TUNE = {"name": "tt", "policy": "token_throttling",
 
 
 @pytest.fixture(scope="module")
-def compare_module(load_benchmark):
+def compare_module():
     return load_benchmark("tune_compare")
 
 
@@ -76,3 +77,8 @@ def test_equal_load_needs_a_capacity_tune(compare_module, two_tunes, tmp_path):
                                                           "capacity": None}))
     with pytest.raises(SystemExit, match="no capacity section"):
         compare_module.equal_load([two_tunes / "tt"], bad, 1)
+
+
+def test_equal_load_names_a_missing_tune_config(compare_module, two_tunes, tmp_path):
+    with pytest.raises(SystemExit, match="--equal-load: .*no such tune config"):
+        compare_module.equal_load([two_tunes / "tt"], tmp_path / "nope.yaml", 1)

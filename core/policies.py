@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 from core.batch import MicroBatch
 
-from core.cost_model import StageTimeModel
+from core.cost_model import StageTimeModel, largest_chunk
 from core.request import Request
 from core.validation import check_keys, suggest
 
@@ -211,6 +211,15 @@ class StageTimeBalanced:
     Azure code trace, where P99 TTFT binds, this raises capacity; what it costs the longest
     prompts is in docs/benchmarks.md ("A waiting order").
 
+    `maxp_cycle_time` (seconds) caps `maxp` in time instead of tokens, once per run (at
+    `bind`): at the prefill tokens of one fresh prompt whose predicted time on the slowest
+    stage, times pp, is this. Why: pp times a batch's stage time is the time between a
+    request's tokens if every batch were like it, which the TPOT SLO bounds on any GPU, and
+    it hardly depends on pp (each stage holds 1/pp of the layers). maxp in tokens does not
+    carry across GPUs: tuned on the Azure conversation trace, A100 capacities fall above
+    ~2,000-2,500 tokens, while H100's keep rising to ~5,000, so one shared token budget
+    short-changes one of them (docs/benchmarks.md, "A budget in seconds").
+
     `late_after` (seconds) sets a prompt that has waited that long without starting behind
     every prompt that has not (the scheduler's `late` queue). Under a TTFT SLO it has
     missed it, and first come, first served would make every prompt behind it miss it too:
@@ -240,6 +249,9 @@ class StageTimeBalanced:
     # Seconds a prompt may wait unstarted before it goes behind every prompt that has not
     # waited that long; null: never.
     late_after: float | None = None
+    # Seconds: maxp becomes the fewer of maxp and the prefill tokens of one fresh prompt
+    # whose predicted slowest-stage time x pp is this (null: maxp alone).
+    maxp_cycle_time: float | None = None
     _tt: TokenThrottling = dataclasses.field(default=None, init=False, repr=False)  # type: ignore[assignment]
     _model: StageTimeModel | None = dataclasses.field(default=None, init=False, repr=False)
 
@@ -258,6 +270,11 @@ class StageTimeBalanced:
         late = self.late_after
         _check(late is None or (isinstance(late, (int, float)) and not isinstance(late, bool) and 0 < late < math.inf),
                n, "late_after", "null or a finite number of seconds > 0", late)
+        cycle = self.maxp_cycle_time
+        _check(cycle is None or (isinstance(cycle, (int, float)) and not isinstance(cycle, bool)
+                                 and 0 < cycle < math.inf),
+               n, "maxp_cycle_time", "null or a finite number of seconds > 0 (a prefill's predicted "
+               "slowest-stage time x pp)", cycle)
         # The token rules are Token Throttling's: it validates them, under this policy's name.
         try:
             self._tt = TokenThrottling(maxp=self.maxp, minp=self.minp, iterp=self.iterp, kvthresh=self.kvthresh,
@@ -280,7 +297,22 @@ class StageTimeBalanced:
                              "the table it runs with) and the scheduler was given none: the simulator and "
                              "the runtime pass theirs; a bare Scheduler needs stage_time_model=")
         self._model = model
+        self._tt.maxp = self.effective_maxp(model, view.pp)
         self._tt.bind(view)
+
+    def effective_maxp(self, model: StageTimeModel, pp: int) -> int:
+        """maxp, or with `maxp_cycle_time` the fewer of maxp and the tokens of one fresh
+        prompt's chunk (attention n x n, no decodes) predicted within maxp_cycle_time / pp on
+        the slowest stage; at least minp, so the backlog rule's floor still holds."""
+        if self.maxp_cycle_time is None:
+            return self.maxp
+        tokens = largest_chunk(model, 0, 0, 0, 0, 0, self.maxp, self.maxp_cycle_time / pp)
+        if tokens < max(self.minp, 1):
+            raise ValueError(
+                f"time_balanced.maxp_cycle_time={self.maxp_cycle_time:g} s allows {tokens} prefill tokens a "
+                f"micro-batch on this profile at pp={pp}, under minp={self.minp}: raise maxp_cycle_time "
+                f"above {pp * model.predict(max(self.minp, 1), 0, max(self.minp, 1) ** 2, 0):.4g} s or lower minp")
+        return tokens
 
     def in_flight_level(self, view: SchedulerView) -> float:
         """Predicted time of the slowest batch in flight (0 when none); each batch priced once

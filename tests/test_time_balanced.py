@@ -73,7 +73,10 @@ def test_a_time_budget_without_a_model_is_an_error_not_ignored():
                                          ("defer_per_1k_tokens", float("nan")), ("defer_per_1k_tokens", "1"),
                                          ("late_after", 0), ("late_after", -1.0), ("late_after", True),
                                          ("late_after", "4"), ("late_after", float("inf")),
-                                         ("late_after", float("nan"))])
+                                         ("late_after", float("nan")), ("maxp_cycle_time", 0),
+                                         ("maxp_cycle_time", -0.3), ("maxp_cycle_time", True),
+                                         ("maxp_cycle_time", "0.3"), ("maxp_cycle_time", float("inf")),
+                                         ("maxp_cycle_time", float("nan"))])
 def test_bad_parameters_name_the_policy_and_field(field, value):
     with pytest.raises(ValueError, match=rf"time_balanced\.{field} must be"):
         make_policy("time_balanced", {field: value})
@@ -224,6 +227,51 @@ def test_fill_fraction_cuts_the_extra_prefill_by_predicted_time():
     # level = 0.9 * 3.04 ms = 2.736 ms: 1 ms + 10 us n + 1 ns n^2 <= 2.736 ms
     # n = 170: 1 + 1.7 + 0.0289 = 2.7289 ms fits; n = 171: 1 + 1.71 + 0.029241 = 2.739241 ms does not
     assert items_of(s.next_batch(0.0)) == [pre(1, 0, 170)]
+
+
+# ---------------------------------------------------------------- maxp in seconds
+class PerStage(LinearTime):
+    """LinearTime for the whole model, split evenly over pp stages (what a stage holds)."""
+    def __init__(self, pp):
+        super().__init__(*(c / pp for c in LinearTime().c))
+
+
+def test_maxp_cycle_time_sets_maxp_from_the_predicted_time_of_a_fresh_prompt():
+    # pp=2, whole model 1 ms + 10 us n + 1 ns n^2, a stage half of it. Cycle 12.0001 ms = 2 stages
+    # x 6.00005 ms: n = 1000 costs 6 ms a stage (12 ms round the pipeline), n = 1001 6.006 ms.
+    s = scheduler(model=PerStage(2), maxp=16384, minp=32, iterp=1, maxp_cycle_time=0.0120001)
+    assert s.policy.effective_maxp(PerStage(2), 2) == 1000
+    s.add(Request(0, 5000, 4))
+    # TT's rules with maxp 1000: nothing in flight, WT // 1 = 5000 -> the ramp's cap,
+    # round((1 - 0.05) / 0.95 * 1000) = 1000 tokens.
+    assert items_of(s.next_batch(0.0)) == [pre(0, 0, 1000)]
+    # maxp still caps: the fewer of the two.
+    assert scheduler(model=PerStage(2), maxp=600, maxp_cycle_time=0.0120001).policy.effective_maxp(PerStage(2), 2) == 600
+    assert make_policy("time_balanced", {"maxp": 700}).effective_maxp(PerStage(2), 2) == 700   # off: maxp
+
+
+def test_maxp_cycle_time_carries_across_pp_where_a_stage_holds_1_over_pp_of_the_model():
+    pol = make_policy("time_balanced", {"maxp": 16384, "maxp_cycle_time": 0.0120001})
+    assert {pol.effective_maxp(PerStage(pp), pp) for pp in (1, 2, 4, 8)} == {1000}
+    # twice the cost per token (a slower GPU): fewer tokens in the same time
+    slow = LinearTime(2e-3 / 2, 2e-5 / 2, 2e-6, 2e-9 / 2)
+    assert pol.effective_maxp(slow, 2) == max(n for n in range(1000) if 2 * slow.predict(n, 0, n * n, 0) <= 0.0120001)
+
+
+def test_maxp_cycle_time_below_minp_is_an_error_naming_both():
+    with pytest.raises(ValueError, match=r"time_balanced\.maxp_cycle_time=0.003 s allows 196 .*under minp=200: raise maxp_cycle_time above 0.00304 s"):
+        scheduler(model=PerStage(2), maxp=4096, minp=200, maxp_cycle_time=0.003)
+
+
+def test_maxp_cycle_time_on_the_shipped_tables_carries_across_pp_not_across_gpus():
+    from profiles.latency_model import SlowestStage
+    pol = make_policy("time_balanced", {"maxp": 16384, "maxp_cycle_time": 0.3})
+    tokens = {name: pol.effective_maxp(m, m.pp) for name in ("a100-80gb_pp4", "a100-80gb_pp8", "h100-80gb_pp4",
+                                                             "h100-80gb_pp8")
+              for m in [SlowestStage.of_profile(f"qwen2.5-14b_{name}")]}
+    for gpu in ("a100", "h100"):
+        assert tokens[f"{gpu}-80gb_pp8"] == pytest.approx(tokens[f"{gpu}-80gb_pp4"], rel=0.05)
+    assert tokens["h100-80gb_pp4"] > 2 * tokens["a100-80gb_pp4"]   # the same time holds far more on H100
 
 
 def test_decodes_come_first_uncut_and_prefill_fills_what_time_leaves():

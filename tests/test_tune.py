@@ -315,3 +315,45 @@ def test_issue17_queue_only_ablation_shares_the_conversation_budget(monkeypatch)
     for field in ("policy", "trials", "seed", "batch", "startup_trials", "objective", "capacity"):
         assert getattr(ablation, field) == getattr(full, field), field
     assert [t.name for t in ablation.targets] == [t.name for t in full.targets]
+
+
+def test_issue17_seconds_budget_tune_shares_the_conversation_budget(monkeypatch):
+    """experiments/tune_conv/tb_cycle.yaml: tb_late's search with maxp in seconds (maxp fixed
+    as a ceiling), on the same budget; its first trials are tb_late's grid points restated in
+    seconds, which on A100 pp4 come to the grid's 1,024 and ~2,048 tokens."""
+    from core.policies import make_policy
+    from experiments.tune_config import load_tune
+    from profiles.latency_model import SlowestStage
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo.parent / "shared/data/traces/azure_conv_2023.csv").is_file():
+        pytest.skip("the Azure conversation trace is not at ../shared (the configs read it from there)")
+    monkeypatch.chdir(repo)
+    seconds = load_tune(Path("experiments/tune_conv/tb_cycle.yaml"))
+    tokens = load_tune(Path("experiments/tune_conv/tb_late.yaml"))
+    assert seconds.fixed == {"maxp": 16384}
+    assert {p.name for p in seconds.params} == {p.name for p in tokens.params} - {"maxp"} | {"maxp_cycle_time"}
+    for field in ("policy", "trials", "seed", "batch", "startup_trials", "objective", "capacity"):
+        assert getattr(seconds, field) == getattr(tokens, field), field
+    assert [t.name for t in seconds.targets] == [t.name for t in tokens.targets]
+    a100_pp4 = SlowestStage.of_profile("qwen2.5-14b_a100-80gb_pp4")
+    for restated, grid in zip(seconds.first_trials, tokens.first_trials):
+        assert {k: v for k, v in restated.items() if k != "maxp_cycle_time"} == \
+            {k: v for k, v in grid.items() if k != "maxp"}
+        policy = make_policy("time_balanced", {**seconds.fixed, **restated})
+        assert policy.effective_maxp(a100_pp4, 4) == pytest.approx(grid["maxp"], rel=0.01)
+
+
+def test_issue17_bounded_seconds_budget_tune_differs_only_by_the_worst_ttft_bound(monkeypatch):
+    """experiments/tune_conv/tb_cycle_bounded.yaml is tb_cycle.yaml with ttft_max: 30 in its SLO."""
+    from experiments.tune_config import load_tune
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo.parent / "shared/data/traces/azure_conv_2023.csv").is_file():
+        pytest.skip("the Azure conversation trace is not at ../shared (the configs read it from there)")
+    monkeypatch.chdir(repo)
+    bounded = load_tune(Path("experiments/tune_conv/tb_cycle_bounded.yaml"))
+    free = load_tune(Path("experiments/tune_conv/tb_cycle.yaml"))
+    assert bounded.capacity.slo == {**free.capacity.slo, "ttft_max": 30.0}
+    for field in ("policy", "fixed", "params", "first_trials", "trials", "seed", "batch", "startup_trials",
+                  "objective"):
+        assert getattr(bounded, field) == getattr(free, field), field
+    assert [t.config for t in bounded.targets] == [t.config for t in free.targets]

@@ -13,6 +13,8 @@ another trial; the last column gives each target's best over all of a policy's t
 `--equal-load TUNE_YAML` (the baseline's tune config, for its targets' profiles and
 workload) then simulates every policy's best setting at the baseline's capacity on each
 target, the goal's "equal load", and tabulates its TTFT (P99, worst) and P99 TPOT.
+`--at-capacity` adds the same table with each policy at its *own* capacity: what the
+requests a P99 SLO leaves out (the worst TTFT) pay where the policy is run at its limit.
 Prints markdown.
 """
 from __future__ import annotations
@@ -74,8 +76,9 @@ def compare(folders: list[Path]) -> str:
 EQUAL_LOAD_METRICS = {"ttft_p99": "TTFT P99 s", "ttft_max": "worst TTFT s", "tpot_p99": "TPOT P99 ms"}
 
 
-def equal_load(folders: list[Path], tune_yaml: Path, workers: int) -> str:
-    """Each policy's best setting at the baseline's capacity per target, one simulation each."""
+def equal_load(folders: list[Path], tune_yaml: Path, workers: int, own_capacity: bool = False) -> str:
+    """Each policy's best setting at the baseline's capacity per target (or, with
+    `own_capacity`, at its own best trial's capacity there), one simulation each."""
     from concurrent.futures import ProcessPoolExecutor
 
     from experiments.config_keys import set_dotted
@@ -98,21 +101,23 @@ def equal_load(folders: list[Path], tune_yaml: Path, workers: int) -> str:
         raise SystemExit(f"{tune_yaml}: targets {names} are not the tuned ones, {targets_of(base_trials)}")
     jobs = []
     for name in names:
-        for folder, policy, params, _ in loaded:
+        for folder, policy, params, trials in loaded:
             cfg = copy.deepcopy(targets[name].config)
             cfg["policy"], cfg["policy_params"] = policy, dict(params)
-            set_dotted(cfg, spec.capacity.key, float(base[f"{name}.capacity"]))
-            jobs.append((name, folder.name, policy, cfg))
+            load_value = float((best_row(trials) if own_capacity else base)[f"{name}.capacity"])
+            set_dotted(cfg, spec.capacity.key, load_value)
+            jobs.append((name, folder.name, policy, load_value, cfg))
     configs = [cfg for *_, cfg in jobs]
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             summaries = list(pool.map(execute, configs))
     else:
         summaries = [execute(cfg) for cfg in configs]
-    head = ["target", f"load ({spec.capacity.key})", "policy", *EQUAL_LOAD_METRICS.values()]
+    load_label = "own capacity" if own_capacity else "load"
+    head = ["target", f"{load_label} ({spec.capacity.key})", "policy", *EQUAL_LOAD_METRICS.values()]
     lines = ["| " + " | ".join(head) + " |", "| --- | ---: | --- | " + " | ".join("---:" for _ in EQUAL_LOAD_METRICS) + " |"]
-    for (name, folder, policy, cfg), summary in zip(jobs, summaries):
-        cells = [name, f"{float(base[f'{name}.capacity']):.4g}", f"{policy} ({folder})"]
+    for (name, folder, policy, load_value, cfg), summary in zip(jobs, summaries):
+        cells = [name, f"{load_value:.4g}", f"{policy} ({folder})"]
         for key in EQUAL_LOAD_METRICS:
             value = summary[key] * (1000 if key.startswith("tpot") else 1)
             cells.append(f"{value:.3g}")
@@ -126,10 +131,14 @@ def main() -> None:
     ap.add_argument("--equal-load", type=Path, metavar="TUNE_YAML",
                     help="the baseline's tune config: also simulate every best setting at the baseline's capacity "
                          "per target and report TTFT P99, worst TTFT and TPOT P99")
+    ap.add_argument("--at-capacity", action="store_true",
+                    help="with --equal-load: also simulate every best setting at its own capacity per target")
     ap.add_argument("--workers", type=int, default=1, help="processes for --equal-load's simulations")
     args = ap.parse_args()
     if args.workers < 1:
         ap.error(f"--workers must be >= 1, got {args.workers}")
+    if args.at_capacity and args.equal_load is None:
+        ap.error("--at-capacity needs --equal-load TUNE_YAML (the tune config gives the targets' profiles and workload)")
     for f in args.folders:
         if not (f / "trials.csv").is_file() or not (f / "best.yaml").is_file():
             raise SystemExit(f"{f}: no trials.csv and best.yaml (not a finished `pipetwin tune` folder)")
@@ -137,6 +146,9 @@ def main() -> None:
     if args.equal_load is not None:
         print()
         print(equal_load(args.folders, args.equal_load, args.workers))
+    if args.at_capacity:
+        print()
+        print(equal_load(args.folders, args.equal_load, args.workers, own_capacity=True))
 
 
 if __name__ == "__main__":

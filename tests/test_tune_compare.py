@@ -82,3 +82,21 @@ def test_equal_load_needs_a_capacity_tune(compare_module, two_tunes, tmp_path):
 def test_equal_load_names_a_missing_tune_config(compare_module, two_tunes, tmp_path):
     with pytest.raises(SystemExit, match="--equal-load: .*no such tune config"):
         compare_module.equal_load([two_tunes / "tt"], tmp_path / "nope.yaml", 1)
+
+
+def test_at_capacity_runs_each_best_setting_at_its_own_capacity_where_it_meets_the_slo(compare_module, two_tunes):
+    import pandas as pd
+    table = rows(compare_module.equal_load([two_tunes / "tt", two_tunes / "sarathi"], two_tunes / "tt.yaml", 1,
+                                           own_capacity=True))
+    for r, folder in zip(table, ["tt", "sarathi"] * 2):
+        own = compare_module.best_row(pd.read_csv(two_tunes / folder / "trials.csv"))
+        assert float(r[1]) == pytest.approx(own[f"{r[0]}.capacity"], rel=1e-3)
+        # the capacity search's last passing probe ran this very simulation
+        assert float(r[3]) <= SLO["ttft_p99"] and float(r[5]) <= SLO["tpot_p99"] * 1000
+
+
+def test_at_capacity_without_equal_load_is_a_flag_error(compare_module, two_tunes, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["tune_compare.py", str(two_tunes / "tt"), "--at-capacity"])
+    with pytest.raises(SystemExit):
+        compare_module.main()
+    assert "--at-capacity needs --equal-load" in capsys.readouterr().err

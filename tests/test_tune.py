@@ -317,19 +317,21 @@ def test_issue17_queue_only_ablation_shares_the_conversation_budget(monkeypatch)
     assert [t.name for t in ablation.targets] == [t.name for t in full.targets]
 
 
-def test_issue17_seconds_budget_tune_shares_the_conversation_budget(monkeypatch):
-    """experiments/tune_conv/tb_cycle.yaml: tb_late's search with maxp in seconds (maxp fixed
+@pytest.mark.parametrize("folder,trace", [("tune_conv", "azure_conv_2023.csv"), ("tune_code_full", "azure_code_2023.csv")])
+def test_issue17_seconds_budget_tune_shares_its_folders_budget(folder, trace, monkeypatch):
+    """experiments/<folder>/tb_cycle.yaml: tb_late's search with maxp in seconds (maxp fixed
     as a ceiling), on the same budget; its first trials are tb_late's grid points restated in
-    seconds, which on A100 pp4 come to the grid's 1,024 and ~2,048 tokens."""
+    seconds, which on A100 pp4 come to the grid's 1,024 (and on conversation ~2,048) tokens."""
     from core.policies import make_policy
     from experiments.tune_config import load_tune
     from profiles.latency_model import SlowestStage
     repo = Path(__file__).resolve().parents[1]
-    if not (repo.parent / "shared/data/traces/azure_conv_2023.csv").is_file():
-        pytest.skip("the Azure conversation trace is not at ../shared (the configs read it from there)")
+    if not (repo.parent / "shared/data/traces" / trace).is_file():
+        pytest.skip(f"the Azure trace {trace} is not at ../shared (the configs read it from there)")
     monkeypatch.chdir(repo)
-    seconds = load_tune(Path("experiments/tune_conv/tb_cycle.yaml"))
-    tokens = load_tune(Path("experiments/tune_conv/tb_late.yaml"))
+    seconds = load_tune(Path("experiments") / folder / "tb_cycle.yaml")
+    tokens = load_tune(Path("experiments") / folder / "tb_late.yaml")
+    assert seconds.name == f"{folder}_tb_cycle" and seconds.raw["base"]["workload"]["trace"].endswith(trace)
     assert seconds.fixed == {"maxp": 16384}
     assert {p.name for p in seconds.params} == {p.name for p in tokens.params} - {"maxp"} | {"maxp_cycle_time"}
     for field in ("policy", "trials", "seed", "batch", "startup_trials", "objective", "capacity"):

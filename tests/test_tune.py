@@ -287,12 +287,7 @@ def test_issue17_tune_configs_load_with_equal_budgets(name, policy, monkeypatch)
 def test_issue17_whole_trace_tune_configs_share_a_budget(folder, trace, name, policy, monkeypatch):
     """experiments/tune_conv and tune_code_full: the same budget, seed, targets, objective and
     capacity search within a folder, on the trace the folder is named for."""
-    from experiments.tune_config import load_tune
-    repo = Path(__file__).resolve().parents[1]
-    if not (repo.parent / "shared/data/traces" / trace).is_file():
-        pytest.skip(f"the Azure trace {trace} is not at ../shared (the configs read it from there)")
-    monkeypatch.chdir(repo)
-    spec = load_tune(Path("experiments") / folder / f"{name}.yaml")
+    spec, = _issue17_tunes(monkeypatch, trace, f"{folder}/{name}.yaml")
     assert spec.policy == policy and (spec.trials, spec.seed, spec.batch, spec.startup_trials) == (12, 0, 4, 4)
     assert spec.name == f"{folder}_{name}" and spec.raw["base"]["workload"]["trace"].endswith(trace)
     assert [t.name for t in spec.targets] == ["a100_pp4", "a100_pp8", "h100_pp4", "h100_pp8"]
@@ -300,16 +295,21 @@ def test_issue17_whole_trace_tune_configs_share_a_budget(folder, trace, name, po
     assert len(spec.first_trials) == 2 and all(set(f) == {p.name for p in spec.params} for f in spec.first_trials)
 
 
+def _issue17_tunes(monkeypatch, trace: str, *paths: str) -> list:
+    """Load tune configs under experiments/ from the repository root; skip where the Azure
+    trace they read is not at ../shared."""
+    from experiments.tune_config import load_tune
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo.parent / "shared/data/traces" / trace).is_file():
+        pytest.skip(f"the Azure trace {trace} is not at ../shared (the configs read it from there)")
+    monkeypatch.chdir(repo)
+    return [load_tune(Path("experiments") / path) for path in paths]
+
+
 def test_issue17_queue_only_ablation_shares_the_conversation_budget(monkeypatch):
     """experiments/tune_conv/tt_queue.yaml: Token Throttling's own plan (fill 0, no cap) with
     the order and late queue, on the same budget and search as time_balanced's tune."""
-    from experiments.tune_config import load_tune
-    repo = Path(__file__).resolve().parents[1]
-    if not (repo.parent / "shared/data/traces/azure_conv_2023.csv").is_file():
-        pytest.skip("the Azure conversation trace is not at ../shared (the configs read it from there)")
-    monkeypatch.chdir(repo)
-    ablation = load_tune(Path("experiments/tune_conv/tt_queue.yaml"))
-    full = load_tune(Path("experiments/tune_conv/tb_late.yaml"))
+    ablation, full = _issue17_tunes(monkeypatch, "azure_conv_2023.csv", "tune_conv/tt_queue.yaml", "tune_conv/tb_late.yaml")
     assert ablation.fixed == {"fill": 0.0, "max_chunk": None}
     assert {p.name for p in ablation.params} == {p.name for p in full.params} - {"max_chunk"}
     for field in ("policy", "trials", "seed", "batch", "startup_trials", "objective", "capacity"):
@@ -323,14 +323,8 @@ def test_issue17_seconds_budget_tune_shares_its_folders_budget(folder, trace, mo
     as a ceiling), on the same budget; its first trials are tb_late's grid points restated in
     seconds, which on A100 pp4 come to the grid's 1,024 (and on conversation ~2,048) tokens."""
     from core.policies import make_policy
-    from experiments.tune_config import load_tune
     from profiles.latency_model import SlowestStage
-    repo = Path(__file__).resolve().parents[1]
-    if not (repo.parent / "shared/data/traces" / trace).is_file():
-        pytest.skip(f"the Azure trace {trace} is not at ../shared (the configs read it from there)")
-    monkeypatch.chdir(repo)
-    seconds = load_tune(Path("experiments") / folder / "tb_cycle.yaml")
-    tokens = load_tune(Path("experiments") / folder / "tb_late.yaml")
+    seconds, tokens = _issue17_tunes(monkeypatch, trace, f"{folder}/tb_cycle.yaml", f"{folder}/tb_late.yaml")
     assert seconds.name == f"{folder}_tb_cycle" and seconds.raw["base"]["workload"]["trace"].endswith(trace)
     assert seconds.fixed == {"maxp": 16384}
     assert {p.name for p in seconds.params} == {p.name for p in tokens.params} - {"maxp"} | {"maxp_cycle_time"}
@@ -347,13 +341,8 @@ def test_issue17_seconds_budget_tune_shares_its_folders_budget(folder, trace, mo
 
 def test_issue17_bounded_seconds_budget_tune_differs_only_by_the_worst_ttft_bound(monkeypatch):
     """experiments/tune_conv/tb_cycle_bounded.yaml is tb_cycle.yaml with ttft_max: 30 in its SLO."""
-    from experiments.tune_config import load_tune
-    repo = Path(__file__).resolve().parents[1]
-    if not (repo.parent / "shared/data/traces/azure_conv_2023.csv").is_file():
-        pytest.skip("the Azure conversation trace is not at ../shared (the configs read it from there)")
-    monkeypatch.chdir(repo)
-    bounded = load_tune(Path("experiments/tune_conv/tb_cycle_bounded.yaml"))
-    free = load_tune(Path("experiments/tune_conv/tb_cycle.yaml"))
+    bounded, free = _issue17_tunes(monkeypatch, "azure_conv_2023.csv", "tune_conv/tb_cycle_bounded.yaml",
+                                   "tune_conv/tb_cycle.yaml")
     assert bounded.capacity.slo == {**free.capacity.slo, "ttft_max": 30.0}
     for field in ("policy", "fixed", "params", "first_trials", "trials", "seed", "batch", "startup_trials",
                   "objective"):

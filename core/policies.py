@@ -303,7 +303,8 @@ class StageTimeBalanced:
     def effective_maxp(self, model: StageTimeModel, pp: int) -> int:
         """maxp, or with `maxp_cycle_time` the fewer of maxp and the tokens of one fresh
         prompt's chunk (attention n x n, no decodes) predicted within maxp_cycle_time / pp on
-        the slowest stage; at least minp, so the backlog rule's floor still holds."""
+        the slowest stage. Fewer than minp is an error naming both: the backlog rule's floor
+        must still fit under maxp."""
         if self.maxp_cycle_time is None:
             return self.maxp
         tokens = largest_chunk(model, 0, 0, 0, 0, 0, self.maxp, self.maxp_cycle_time / pp)
